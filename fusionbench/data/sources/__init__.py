@@ -1,0 +1,1 @@
+"""One module per data source; each registers a builder with ``@register_dataset``."""
