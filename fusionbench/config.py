@@ -1,0 +1,255 @@
+"""Experiment configuration: an omegaconf structured schema, YAML files with ``defaults`` inheritance,
+dotlist overrides, and validation that fails before any compute with one clear message."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fusionbench.errors import FusionBenchError
+
+
+@dataclass
+class TinyLMConfig:
+    hidden_size: int = 64
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class LMConfig:
+    #: "tiny" (random-init Llama from ``tiny``), "smollm2" (embedded default), or any HF hub
+    #: name / local path of a causal LM.
+    source: str = "smollm2"
+    dtype: str = "float32"
+    tiny: TinyLMConfig = field(default_factory=TinyLMConfig)
+
+
+@dataclass
+class VisionConfig:
+    #: "tiny_cnn" / "tiny_vit" (random-init), "efficientnet_lite0" (embedded default), or an HF
+    #: hub name / local path of a CLIP / SigLIP / ViT vision tower.
+    source: str = "efficientnet_lite0"
+    #: input resolution the encoder sees (images are resized to it)
+    image_size: int = 224
+    #: tiny encoders only: width and depth
+    width: int = 32
+    depth: int = 2
+    patch_size: int = 8
+
+
+@dataclass
+class DataConfig:
+    #: registered dataset name (``fusionbench.data.DATASETS``): scenes, cifar_grid, ...
+    name: str = "scenes"
+    train_size: int = 2000
+    val_size: int = 200
+    #: side of the generated images in pixels
+    image_size: int = 64
+    seed: int = 0
+    #: keep only these question types (empty: all)
+    qtypes: list[str] = field(default_factory=list)
+    #: source-specific options (e.g. hub dataset path and column names)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_workers: int = 0
+    log_every_n_steps: int = 10
+    #: longest tokenised example (prompt + answer + image tokens); longer ones are an error
+    max_length: int = 256
+    #: save a Lightning checkpoint of the trainable modules at the end
+    checkpoint: bool = True
+
+
+@dataclass
+class TextEvalConfig:
+    #: BIG-bench multiple-choice tasks scored by log-likelihood
+    tasks: list[str] = field(default_factory=lambda: ["general_knowledge", "phrase_relatedness", "social_iqa"])
+    n_per_task: int = 50
+    #: perplexity on held-out natural text (Jane Austen); 0 chunks disables it
+    ppl_chunks: int = 16
+    ppl_chunk_tokens: int = 128
+    seed: int = 1234
+
+
+@dataclass
+class EvalConfig:
+    #: multimodal items scored by exact match of generated answers (from the val split)
+    mm_items: int = 200
+    max_new_tokens: int = 4
+    batch_size: int = 16
+    text: TextEvalConfig = field(default_factory=TextEvalConfig)
+    #: run the text suite at all (before and after training)
+    text_suite: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    #: ``{name: <strategy>, ...strategy options}``; a bare string is a name
+    fusion: Any = field(default_factory=lambda: {"name": "mlp"})
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    #: multi-stage recipe: a list of ``{name, fusion?, train?, data?}`` overrides, run in order;
+    #: empty means one stage from the top-level settings
+    stages: list[Any] = field(default_factory=list)
+    #: ``{dotted.key: [values]}``: ``fusionbench run`` runs the cartesian product, one row each
+    grid: dict[str, Any] = field(default_factory=dict)
+    #: where run directories (checkpoints, logs) go
+    output_dir: str = "runs"
+    #: the results table this run appends its row to
+    results_file: str = "results/runs.jsonl"
+
+
+_SCHEMA = OmegaConf.structured(ExperimentConfig)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Read a YAML file, resolving ``defaults: [base.yaml, ...]`` relative to it (later wins)."""
+    path = path.resolve()
+    if not path.exists():
+        raise FusionBenchError(f"config file not found: {path}")
+    if path in seen:
+        raise FusionBenchError(f"config inheritance loop at {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise FusionBenchError(f"cannot parse {path}: {e}") from None
+    if not isinstance(node, DictConfig):
+        raise FusionBenchError(f"{path} must hold a mapping at the top level")
+    defaults = node.pop("defaults", [])
+    merged = OmegaConf.create()
+    for base in defaults:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(base), seen + (path,)))
+    return OmegaConf.merge(merged, node)
+
+
+def _check_overrides(overrides: list[str]) -> list[str]:
+    for item in overrides:
+        if "=" not in item:
+            raise FusionBenchError(f"override {item!r} is not of the form key=value")
+    return list(overrides)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                validate_fusion: bool = True) -> DictConfig:
+    """YAML + overrides merged onto the schema. Unknown keys and wrong types raise
+    :class:`FusionBenchError` naming the key."""
+    raw = _read_yaml(Path(path)) if path is not None else OmegaConf.create()
+    try:
+        cfg = OmegaConf.merge(_SCHEMA, raw)
+        if overrides:
+            cfg = _merge_overrides(cfg, _check_overrides(overrides))
+    except OmegaConfBaseException as e:
+        raise FusionBenchError(_explain(e, path)) from None
+    return finalise(cfg, validate_fusion=validate_fusion)
+
+
+def _merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if key == "fusion" and not value.lstrip().startswith("{"):
+            # `fusion=mlp` switches the strategy and drops the previous strategy's options
+            OmegaConf.set_struct(cfg, False)
+            cfg.fusion = {"name": value}
+            OmegaConf.set_struct(cfg, True)
+        else:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    return cfg
+
+
+def _explain(e: OmegaConfBaseException, path: Any) -> str:
+    key = getattr(e, "full_key", None) or ""
+    msg = str(e).splitlines()[0]
+    where = f" in {path}" if path else ""
+    if "not in struct" in msg or "Key '" in msg and "not in" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        options = _keys_at(parent)
+        import difflib
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], options, n=1)
+        hint = f" Did you mean {(parent + '.' if parent else '') + close[0]!r}?" if close else ""
+        return f"unknown config key {key!r}{where}.{hint}"
+    return f"invalid config value for {key!r}{where}: {msg}"
+
+
+def _keys_at(dotted: str) -> list[str]:
+    node: Any = _SCHEMA
+    for part in filter(None, dotted.split(".")):
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
+    """Normalise shorthand and validate strategy options against the strategy's own schema."""
+    OmegaConf.set_struct(cfg, False)
+    if isinstance(cfg.fusion, str):
+        cfg.fusion = {"name": cfg.fusion}
+    if not isinstance(cfg.fusion, DictConfig) or "name" not in cfg.fusion:
+        raise FusionBenchError("config key 'fusion' must be a strategy name or a mapping with 'name'")
+    OmegaConf.set_struct(cfg, True)
+    if validate_fusion:
+        from fusionbench.fusion import fusion_options
+        cfg.fusion = fusion_options(cfg.fusion)
+        for i, stage in enumerate(cfg.stages):
+            if isinstance(stage, DictConfig) and "fusion" in stage:
+                fusion_options(OmegaConf.merge(cfg.fusion, stage.fusion))
+    if cfg.train.max_length < 8:
+        raise FusionBenchError("train.max_length must be at least 8")
+    return cfg
+
+
+def expand_grid(cfg: DictConfig) -> list[DictConfig]:
+    """The cartesian product of ``cfg.grid``, each point a fully validated config."""
+    if not cfg.grid:
+        return [cfg]
+    keys = list(cfg.grid.keys())
+    values = [list(v) if isinstance(v, (ListConfig, list)) else [v] for v in cfg.grid.values()]
+    points = []
+    for combo in itertools.product(*values):
+        overrides = [f"{k}={OmegaConf.to_yaml(v).strip() if isinstance(v, (DictConfig, ListConfig)) else v}"
+                     for k, v in zip(keys, combo)]
+        base = copy.deepcopy(cfg)
+        OmegaConf.set_struct(base, False)
+        base.grid = {}
+        OmegaConf.set_struct(base, True)
+        try:
+            point = _merge_overrides(base, _check_overrides(overrides))
+        except OmegaConfBaseException as e:
+            raise FusionBenchError(_explain(e, "grid")) from None
+        points.append(finalise(point))
+    return points
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Stable hash of everything that determines a run's numbers (not where it writes)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("output_dir", "results_file", "grid"):
+        data.pop(key, None)
+    blob = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
