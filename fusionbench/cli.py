@@ -1,0 +1,66 @@
+"""Command line: ``fusionbench {run,train,assets,list}``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fusionbench.errors import FusionBenchError
+
+
+def _cmd_run(args, evaluate: bool = True) -> None:
+    from fusionbench.config import load_config
+    from fusionbench.runner import run
+
+    cfg = load_config(args.config, args.overrides)
+    rows = run(cfg, evaluate=evaluate)
+    if evaluate:
+        print(f"{len(rows)} result row(s) appended to {cfg.results_file}")
+
+
+def _cmd_assets(args) -> None:
+    from fusionbench.assets.catalog import describe, prepare
+
+    if args.prepare:
+        prepare(args.prepare)
+    for line in describe():
+        print(line)
+
+
+def _cmd_list(args) -> None:
+    from fusionbench.data import DATASETS
+    from fusionbench.fusion import FUSIONS
+
+    print("fusion strategies:", ", ".join(FUSIONS.names()))
+    print("datasets:", ", ".join(DATASETS.names()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fusionbench", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name, help_ in (("run", "assets -> train -> evaluate -> one results row per stage"),
+                        ("train", "train (and checkpoint) only; no evaluation, no results row")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
+        p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. fusion=mlp trainer.max_steps=200")
+    p = sub.add_parser("assets", help="list the backbones and data files, and prepare them")
+    p.add_argument("--prepare", nargs="*", metavar="ASSET", help="prepare these (no name: all embedded defaults)")
+    sub.add_parser("list", help="list registered fusion strategies and datasets")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "run":
+            _cmd_run(args)
+        elif args.cmd == "train":
+            _cmd_run(args, evaluate=False)
+        elif args.cmd == "assets":
+            _cmd_assets(args)
+        elif args.cmd == "list":
+            _cmd_list(args)
+    except FusionBenchError as e:
+        print(f"fusionbench: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

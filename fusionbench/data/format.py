@@ -1,0 +1,104 @@
+"""Prompt format and collation: chat template, image placeholders, labels masked on the prompt."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from fusionbench.errors import FusionBenchError
+from fusionbench.model import IGNORE_INDEX, IMAGE_TOKEN_ID
+
+IMAGE_MARKER = "<image>"
+SYSTEM_PROMPT = "Answer the question about the image with a single word."
+
+
+def _render(tokenizer, question: str, has_image: bool) -> str:
+    content = f"{IMAGE_MARKER}\n{question}" if has_image else question
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # templates without a system role
+            messages = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n{content}"}]
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{SYSTEM_PROMPT}\n{content}\nAnswer:"
+
+
+def encode(tokenizer, question: str, answer: str | None, num_image_tokens: int,
+           has_image: bool = True) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` for one example; the image marker becomes ``num_image_tokens``
+    ``IMAGE_TOKEN_ID`` placeholders (none for strategies that condition without tokens)."""
+    text = _render(tokenizer, question, has_image)
+    ids: list[int] = []
+    parts = text.split(IMAGE_MARKER)
+    for i, part in enumerate(parts):
+        if i > 0:
+            ids += [IMAGE_TOKEN_ID] * num_image_tokens
+        ids += tokenizer(part, add_special_tokens=False).input_ids
+    labels = [IGNORE_INDEX] * len(ids)
+    if answer is not None:
+        answer_ids = tokenizer(" " + answer.strip() if _needs_space(tokenizer) else answer.strip(),
+                               add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        ids += answer_ids
+        labels += answer_ids
+    return ids, labels
+
+
+def _needs_space(tokenizer) -> bool:
+    return not getattr(tokenizer, "chat_template", None)  # plain "Answer:" format
+
+
+@dataclass
+class Collator:
+    """Batches dataset rows: tokenises, pads (right for training, left for generation), stacks
+    preprocessed images. ``with_answer=False`` gives generation prompts plus the gold answers."""
+
+    tokenizer: Any
+    preprocess: Callable | None
+    num_image_tokens: int
+    max_length: int
+    with_answer: bool = True
+    with_image: bool = True
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        seqs = [encode(self.tokenizer, r["question"], r["answer"] if self.with_answer else None,
+                       self.num_image_tokens, self.with_image) for r in rows]
+        longest = max(len(ids) for ids, _ in seqs)
+        if longest > self.max_length:
+            raise FusionBenchError(f"an example is {longest} tokens long, over trainer.max_length={self.max_length}")
+        pad = self.tokenizer.pad_token_id
+        left = not self.with_answer
+        input_ids, attention, labels = [], [], []
+        for ids, lab in seqs:
+            n = longest - len(ids)
+            if left:
+                input_ids.append([pad] * n + ids); attention.append([0] * n + [1] * len(ids)); labels.append([IGNORE_INDEX] * n + lab)
+            else:
+                input_ids.append(ids + [pad] * n); attention.append([1] * len(ids) + [0] * n); labels.append(lab + [IGNORE_INDEX] * n)
+        batch: dict[str, Any] = {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "attention_mask": torch.tensor(attention, dtype=torch.long),
+        }
+        if self.with_answer:
+            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        else:
+            batch["answers"] = [r["answer"] for r in rows]
+            batch["qtypes"] = [r["qtype"] for r in rows]
+            batch["relations"] = [r.get("relation", "") for r in rows]
+        if self.with_image:
+            batch["pixel_values"] = self.preprocess([r["image"] for r in rows])
+        return batch
+
+
+def check_lengths(tokenizer, dataset, num_image_tokens: int, max_length: int, name: str) -> int:
+    """Fail before compute if any example is longer than ``max_length``; returns the longest."""
+    longest, worst = 0, None
+    for q, a in zip(dataset["question"], dataset["answer"]):
+        n = len(encode(tokenizer, q, a, num_image_tokens)[0])
+        if n > longest:
+            longest, worst = n, q
+    if longest > max_length:
+        raise FusionBenchError(f"{name}: example {worst!r} is {longest} tokens with {num_image_tokens} image tokens, "
+                               f"over trainer.max_length={max_length}; raise trainer.max_length or shorten the text")
+    return longest

@@ -1,0 +1,315 @@
+"""``cifar_grid``: 2x2 grids of real CIFAR-10 test images, with questions about them.
+
+Source: the CIFAR-10 test set (10000 images, 32x32) that ships inside the ``bigbench==1.0.0``
+sdist as ``*/cifar10_classification/base64/task.json`` (base64 PNGs). It is fetched through
+:mod:`fusionbench.assets.pypi` once and decoded into a compact ``uint8`` cache,
+``cache_dir("data", "cifar10_test")/cifar10_test_v1.npz`` (:func:`load_cifar10_test`); without a
+registry and without the archive in the cache, :class:`~fusionbench.errors.AssetUnavailable`
+says so.
+
+The 10000 images are split disjointly, per class (the bigbench copy is sorted by class): train
+draws from the first ``1 - val_fraction`` of each class's images, val from the last
+``val_fraction`` (``options.val_fraction``, default 0.2), so the splits never share a picture. Each grid tiles 4 images of 4 distinct classes (64x64 at 32 px each) and is
+resized to ``cfg.image_size``. Answers are CIFAR class names (``airplane automobile bird cat deer
+dog frog horse ship truck``), "yes"/"no", "top"/"bottom"/"left"/"right" or a digit.
+
+Question templates (a few wordings each):
+
+``spatial``
+    "What is in the top left corner?" / "Which object is in the bottom right?" -> class;
+    relation ``top_left`` / ``top_right`` / ``bottom_left`` / ``bottom_right`` (the cell asked).
+
+    "What is to the left of (right of, above, below) the {class}?" -> class (only asked where
+    that neighbour exists); relation ``left_of`` / ``right_of`` / ``above`` / ``below``.
+
+    "Is the {class} at the top or the bottom?" -> "top"/"bottom" and "Is the {class} on the left
+    or the right?" -> "left"/"right"; relation ``position``.
+``attribute`` (relation ``""``)
+    "Is there a {class} in the image?" -> "yes"/"no" (half each; the absent class is one not in
+    the grid).
+``count`` (relation ``""``)
+    "How many animals are there?" / "How many vehicles are there?" -> "0".."4"; animals are
+    bird cat deer dog frog horse, vehicles airplane automobile ship truck. For these grids the
+    number of animals is drawn uniformly from 0..4 so the answers are balanced.
+
+Question types are balanced exactly, templates are equally frequent within a type. Options:
+``questions_per_image`` (default 1) and ``val_fraction`` (default 0.2). The caption reads "A grid
+with a ship at the top left, a cat at the top right, a frog at the bottom left and a truck at the
+bottom right."
+
+The grid/question logic is :func:`build_grids`, which takes the images and labels as arrays, so
+it can run on any source (tests use small synthetic arrays).
+"""
+from __future__ import annotations
+
+import ast
+import base64
+import io
+import json
+import os
+from typing import Any, Callable, Iterator, Optional
+
+import datasets
+import numpy as np
+from PIL import Image
+
+from fusionbench.assets.paths import cache_dir
+from fusionbench.assets.pypi import pypi_file
+from fusionbench.data import register_dataset
+from fusionbench.data.sources.scenes import (article, cache_key, cached_dataset, check_options,
+                                             join_phrases, png_bytes, qtype_plan,
+                                             records_to_dataset, split_rng, split_size,
+                                             wanted_qtypes)
+from fusionbench.errors import FusionBenchError
+
+NAME = "cifar_grid"
+VERSION = "cifar_grid-v1"
+REQUIREMENT = "bigbench==1.0.0"
+MEMBER = "*/cifar10_classification/base64/task.json"
+CACHE_FILE = "cifar10_test_v1.npz"
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+ANIMALS = frozenset({"bird", "cat", "deer", "dog", "frog", "horse"})
+VEHICLES = frozenset(CLASSES) - ANIMALS
+#: grid cells in tiling order: (row, col)
+CELLS = {"top_left": (0, 0), "top_right": (0, 1), "bottom_left": (1, 0), "bottom_right": (1, 1)}
+DEFAULTS = {"questions_per_image": 1, "val_fraction": 0.2}
+
+
+# --------------------------------------------------------------------------- the source images
+
+def load_cifar10_test() -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 test set: ``images`` uint8 [10000, 32, 32, 3] and ``labels`` int64 [10000]
+    (indices into :data:`CLASSES`), decoded once from the bigbench sdist and cached as .npz."""
+    path = cache_dir("data", "cifar10_test") / CACHE_FILE
+    if path.exists():
+        with np.load(path) as z:
+            return z["images"], z["labels"]
+    task = pypi_file(REQUIREMENT, MEMBER, sdist=True)
+    images, labels = _decode_task(task.read_bytes())
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, images=images, labels=labels)
+    os.replace(tmp, path)
+    return images, labels
+
+
+def _decode_task(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    examples = json.loads(raw)["examples"]
+    images = np.empty((len(examples), 32, 32, 3), dtype=np.uint8)
+    labels = np.empty(len(examples), dtype=np.int64)
+    for i, ex in enumerate(examples):
+        scores = ex["target_scores"]
+        if isinstance(scores, str):
+            scores = ast.literal_eval(scores)
+        hits = [name for name, v in scores.items() if v]
+        if len(hits) != 1 or hits[0] not in CLASSES:
+            raise FusionBenchError(f"CIFAR-10 task.json example {i}: unexpected target_scores {scores}")
+        labels[i] = CLASSES.index(hits[0])
+        with Image.open(io.BytesIO(base64.b64decode(ex["input"]))) as img:
+            arr = np.asarray(img.convert("RGB"))
+        if arr.shape != (32, 32, 3):
+            raise FusionBenchError(f"CIFAR-10 task.json example {i}: image of shape {arr.shape}")
+        images[i] = arr
+    return images, labels
+
+
+# --------------------------------------------------------------------------- grids
+
+def split_pool(labels: np.ndarray, split: str, val_fraction: float) -> np.ndarray:
+    """Indices of the source images a split draws from: of every class's images (in source
+    order), train takes the first ``1 - val_fraction``, val the rest. Per class, because the
+    bigbench copy of the test set is sorted by class (a plain head/tail cut would leave val with
+    ships and trucks only)."""
+    labels = np.asarray(labels)
+    parts = []
+    for k in np.unique(labels):
+        idx = np.flatnonzero(labels == k)
+        n_val = int(round(len(idx) * val_fraction))
+        parts.append(idx[:len(idx) - n_val] if split == "train" else idx[len(idx) - n_val:])
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _cell_words(cell: str) -> str:
+    return cell.replace("_", " ")
+
+
+Grid = dict[str, str]  # cell -> class name
+Question = tuple[str, str, str]
+
+
+def _pick(rng: np.random.Generator, items: Any) -> Any:
+    items = list(items)
+    return items[int(rng.integers(0, len(items)))]
+
+
+def _q_cell(grid: Grid, rng: np.random.Generator, classes: list[str]) -> Optional[Question]:
+    cell = _pick(rng, CELLS)
+    t = _pick(rng, ("What is in the {c} corner?", "Which object is in the {c}?",
+                    "What do you see in the {c} square?"))
+    return t.format(c=_cell_words(cell)), grid[cell], cell
+
+
+_NEIGHBOURS = {  # relation -> (phrasings, offset of the answer cell from the reference cell)
+    "left_of": (("What is to the left of the {x}?", "What is left of the {x}?"), (0, -1)),
+    "right_of": (("What is to the right of the {x}?", "What is right of the {x}?"), (0, 1)),
+    "above": (("What is above the {x}?", "What is on top of the {x}?"), (-1, 0)),
+    "below": (("What is below the {x}?", "What is under the {x}?"), (1, 0)),
+}
+
+
+def _q_neighbour(grid: Grid, rng: np.random.Generator, classes: list[str]) -> Optional[Question]:
+    ref = _pick(rng, CELLS)
+    r, c = CELLS[ref]
+    options = []
+    for rel, (_, (dr, dc)) in _NEIGHBOURS.items():
+        target = next((k for k, rc in CELLS.items() if rc == (r + dr, c + dc)), None)
+        if target is not None:
+            options.append((rel, target))
+    rel, target = _pick(rng, options)
+    t = _pick(rng, _NEIGHBOURS[rel][0])
+    return t.format(x=grid[ref]), grid[target], rel
+
+
+def _q_where(grid: Grid, rng: np.random.Generator, classes: list[str]) -> Optional[Question]:
+    cell = _pick(rng, CELLS)
+    r, c = CELLS[cell]
+    if rng.random() < 0.5:
+        t = _pick(rng, ("Is the {x} at the top or the bottom?", "Is the {x} in the top or the bottom row?"))
+        answer = ("top", "bottom")[r]
+    else:
+        t = _pick(rng, ("Is the {x} on the left or the right?", "Is the {x} in the left or the right column?"))
+        answer = ("left", "right")[c]
+    return t.format(x=grid[cell]), answer, "position"
+
+
+def _q_present(grid: Grid, rng: np.random.Generator, classes: list[str]) -> Optional[Question]:
+    absent = [k for k in classes if k not in grid.values()]
+    if absent and rng.random() < 0.5:
+        x, answer = _pick(rng, absent), "no"
+    else:
+        x, answer = _pick(rng, grid.values()), "yes"
+    t = _pick(rng, ("Is there {a} {x} in the image?", "Does the grid contain {a} {x}?",
+                    "Can you see {a} {x}?"))
+    return t.format(a=article(x), x=x), answer, ""
+
+
+def _q_count(grid: Grid, rng: np.random.Generator, classes: list[str]) -> Optional[Question]:
+    if rng.random() < 0.5:
+        kind, members = "animals", ANIMALS
+    else:
+        kind, members = "vehicles", VEHICLES
+    t = _pick(rng, ("How many {k} are there?", "How many {k} are in the grid?",
+                    "How many of the pictures show {k}?"))
+    return t.format(k=kind), str(sum(v in members for v in grid.values())), ""
+
+
+TEMPLATES: dict[str, tuple[Callable[[Grid, np.random.Generator, list[str]], Optional[Question]], ...]] = {
+    "attribute": (_q_present,),
+    "count": (_q_count,),
+    "spatial": (_q_cell, _q_neighbour, _q_where),
+}
+QTYPES = ("attribute", "count", "spatial")
+
+
+def caption_grid(grid: Grid) -> str:
+    parts = [f"{article(grid[cell])} {grid[cell]} at the {_cell_words(cell)}" for cell in CELLS]
+    return "A grid with " + join_phrases(parts) + "."
+
+
+def _choose_classes(rng: np.random.Generator, available: list[str], balanced_animals: bool) -> list[str]:
+    """4 distinct classes; with ``balanced_animals`` the number of animals is uniform over what
+    the available classes allow."""
+    if balanced_animals:
+        animals = [k for k in available if k in ANIMALS]
+        vehicles = [k for k in available if k not in ANIMALS]
+        feasible = [k for k in range(5) if k <= len(animals) and 4 - k <= len(vehicles)]
+        k = int(_pick(rng, feasible))
+        chosen = ([animals[i] for i in rng.choice(len(animals), size=k, replace=False)] +
+                  [vehicles[i] for i in rng.choice(len(vehicles), size=4 - k, replace=False)])
+        return [chosen[i] for i in rng.permutation(4)]
+    return [available[i] for i in rng.choice(len(available), size=4, replace=False)]
+
+
+def generate_grids(images: np.ndarray, labels: np.ndarray, cfg: Any,
+                   split: str) -> Iterator[tuple[dict[str, Any], Grid, list[int]]]:
+    """The rows of a split (``image`` as PNG bytes), each with its grid (cell -> class) and the
+    indices of the 4 source images (tiling order of :data:`CELLS`)."""
+    size = split_size(cfg, split, NAME)
+    qtypes = wanted_qtypes(cfg, NAME, QTYPES)
+    opts = check_options(cfg, NAME, DEFAULTS)
+    per_image, val_fraction = int(opts["questions_per_image"]), float(opts["val_fraction"])
+    if per_image < 1:
+        raise FusionBenchError(f"{NAME}: data.options.questions_per_image must be at least 1")
+    if not 0.0 < val_fraction < 1.0:
+        raise FusionBenchError(f"{NAME}: data.options.val_fraction must be in (0, 1), not {val_fraction}")
+    images = np.asarray(images)
+    labels = np.asarray(labels).astype(np.int64)
+    if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2] \
+            or images.dtype != np.uint8 or len(labels) != len(images):
+        raise FusionBenchError(f"{NAME}: expected uint8 images [N, H, H, 3] and N labels, got "
+                               f"{images.dtype} {images.shape} and {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+        raise FusionBenchError(f"{NAME}: labels must be CIFAR-10 class indices 0..9")
+    pool = split_pool(labels, split, val_fraction)
+    by_class: dict[str, np.ndarray] = {CLASSES[k]: pool[labels[pool] == k] for k in range(len(CLASSES))}
+    available = [k for k in CLASSES if len(by_class[k])]
+    if len(available) < 4:
+        raise FusionBenchError(f"{NAME}: the {split} pool ({len(pool)} images) has only "
+                               f"{len(available)} classes; a grid needs 4 distinct ones")
+    image_size = int(cfg.image_size)
+    if image_size < 8:
+        raise FusionBenchError(f"{NAME}: data.image_size={image_size} is too small")
+    tile = images.shape[1]
+    rng = split_rng(cfg.seed, split, NAME)
+    plan = qtype_plan(rng, qtypes, size)
+    for start in range(0, size, per_image):
+        group = plan[start:start + per_image]
+        for _attempt in range(1000):
+            classes = _choose_classes(rng, available, balanced_animals="count" in group)
+            grid = dict(zip(CELLS, classes))
+            asked: list[Question] = []
+            for qtype in group:
+                for _ in range(8):
+                    q = _pick(rng, TEMPLATES[qtype])(grid, rng, available)
+                    if q is not None and q[0] not in {a[0] for a in asked}:
+                        asked.append(q)
+                        break
+                else:
+                    break
+            if len(asked) == len(group):
+                break
+        else:
+            raise FusionBenchError(f"{NAME}: cannot ask {per_image} distinct questions of types "
+                                   f"{group} about one grid; lower data.options.questions_per_image")
+        idx = [int(by_class[k][int(rng.integers(0, len(by_class[k])))]) for k in classes]
+        canvas = np.empty((2 * tile, 2 * tile, 3), dtype=np.uint8)
+        for i, (r, c) in zip(idx, CELLS.values()):
+            canvas[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = images[i]
+        img = Image.fromarray(canvas)
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        image = png_bytes(img)
+        caption = caption_grid(grid)
+        for qtype, (question, answer, relation) in zip(group, asked):
+            yield ({"image": image, "question": question, "answer": answer, "qtype": qtype,
+                    "relation": relation, "caption": caption}, grid, idx)
+
+
+def build_grids(images: np.ndarray, labels: np.ndarray, cfg: Any, split: str) -> datasets.Dataset:
+    """The ``cifar_grid`` split built from any (images, labels) source (not cached)."""
+    return records_to_dataset([r for r, _, _ in generate_grids(images, labels, cfg, split)])
+
+
+@register_dataset(NAME)
+def build_cifar_grid(cfg: Any, split: str) -> datasets.Dataset:
+    """The ``cifar_grid`` split from the real CIFAR-10 test set (cached on disk after the first build)."""
+    size = split_size(cfg, split, NAME)
+    qtypes = wanted_qtypes(cfg, NAME, QTYPES)
+    opts = check_options(cfg, NAME, DEFAULTS)
+    key = cache_key(cfg, split, NAME, VERSION, size, qtypes, opts)
+
+    def build() -> datasets.Dataset:
+        images, labels = load_cifar10_test()
+        return build_grids(images, labels, cfg, split)
+
+    return cached_dataset(NAME, key, build)

@@ -1,0 +1,1 @@
+"""Evaluators: multimodal exact match per question type, text-only forgetting suite."""

@@ -1,0 +1,137 @@
+"""The one interface every fusion strategy implements.
+
+A strategy decides three things (see ``docs/adding_a_fusion.md``):
+
+1. **what it adds and where**: modules beside the LM (projectors, Q-Former, resampler), built in
+   ``__init__`` as submodules of the strategy; or modules injected into the LM (cross-attention,
+   LoRA, expert copies of Linear layers, MoE MLPs) in :meth:`FusionStrategy.inject`, which walks the
+   LM's ``named_modules()`` and replaces matches with wrappers that keep the original as
+   ``base_layer`` (PEFT's pattern).
+2. **how images reach the LM**: as ``num_image_tokens`` embeddings spliced into ``inputs_embeds`` at
+   the image placeholder (:meth:`image_embeddings`), and/or as conditioning state set on injected
+   modules for the duration of one LM call (:meth:`conditioning`), which keeps ``generate()``
+   working; extra LM keyword arguments (e.g. ``past_key_values`` prefixes) via :meth:`lm_kwargs`.
+3. **what trains in each stage**: :meth:`trainable` names the parameters that train in a stage.
+
+Every strategy has an explicit **text-only mode** (:meth:`text_only`): no image, and the text path
+a frozen-text strategy promises is exactly the base LM's (tested for every registered strategy).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+
+from fusionbench.errors import FusionBenchError
+from fusionbench.registry import Registry
+
+if TYPE_CHECKING:
+    from fusionbench.model import VisionLanguageModel
+
+FUSIONS: Registry = Registry("fusion strategy", "fusionbench.fusion")
+
+
+def register(name: str):
+    """Class decorator: ``@register("mlp") class MLPProjector(FusionStrategy): ...``"""
+    return FUSIONS.register(name)
+
+
+@dataclass
+class FusionOptions:
+    """Options every strategy has; subclasses add their own fields (validated from the config)."""
+
+    name: str = ""
+    #: text-only conditioning. False (default): text without an image takes the base LM's path.
+    text_path_drift: bool = False
+
+
+def fusion_options(node: Any) -> DictConfig:
+    """Validate a ``fusion:`` config node against its strategy's ``Options`` dataclass."""
+    if isinstance(node, str):
+        node = {"name": node}
+    name = node.get("name") if hasattr(node, "get") else None
+    if not name:
+        raise FusionBenchError("fusion config needs a 'name' (one of: " + ", ".join(FUSIONS.names()) + ")")
+    cls = FUSIONS.get(str(name))
+    schema = OmegaConf.structured(cls.Options)
+    try:
+        merged = OmegaConf.merge(schema, node)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        fields = [f.name for f in dataclasses.fields(cls.Options)]
+        import difflib
+        close = difflib.get_close_matches(key.split(".")[-1], fields, n=1)
+        hint = f" Did you mean 'fusion.{close[0]}'?" if close else ""
+        if "not in struct" in str(e) or "Key '" in str(e):
+            raise FusionBenchError(f"unknown option 'fusion.{key}' for strategy {name!r}.{hint} "
+                                   f"Options: {', '.join(fields)}") from None
+        raise FusionBenchError(f"invalid value for 'fusion.{key}' ({name}): {str(e).splitlines()[0]}") from None
+    return merged
+
+
+class FusionStrategy(nn.Module):
+    """Base class. Subclasses set ``Options`` and override the hooks they need."""
+
+    Options: ClassVar[type] = FusionOptions
+    registry_name: ClassVar[str] = ""
+    #: does the LM's text path stay exactly the base LM's in text-only mode? (tested when True)
+    text_invariant: ClassVar[bool] = True
+
+    def __init__(self, options: Any, lm_hidden_size: int, vision_dim: int, vision_tokens: int):
+        super().__init__()
+        self.options = options
+        self.lm_hidden_size = lm_hidden_size
+        self.vision_dim = vision_dim
+        self.vision_tokens = vision_tokens
+
+    # -- 1. what it adds ---------------------------------------------------------------------
+    def inject(self, vlm: "VisionLanguageModel") -> None:
+        """Modify the LM in place (after construction, before training). Default: nothing."""
+
+    def validate(self, vlm: "VisionLanguageModel") -> None:
+        """Raise :class:`FusionBenchError` for configurations that cannot work (before compute)."""
+
+    # -- 2. how images reach the LM ------------------------------------------------------------
+    @property
+    def num_image_tokens(self) -> int:
+        """How many placeholder positions an image occupies in the LM input (0: none)."""
+        return 0
+
+    def image_embeddings(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Vision features ``[B, N, Dv]`` -> embeddings ``[B, num_image_tokens, D_lm]`` or None."""
+        return None
+
+    @contextlib.contextmanager
+    def conditioning(self, vlm: "VisionLanguageModel", features: torch.Tensor,
+                     image_mask: torch.Tensor) -> Iterator[None]:
+        """State set on injected modules for one LM call (or one ``generate``). Default: none."""
+        yield
+
+    def lm_kwargs(self, vlm: "VisionLanguageModel", features: torch.Tensor | None,
+                  attention_mask: torch.Tensor) -> dict[str, Any]:
+        """Extra keyword arguments for the LM call (e.g. ``past_key_values``). Default: none."""
+        return {}
+
+    @contextlib.contextmanager
+    def text_only(self, vlm: "VisionLanguageModel") -> Iterator[None]:
+        """Context for text-only input (no image at all). Default: nothing to switch."""
+        yield
+
+    # -- 3. what trains -------------------------------------------------------------------------
+    def trainable(self, vlm: "VisionLanguageModel", stage: str | None = None) -> set[str]:
+        """Names (as in ``vlm.named_parameters()``) of the parameters that train in ``stage``.
+        Default: every parameter the strategy owns; LM and vision encoder frozen."""
+        return {f"fusion.{n}" for n, _ in self.named_parameters()}
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Auxiliary losses of the last forward (e.g. MoE load balancing), already weighted."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return f"strategy={self.registry_name!r}"

@@ -1,0 +1,195 @@
+"""The composed model: vision encoder -> fusion strategy -> pretrained causal LM."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from fusionbench.errors import FusionBenchError
+from fusionbench.fusion import FUSIONS, FusionStrategy, fusion_options
+
+#: placeholder id for image positions in ``input_ids`` (never a real vocabulary id)
+IMAGE_TOKEN_ID = -200
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VLMOutput:
+    loss: torch.Tensor | None
+    lm_loss: torch.Tensor | None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
+
+
+class VisionLanguageModel(nn.Module):
+    """``vision`` (frozen unless a strategy says otherwise), ``fusion`` (the strategy's own modules),
+    ``lm`` (an HF causal LM, possibly with modules injected by the strategy)."""
+
+    def __init__(self, vision: nn.Module, lm: nn.Module, tokenizer, fusion: FusionStrategy):
+        super().__init__()
+        self.vision = vision
+        self.lm = lm
+        self.fusion = fusion
+        self.tokenizer = tokenizer
+        fusion.validate(self)
+        fusion.inject(self)
+        self.stage: str | None = None
+        self.set_stage(None)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: DictConfig, backbones=None) -> "VisionLanguageModel":
+        """Build from an experiment config; ``backbones=(vision, lm, tokenizer)`` reuses loaded ones."""
+        from fusionbench.assets.lm import load_lm
+        from fusionbench.assets.vision import load_vision
+
+        options = fusion_options(cfg.fusion)
+        strategy_cls = FUSIONS.get(options.name)
+        if backbones is None:
+            vision = load_vision(cfg.vision, seed=cfg.seed)
+            lm, tok = load_lm(cfg.lm, seed=cfg.seed)
+        else:
+            vision, lm, tok = backbones
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            fusion = strategy_cls(options, lm.config.get_text_config().hidden_size, vision.feature_dim,
+                                  vision.num_tokens)
+            return cls(vision, lm, tok, fusion)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.fusion.num_image_tokens
+
+    # -- what trains ----------------------------------------------------------------------------
+    def set_stage(self, stage: str | None) -> None:
+        names = set(self.fusion.trainable(self, stage))
+        params = dict(self.named_parameters())
+        unknown = names - params.keys()
+        if unknown:
+            raise FusionBenchError(f"strategy {self.fusion.registry_name!r} declares trainable parameters "
+                                   f"that do not exist: {sorted(unknown)[:5]}")
+        for n, p in params.items():
+            p.requires_grad_(n in names)
+        self.stage = stage
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def param_counts(self) -> dict[str, int]:
+        seen, total, trainable = set(), 0, 0
+        for p in self.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return {"params_total": total, "params_trainable": trainable}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # frozen backbones stay in eval mode (dropout off, BatchNorm statistics fixed)
+        for module in (self.vision, self.lm):
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
+    # -- forward ----------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self.vision.check_pixels(pixel_values)
+        if any(p.requires_grad for p in self.vision.parameters()):
+            return self.vision(pixel_values)
+        with torch.no_grad():
+            return self.vision(pixel_values)
+
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with image embeddings spliced in at ``IMAGE_TOKEN_ID`` positions."""
+        image_mask = input_ids == IMAGE_TOKEN_ID
+        pad = self.tokenizer.pad_token_id or 0
+        embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(image_mask, pad))
+        n = self.num_image_tokens
+        if features is None or n == 0:
+            if image_mask.any():
+                raise FusionBenchError("input has image placeholders but no image (or strategy uses none)")
+            return embeds, image_mask
+        per_row = image_mask.sum(1)
+        if not bool((per_row == n).all()):
+            raise FusionBenchError(f"each sequence needs exactly {n} image placeholders for strategy "
+                                   f"{self.fusion.registry_name!r}, got {per_row.tolist()}")
+        image_embeds = self.fusion.image_embeddings(features).to(embeds.dtype)
+        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), image_embeds)
+        return embeds, image_mask
+
+    @contextlib.contextmanager
+    def _lm_context(self, input_ids, attention_mask, pixel_values):
+        """Yields LM keyword arguments for this input, with the strategy's state set."""
+        if pixel_values is None:
+            if bool((input_ids == IMAGE_TOKEN_ID).any()):
+                raise FusionBenchError("text-only input must not contain image placeholders")
+            with self.fusion.text_only(self):
+                yield {"input_ids": input_ids, "attention_mask": attention_mask}
+            return
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise FusionBenchError(f"{pixel_values.shape[0]} images for {input_ids.shape[0]} sequences")
+        features = self.encode_images(pixel_values)
+        embeds, image_mask = self.embed(input_ids, features)
+        kwargs = {"inputs_embeds": embeds, "attention_mask": attention_mask}
+        kwargs.update(self.fusion.lm_kwargs(self, features, attention_mask))
+        with self.fusion.conditioning(self, features, image_mask):
+            yield kwargs
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, labels=None) -> VLMOutput:
+        """Training forward: LM loss on labelled positions only (the output layer runs only there)."""
+        with self._lm_context(input_ids, attention_mask, pixel_values) as kwargs:
+            hidden = self.lm.get_decoder()(**kwargs, use_cache=False).last_hidden_state
+        aux = self.fusion.aux_losses()
+        if labels is None:
+            return VLMOutput(loss=None, lm_loss=None, aux_losses=aux)
+        shift_labels = labels[:, 1:]
+        select = shift_labels != IGNORE_INDEX
+        if not bool(select.any()):
+            raise FusionBenchError("batch has no labelled tokens")
+        logits = self._head(hidden[:, :-1][select])
+        lm_loss = F.cross_entropy(logits.float(), shift_labels[select])
+        loss = lm_loss + sum(aux.values()) if aux else lm_loss
+        return VLMOutput(loss=loss, lm_loss=lm_loss, aux_losses=aux)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm.get_output_embeddings()(hidden)
+        cap = getattr(self.lm.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def logits(self, input_ids, attention_mask, pixel_values=None) -> torch.Tensor:
+        """Full-vocabulary logits ``[B, T, V]`` (evaluation)."""
+        with self._lm_context(input_ids, attention_mask, pixel_values) as kwargs:
+            return self.lm(**kwargs, use_cache=False).logits
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens: int = 8, **gen) -> torch.Tensor:
+        """Greedy generation (``input_ids`` left-padded); returns the new tokens only."""
+        tok = self.tokenizer
+        gen.setdefault("do_sample", False)
+        gen.setdefault("pad_token_id", tok.pad_token_id)
+        gen.setdefault("eos_token_id", tok.eos_token_id)
+        with self._lm_context(input_ids, attention_mask, pixel_values) as kwargs:
+            if "input_ids" in kwargs:  # text-only: embed ourselves so the output is new tokens only
+                kwargs["inputs_embeds"] = self.lm.get_input_embeddings()(kwargs.pop("input_ids"))
+            return self.lm.generate(**kwargs, max_new_tokens=max_new_tokens, **gen)
+
+    # -- checkpoints of the trainable part only --------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = set(self.trainable_parameter_names())
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
+
+    def load_trainable_state_dict(self, state: dict[str, Any]) -> None:
+        own = self.state_dict()
+        unknown = [k for k in state if k not in own]
+        if unknown:
+            raise FusionBenchError(f"checkpoint has parameters this model lacks: {unknown[:5]}")
+        self.load_state_dict(state, strict=False)

@@ -1,0 +1,82 @@
+"""The results table: one JSON object per run (JSON Lines), appended atomically, with provenance."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+PACKAGES = ("torch", "transformers", "peft", "lightning", "datasets", "omegaconf", "fusionbench")
+
+
+def git_sha() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu:{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def provenance() -> dict[str, Any]:
+    import torch
+
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[f"version_{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[f"version_{pkg}"] = None
+    return {"git_sha": git_sha(), "device": device_name(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), **versions}
+
+
+def append_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one row; the file is replaced atomically, so a crash never leaves half a row."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_bytes() if path.exists() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    line = json.dumps(row, sort_keys=True, default=str).encode() + b"\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(old + line)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return pd.DataFrame()
+    return pd.read_json(path, lines=True)

@@ -1,0 +1,176 @@
+"""``fusionbench run``: assets -> model -> train (one or more stages) -> evaluate -> results rows."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import warnings
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fusionbench.assets.paths import cache_dir
+from fusionbench.config import config_hash, expand_grid
+from fusionbench.errors import FusionBenchError
+from fusionbench.model import VisionLanguageModel
+from fusionbench.results import append_row, provenance
+from fusionbench.training import FusionDataModule, FusionModule
+
+
+def log(msg: str) -> None:
+    print(f"[fusionbench] {msg}", file=sys.stderr, flush=True)
+
+
+def lm_identity(cfg: DictConfig) -> str:
+    if cfg.lm.source == "tiny":
+        return "tiny-" + json.dumps(OmegaConf.to_container(cfg.lm.tiny), sort_keys=True) + f"-seed{cfg.seed}"
+    return f"{cfg.lm.source}-{cfg.lm.dtype}"
+
+
+def text_model_fn(forward):
+    def fn(input_ids, attention_mask):
+        return forward(input_ids, attention_mask)
+    return fn
+
+
+class Prepared:
+    """Everything a run needs, built and validated before any training compute."""
+
+    def __init__(self, cfg: DictConfig, text_suite: bool = True):
+        from fusionbench.assets.lm import load_lm
+        from fusionbench.assets.vision import load_vision
+
+        self.cfg = cfg
+        log(f"preparing {cfg.name}: fusion={cfg.fusion.name} lm={cfg.lm.source} vision={cfg.vision.source} "
+            f"data={cfg.data.name} seed={cfg.seed}")
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        self.vision = load_vision(cfg.vision, seed=cfg.seed)
+        self.lm, self.tokenizer = load_lm(cfg.lm, seed=cfg.seed)
+        self.suite = None
+        if text_suite:
+            from fusionbench.evaluation.text_suite import load_text_suite
+            self.suite = load_text_suite(cfg.eval.text)
+        self.base_text = self._base_text_scores()  # bare LM, before any fusion touches it
+        self.model = VisionLanguageModel.from_config(cfg, backbones=(self.vision, self.lm, self.tokenizer))
+        self.data = FusionDataModule(cfg.data, cfg.trainer, self.tokenizer, self.vision.preprocess,
+                                     self.model.num_image_tokens, seed=cfg.seed)
+        self.data.setup("fit")
+
+    def _base_text_scores(self) -> dict[str, float]:
+        if self.suite is None:
+            return {}
+        from fusionbench.evaluation.text_suite import score_text_suite
+
+        key = config_hash(OmegaConf.create({"lm": lm_identity(self.cfg), "suite": OmegaConf.to_container(self.cfg.eval.text)}))
+        path = cache_dir("text_base") / f"{key}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        log("scoring the base LM on the text suite (cached per LM and suite) ...")
+        lm = self.lm
+        scores = score_text_suite(self.suite, lambda ids, mask: lm(input_ids=ids, attention_mask=mask).logits,
+                                  self.tokenizer, batch_size=self.cfg.eval.batch_size)
+        path.write_text(json.dumps(scores))
+        return scores
+
+
+def stage_plan(cfg: DictConfig) -> list[DictConfig]:
+    """Stages as full train configs: ``[{name, train}]``; one ``main`` stage when none are given."""
+    if not cfg.stages:
+        return [OmegaConf.create({"name": "main", "trainer": OmegaConf.to_container(cfg.trainer)})]
+    plan = []
+    for i, stage in enumerate(cfg.stages):
+        unknown = set(stage.keys()) - {"name", "trainer"}
+        if unknown:
+            raise FusionBenchError(f"stages[{i}] has unknown keys {sorted(unknown)} (allowed: name, trainer)")
+        train = OmegaConf.merge(cfg.trainer, stage.get("trainer", {}))
+        plan.append(OmegaConf.create({"name": stage.get("name", f"stage{i + 1}"), "trainer": OmegaConf.to_container(train)}))
+    return plan
+
+
+# frozen backbones are kept in eval mode on purpose (FusionModule.train keeps them so)
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def run_point(cfg: DictConfig, evaluate: bool = True) -> list[dict[str, Any]]:
+    plan = stage_plan(cfg)
+    prep = Prepared(cfg, text_suite=evaluate and cfg.eval.text_suite)  # everything that can fail on bad input fails here, before training
+    model, data, tok = prep.model, prep.data, prep.tokenizer
+    h = config_hash(cfg)
+    run_dir = Path(cfg.output_dir) / cfg.name / f"{cfg.fusion.name}-{h}-s{cfg.seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+    from fusionbench.evaluation.multimodal import evaluate_multimodal, majority_answers
+
+    majority = majority_answers(data.train_ds)
+    rows = []
+    for stage in plan:
+        tcfg = stage.trainer
+        model.set_stage(stage.name)
+        data.train_cfg = tcfg
+        module = FusionModule(model, tcfg)
+        callbacks = []
+        if tcfg.checkpoint:
+            callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints" / stage.name,
+                                                                 save_top_k=0, save_last=True))
+        trainer = L.Trainer(max_steps=tcfg.max_steps, accelerator=tcfg.accelerator, devices=tcfg.devices,
+                            strategy=tcfg.strategy, precision=tcfg.precision, gradient_clip_val=tcfg.grad_clip or None,
+                            logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs", version=stage.name),
+                            callbacks=callbacks, log_every_n_steps=tcfg.log_every_n_steps,
+                            val_check_interval=tcfg.val_every_n_steps or tcfg.max_steps, check_val_every_n_epoch=None,
+                            limit_val_batches=tcfg.limit_val_batches, num_sanity_val_steps=0,
+                            enable_checkpointing=bool(tcfg.checkpoint), enable_model_summary=False, deterministic=False)
+        log(f"stage {stage.name}: training {model.param_counts()['params_trainable']:,} parameters for {tcfg.max_steps} steps")
+        t0 = time.time()
+        trainer.fit(module, datamodule=data)
+        train_s = time.time() - t0
+        if not evaluate:
+            log(f"stage {stage.name}: trained in {train_s:.0f}s; checkpoint in {run_dir / 'checkpoints'}")
+            continue
+        metrics = evaluate_multimodal(model, data.val_ds, data.collator(with_answer=False),
+                                      data.collator(with_answer=False, with_image=False), majority,
+                                      cfg.eval.mm_items, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        if prep.suite is not None:
+            from fusionbench.evaluation.text_suite import forgetting, score_text_suite
+            after = score_text_suite(prep.suite, lambda ids, mask: model.logits(ids, mask), tok,
+                                     batch_size=cfg.eval.batch_size)
+            metrics.update({f"base/{k}": v for k, v in prep.base_text.items()})
+            metrics.update(after)
+            metrics.update(forgetting(prep.base_text, after))
+        eval_s = time.time() - t0 - train_s
+        final_loss = trainer.callback_metrics.get("train/loss")
+        row = {
+            "experiment": cfg.name, "strategy": cfg.fusion.name, "stage": stage.name, "seed": cfg.seed,
+            "lm": cfg.lm.source, "vision": cfg.vision.source, "data": cfg.data.name,
+            "steps": tcfg.max_steps, "batch_size": tcfg.batch_size, "lr": tcfg.lr,
+            "train_loss_final": float(final_loss) if final_loss is not None else None,
+            **model.param_counts(), "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
+            "config_hash": h, "run_dir": str(run_dir), **provenance(), **metrics,
+            "config": json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True),
+        }
+        append_row(cfg.results_file, row)
+        rows.append(row)
+        _summary(row)
+    return rows
+
+
+def _summary(row: dict[str, Any]) -> None:
+    keys = [k for k in row if k.startswith("mm/") and k.count("/") == 2 and k.endswith("/acc")]
+    parts = [f"{k[3:-4]}={row[k]:.3f} (maj {row.get(k + '_majority', float('nan')):.3f})" for k in sorted(keys)]
+    fg = row.get("forgetting/mc_avg")
+    log(f"{row['strategy']}/{row['stage']}: acc={row['mm/acc']:.3f} " + " ".join(parts)
+        + (f" forgetting(mc_avg)={fg:+.4f}" if fg is not None else "") + f" train {row['train_s']:.0f}s eval {row['eval_s']:.0f}s")
+
+
+def run(cfg: DictConfig, evaluate: bool = True) -> list[dict[str, Any]]:
+    points = expand_grid(cfg)  # validates every point before the first one starts
+    rows = []
+    for i, point in enumerate(points):
+        if len(points) > 1:
+            log(f"grid point {i + 1}/{len(points)}")
+        rows += run_point(point, evaluate=evaluate)
+    return rows

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from fusionbench.config import DataConfig, TrainConfig
+from fusionbench.data import DATASETS
+from fusionbench.data.format import Collator, check_lengths
+from fusionbench.errors import FusionBenchError
+
+
+def build_split(cfg: DataConfig, split: str):
+    ds = DATASETS.get(cfg.name)(cfg, split)
+    if len(ds) == 0:
+        raise FusionBenchError(f"dataset {cfg.name!r} split {split!r} is empty")
+    missing = {"image", "question", "answer", "qtype"} - set(ds.column_names)
+    if missing:
+        raise FusionBenchError(f"dataset {cfg.name!r} lacks columns {sorted(missing)}")
+    return ds
+
+
+class FusionDataModule(L.LightningDataModule):
+    """Train / val splits of one registered dataset, collated for one model."""
+
+    def __init__(self, data: DataConfig, train: TrainConfig, tokenizer, preprocess, num_image_tokens: int, seed: int = 0):
+        super().__init__()
+        self.data_cfg, self.train_cfg = data, train
+        self.tokenizer, self.preprocess, self.num_image_tokens, self.seed = tokenizer, preprocess, num_image_tokens, seed
+        self.train_ds = self.val_ds = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_ds is not None:
+            return
+        self.train_ds = build_split(self.data_cfg, "train")
+        self.val_ds = build_split(self.data_cfg, "val")
+        for name, ds in (("train", self.train_ds), ("val", self.val_ds)):
+            check_lengths(self.tokenizer, ds, self.num_image_tokens, self.train_cfg.max_length, f"{self.data_cfg.name}/{name}")
+
+    def collator(self, with_answer: bool = True, with_image: bool = True) -> Collator:
+        return Collator(self.tokenizer, self.preprocess, self.num_image_tokens, self.train_cfg.max_length,
+                        with_answer=with_answer, with_image=with_image)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_ds, batch_size=self.train_cfg.batch_size, shuffle=True, generator=g,
+                          collate_fn=self.collator(), num_workers=self.train_cfg.num_workers, drop_last=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_ds, batch_size=self.train_cfg.batch_size, shuffle=False,
+                          collate_fn=self.collator(), num_workers=self.train_cfg.num_workers)

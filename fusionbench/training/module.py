@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from fusionbench.config import TrainConfig
+from fusionbench.model import VisionLanguageModel
+
+
+class FusionModule(L.LightningModule):
+    """Lightning wrapper around one composed model: optimiser over the trainable set of the current
+    stage, LM loss + the strategy's auxiliary losses (logged separately), trainable-only checkpoints."""
+
+    def __init__(self, model: VisionLanguageModel, train: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.train_cfg = train
+
+    def forward(self, batch):
+        return self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("labels"))
+
+    def training_step(self, batch, batch_idx):
+        out = self(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        self.log("train/lm_loss", out.lm_loss, batch_size=bs)
+        for k, v in out.aux_losses.items():
+            self.log(f"train/aux/{k}", v, batch_size=bs)
+        return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        out = self(batch)
+        self.log("val/lm_loss", out.lm_loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        cfg = self.train_cfg
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total, warm = max(cfg.max_steps, 1), max(cfg.warmup_steps, 0)
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            progress = (step - warm) / max(total - warm, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # checkpoints hold only what trains (backbones are re-created from their source)
+    def on_save_checkpoint(self, checkpoint):
+        keep = {f"model.{n}" for n in self.model.trainable_parameter_names()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["fusionbench_stage"] = self.model.stage
+
+    def on_load_checkpoint(self, checkpoint):
+        state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items()}
+        self.model.load_trainable_state_dict(state)
+        checkpoint["state_dict"] = {f"model.{k}": v for k, v in self.model.state_dict().items()}

@@ -1,0 +1,58 @@
+import pytest
+
+from fusionbench.config import config_hash, expand_grid, load_config
+from fusionbench.errors import FusionBenchError
+from tests.helpers import TINY
+
+
+def test_defaults_inheritance_and_overrides(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("trainer:\n  max_steps: 7\n  lr: 0.5\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("defaults: [base.yaml]\ntrainer:\n  lr: 0.25\nfusion: linear\n")
+    cfg = load_config(child, ["trainer.batch_size=3"])
+    assert (cfg.trainer.max_steps, cfg.trainer.lr, cfg.trainer.batch_size) == (7, 0.25, 3)
+    assert cfg.fusion.name == "linear"
+
+
+def test_fusion_override_switches_strategy_and_drops_old_options():
+    cfg = load_config(TINY, ["fusion={name: mlp, hidden_size: 12}"])
+    assert cfg.fusion.hidden_size == 12
+    cfg = load_config(TINY, ["fusion={name: mlp, hidden_size: 12}", "fusion=linear"])
+    assert cfg.fusion.name == "linear" and "hidden_size" not in cfg.fusion
+
+
+@pytest.mark.parametrize("override, message", [
+    (["trainer.max_stpes=3"], "unknown config key 'trainer.max_stpes' in the command-line overrides. Did you mean 'trainer.max_steps'?"),
+    (["trainer.max_steps=abc"], "invalid config value for 'trainer.max_steps'"),
+    (["fusion=mpl"], "unknown fusion strategy 'mpl'. Did you mean 'mlp'?"),
+    (["fusion={name: mlp, hiden_size: 3}"], "unknown option 'fusion.hiden_size' for strategy 'mlp'. Did you mean 'fusion.hidden_size'?"),
+    (["trainer.max_steps"], "not of the form key=value"),
+])
+def test_bad_config_is_one_clear_error(override, message):
+    with pytest.raises(FusionBenchError) as err:
+        load_config(TINY, override)
+    assert message in str(err.value)
+
+
+def test_mistyped_key_in_yaml_names_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vision:\n  sorce: tiny_cnn\n")
+    with pytest.raises(FusionBenchError, match=r"unknown config key 'vision.sorce'.*bad.yaml.*'vision.source'"):
+        load_config(bad)
+
+
+def test_grid_expands_and_validates_every_point():
+    cfg = load_config(TINY, ["grid={fusion: [linear, mlp], seed: [0, 1]}"])
+    points = expand_grid(cfg)
+    assert [(p.fusion.name, p.seed) for p in points] == [("linear", 0), ("linear", 1), ("mlp", 0), ("mlp", 1)]
+    assert len({config_hash(p) for p in points}) == 4
+    with pytest.raises(FusionBenchError, match="unknown fusion strategy"):
+        expand_grid(load_config(TINY, ["grid={fusion: [linear, nope]}"]))
+
+
+def test_config_hash_ignores_output_locations():
+    a = load_config(TINY, ["output_dir=/tmp/a", "results_file=/tmp/a.jsonl"])
+    b = load_config(TINY, ["output_dir=/tmp/b"])
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(load_config(TINY, ["seed=3"]))

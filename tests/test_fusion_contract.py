@@ -1,0 +1,128 @@
+"""The contract every registered fusion strategy gets for free (tiny tier, CPU, fp32)."""
+import pytest
+import torch
+
+from fusionbench.errors import FusionBenchError
+from fusionbench.fusion import FUSIONS
+from fusionbench.model import IMAGE_TOKEN_ID
+from tests.helpers import image_batch, text_batch, tiny_model
+
+STRATEGIES = FUSIONS.names()
+
+
+@pytest.fixture(params=STRATEGIES)
+def model(request):
+    return tiny_model(request.param)
+
+
+def _forward(model, batch):
+    return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+
+
+def test_forward_backward_reaches_every_trainable_parameter(model):
+    batch, _ = image_batch(model)
+    out = _forward(model, batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "a strategy must train something"
+    no_grad = [n for n, p in trainable.items() if p.grad is None]
+    assert not no_grad, f"trainable but untouched by the loss: {no_grad[:5]}"
+
+
+def test_declared_trainable_set_is_exactly_what_requires_grad(model):
+    declared = model.fusion.trainable(model, model.stage)
+    assert set(model.trainable_parameter_names()) == declared
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(model):
+    torch.manual_seed(0)
+    batch, _ = image_batch(model, n=4)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = _forward(model, batch).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses  # random frozen LM: small but real drop
+
+
+def test_text_only_logits_identical_to_base_lm(model):
+    """Text-only invariance: with no image the LM's text path is exactly the base LM's."""
+    if not model.fusion.text_invariant:
+        pytest.skip(f"{model.fusion.registry_name} declares a drifting text path")
+    ids, mask = text_batch(model)
+    with torch.no_grad():
+        base = model.lm(input_ids=ids, attention_mask=mask).logits
+        ours = model.logits(ids, mask)
+    assert torch.equal(base, ours)
+
+
+def test_text_only_invariance_survives_training(model):
+    if not model.fusion.text_invariant:
+        pytest.skip(f"{model.fusion.registry_name} declares a drifting text path")
+    ids, mask = text_batch(model)
+    with torch.no_grad():
+        before = model.logits(ids, mask)
+    batch, _ = image_batch(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        _forward(model, batch).loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = model.logits(ids, mask)
+    assert (after - before).abs().max().item() <= 1e-6
+
+
+def test_trainable_checkpoint_roundtrip_gives_identical_outputs(model, tmp_path):
+    batch, _ = image_batch(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    state = model.trainable_state_dict()
+    torch.save(state, tmp_path / "trainable.pt")
+    fresh = tiny_model(model.fusion.registry_name)
+    fresh.load_trainable_state_dict(torch.load(tmp_path / "trainable.pt"))
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        a = model.logits(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        b = fresh.logits(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    assert torch.equal(a, b)
+    assert set(state) == set(model.trainable_parameter_names())
+
+
+def test_generate_with_images_and_text_only(model):
+    from fusionbench.data.format import Collator
+
+    _, rows = image_batch(model)
+    model.eval()
+    prompts = Collator(model.tokenizer, model.vision.preprocess, model.num_image_tokens, 512, with_answer=False)(rows)
+    out = model.generate(prompts["input_ids"], prompts["attention_mask"], prompts["pixel_values"], max_new_tokens=3)
+    assert out.shape[0] == 2 and 1 <= out.shape[1] <= 3
+    text = Collator(model.tokenizer, None, 0, 512, with_answer=False, with_image=False)(rows)
+    out = model.generate(text["input_ids"], text["attention_mask"], None, max_new_tokens=3)
+    assert out.shape[0] == 2
+
+
+def test_wrong_image_shape_is_a_clear_error(model):
+    batch, _ = image_batch(model)
+    with pytest.raises(FusionBenchError, match=r"pixel_values must have shape \[batch, 3, 32, 32\]"):
+        model(batch["input_ids"], batch["attention_mask"], torch.zeros(2, 3, 17, 17), batch["labels"])
+
+
+def test_image_placeholders_must_match_the_strategy(model):
+    batch, _ = image_batch(model)
+    ids = batch["input_ids"].clone()
+    if model.num_image_tokens:
+        ids[0, (ids[0] == IMAGE_TOKEN_ID).nonzero()[0]] = 5  # one placeholder short
+        with pytest.raises(FusionBenchError, match="image placeholders"):
+            model(ids, batch["attention_mask"], batch["pixel_values"], batch["labels"])
+    with pytest.raises(FusionBenchError, match="text-only input must not contain image placeholders"):
+        bad = batch["input_ids"].clone()
+        bad[0, 0] = IMAGE_TOKEN_ID
+        model(bad, batch["attention_mask"], None, batch["labels"])
