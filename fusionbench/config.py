@@ -18,6 +18,8 @@ from fusionbench.errors import FusionBenchError
 
 @dataclass
 class TinyLMConfig:
+    #: decoder family of the random-init LM: llama, qwen2, gemma, gpt2 (tests cover each)
+    arch: str = "llama"
     hidden_size: int = 64
     num_hidden_layers: int = 4
     num_attention_heads: int = 4

@@ -67,6 +67,10 @@ class VisionLanguageModel(nn.Module):
 
     # -- what trains ----------------------------------------------------------------------------
     def set_stage(self, stage: str | None) -> None:
+        if stage is not None and stage not in self.fusion.stage_names:
+            raise FusionBenchError(f"strategy {self.fusion.registry_name!r} has no stage {stage!r}; "
+                                   f"its stages: {', '.join(self.fusion.stage_names)}")
+        self.fusion.begin_stage(self, stage)
         names = set(self.fusion.trainable(self, stage))
         params = dict(self.named_parameters())
         unknown = names - params.keys()

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from fusionbench.assets.paths import cache_dir
 from fusionbench.assets.pypi import pypi_file
@@ -39,6 +39,27 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+TINY_ARCHS = ("llama", "qwen2", "gemma", "gpt2")
+
+
+def tiny_lm_config(t, tok):
+    """A small random-init decoder config of family ``t.arch`` for the tiny tier."""
+    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                   tie_word_embeddings=True, vocab_size=len(tok))
+    if t.arch == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=t.hidden_size, n_layer=t.num_hidden_layers,
+                                    n_head=t.num_attention_heads, n_inner=t.intermediate_size,
+                                    n_positions=t.max_position_embeddings, resid_pdrop=0.0, embd_pdrop=0.0,
+                                    attn_pdrop=0.0, **special)
+    if t.arch not in TINY_ARCHS:
+        raise FusionBenchError(f"lm.tiny.arch {t.arch!r} is not one of {', '.join(TINY_ARCHS)}")
+    extra = {"head_dim": t.hidden_size // t.num_attention_heads} if t.arch == "gemma" else {}
+    return AutoConfig.for_model(t.arch, hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
+                                num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+                                intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings,
+                                **extra, **special)
+
+
 def load_lm(cfg: LMConfig, seed: int = 0):
     """Returns ``(model, tokenizer)``; the model is in eval mode, fp32 unless ``cfg.dtype`` says."""
     dtype = getattr(torch, cfg.dtype, None)
@@ -46,15 +67,10 @@ def load_lm(cfg: LMConfig, seed: int = 0):
         raise FusionBenchError(f"lm.dtype {cfg.dtype!r} is not a torch dtype (float32, bfloat16, ...)")
     if cfg.source == "tiny":
         tok = tiny_tokenizer()
-        t = cfg.tiny
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
-                             num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
-                             intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+        config = tiny_lm_config(cfg.tiny, tok)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
         model = model.to(dtype)
     elif cfg.source == "smollm2":
         path = smollm2_checkpoint()

@@ -123,7 +123,26 @@ class FusionStrategy(nn.Module):
         """Context for text-only input (no image at all). Default: nothing to switch."""
         yield
 
+    @contextlib.contextmanager
+    def base_lm(self, vlm: "VisionLanguageModel") -> Iterator[None]:
+        """Context in which ``vlm.logits(text)`` is exactly the base LM's, also after training
+        (e.g. LoRA: ``disable_adapter()``). Default: :meth:`text_only` for text-invariant
+        strategies; strategies that change LM weights in place cannot offer it."""
+        if not self.text_invariant:
+            raise FusionBenchError(f"strategy {self.registry_name!r} changes the LM's own weights; "
+                                   "its base LM cannot be recovered in place")
+        with self.text_only(vlm):
+            yield
+
     # -- 3. what trains -------------------------------------------------------------------------
+    #: stage names this strategy knows (``stages: [{name: ...}]`` in a config); "main" is the
+    #: single stage of a config without ``stages``
+    stage_names: ClassVar[tuple[str, ...]] = ("main",)
+
+    def begin_stage(self, vlm: "VisionLanguageModel", stage: str | None) -> None:
+        """Called when a stage starts, before its trainable set is applied (e.g. CuMo upcycles
+        the dense connector trained in the previous stage into MoE experts). Default: nothing."""
+
     def trainable(self, vlm: "VisionLanguageModel", stage: str | None = None) -> set[str]:
         """Names (as in ``vlm.named_parameters()``) of the parameters that train in ``stage``.
         Default: every parameter the strategy owns; LM and vision encoder frozen."""

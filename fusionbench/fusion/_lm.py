@@ -1,0 +1,44 @@
+"""Generic access to the inside of any HF decoder-only LM (Llama, Qwen2, Gemma, GPT-2, ...), so a
+strategy that injects modules needs no per-family code."""
+from __future__ import annotations
+
+from torch import nn
+
+from fusionbench.errors import FusionBenchError
+
+
+def decoder_layers(lm: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(dotted path, ModuleList)`` of the LM's decoder blocks: the ``ModuleList`` whose length is
+    the config's layer count (``model.layers`` in Llama/Qwen/Gemma, ``transformer.h`` in GPT-2)."""
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    found = [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not found:
+        raise FusionBenchError(f"cannot find the {n} decoder layers of {type(lm).__name__}")
+    return min(found, key=lambda item: item[0].count("."))  # the outermost match
+
+
+def layer_indices(spec, num_layers: int, what: str) -> list[int]:
+    """Layer selection from a config: ``"all"``, ``"top_half"``, ``"bottom_half"``, an int stride
+    ``"every_N"`` or an explicit list (negative indices count from the top). Out-of-range indices
+    are an error naming the valid range."""
+    if isinstance(spec, str):
+        if spec == "all":
+            return list(range(num_layers))
+        if spec == "bottom_half":
+            return list(range(num_layers // 2))
+        if spec == "top_half":
+            return list(range(num_layers // 2, num_layers))
+        if spec.startswith("every_") and spec[6:].isdigit() and int(spec[6:]) > 0:
+            return list(range(0, num_layers, int(spec[6:])))
+        raise FusionBenchError(f"{what}: unknown layer selection {spec!r} (all, top_half, bottom_half, "
+                               f"every_N or a list of indices)")
+    out = []
+    for i in spec:
+        j = int(i)
+        if not -num_layers <= j < num_layers:
+            raise FusionBenchError(f"{what}: layer {j} does not exist; this LM has layers 0..{num_layers - 1}")
+        out.append(j % num_layers)
+    if not out:
+        raise FusionBenchError(f"{what}: the layer selection is empty")
+    return sorted(set(out))
