@@ -21,7 +21,7 @@ def _cmd_run(args, evaluate: bool = True) -> None:
 def _cmd_assets(args) -> None:
     from fusionbench.assets.catalog import describe, prepare
 
-    if args.prepare:
+    if args.prepare is not None:
         prepare(args.prepare)
     for line in describe():
         print(line)

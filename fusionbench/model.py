@@ -26,6 +26,22 @@ class VLMOutput:
     logits: torch.Tensor | None = None
 
 
+def lm_head(lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM's output layer (with Gemma-2-style final soft-capping where the config has it)."""
+    logits = lm.get_output_embeddings()(hidden)
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def lm_logits_at(lm: nn.Module, input_ids, attention_mask, positions) -> torch.Tensor:
+    """A bare causal LM's logits at ``positions [B, T]`` only: ``[N, V]``. The same computation
+    as :meth:`VisionLanguageModel.logits` with ``positions`` in text-only mode."""
+    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return lm_head(lm, hidden[positions])
+
+
 class VisionLanguageModel(nn.Module):
     """``vision`` (frozen unless a strategy says otherwise), ``fusion`` (the strategy's own modules),
     ``lm`` (an HF causal LM, possibly with modules injected by the strategy)."""
@@ -163,16 +179,16 @@ class VisionLanguageModel(nn.Module):
         return VLMOutput(loss=loss, lm_loss=lm_loss, aux_losses=aux)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm.get_output_embeddings()(hidden)
-        cap = getattr(self.lm.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return lm_head(self.lm, hidden)
 
-    def logits(self, input_ids, attention_mask, pixel_values=None) -> torch.Tensor:
-        """Full-vocabulary logits ``[B, T, V]`` (evaluation)."""
+    def logits(self, input_ids, attention_mask, pixel_values=None, positions=None) -> torch.Tensor:
+        """Full-vocabulary logits ``[B, T, V]`` (evaluation); with a boolean ``positions [B, T]``
+        only those rows, ``[N, V]`` (the output layer runs only there)."""
         with self._lm_context(input_ids, attention_mask, pixel_values) as kwargs:
-            return self.lm(**kwargs, use_cache=False).logits
+            if positions is None:
+                return self.lm(**kwargs, use_cache=False).logits
+            hidden = self.lm.get_decoder()(**kwargs, use_cache=False).last_hidden_state
+        return self._head(hidden[positions])
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens: int = 8, **gen) -> torch.Tensor:

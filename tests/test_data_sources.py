@@ -402,8 +402,11 @@ def test_cifar_missing_archive_is_asset_unavailable(cache, monkeypatch):
 
     def no_network(cmd, **kw):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
+    def unreachable(url, **kw):
+        raise OSError("Name or service not known")
     monkeypatch.setattr(pypi.subprocess, "run", no_network)
-    with pytest.raises(AssetUnavailable, match="bigbench"):
+    monkeypatch.setattr(pypi.urllib.request, "urlopen", unreachable)
+    with pytest.raises(AssetUnavailable, match="could not fetch 'bigbench==1.0.0'.*by hand"):
         DATASETS.get("cifar_grid")(DataConfig(name="cifar_grid", train_size=4), "train")
 
 

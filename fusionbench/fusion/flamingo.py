@@ -1,0 +1,275 @@
+"""Flamingo (Alayrac et al., 2022, "Flamingo: a Visual Language Model for Few-Shot Learning"; as
+in OpenFlamingo, Awadalla et al., 2023): a Perceiver resampler turns the vision features into a
+fixed number of visual latents, and tanh-gated cross-attention blocks (cross-attention + FFN, each
+scaled by ``tanh(gate)`` with the gate initialised at 0) inserted before frozen LM decoder layers
+let every text token read them. No image tokens are spliced into the input; at initialisation the
+model is exactly the base LM.
+
+Text-only mode: without an image, the wrapped layers are pure pass-throughs (the base LM, also
+after training). OpenFlamingo instead runs the gated FFN on every token, media or not, so training
+moves its text path; ``text_path_drift: true`` reproduces that, to measure the forgetting it costs.
+
+Simplifications: one image per sequence, attended by every token of it (Flamingo's "only the
+immediately preceding image" rule reduces to this); a learned position embedding on the vision
+tokens before resampling (a CNN grid carries no explicit position)."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusionbench.errors import FusionBenchError
+from fusionbench.fusion._lm import decoder_layers, layer_indices
+from fusionbench.fusion.base import FusionOptions, FusionStrategy, register
+
+
+@dataclass
+class FlamingoOptions(FusionOptions):
+    #: visual latents produced by the Perceiver resampler (Flamingo: 64)
+    num_latents: int = 64
+    #: Perceiver resampler layers (Flamingo: 6)
+    resampler_depth: int = 2
+    #: width of the resampler and of the cross-attention (0: min(LM hidden size, 256))
+    hidden_size: int = 0
+    #: attention heads of the resampler and of the cross-attention (must divide the width)
+    num_heads: int = 4
+    #: a gated cross-attention block before decoder layers N-1, 2N-1, ... (OpenFlamingo's rule)
+    cross_attention_every: int = 1
+    #: explicit layer selection instead (list of indices, "all", "top_half", "every_N", ...)
+    layer_indices: Any = None
+    #: FFN width of the gated blocks as a multiple of the LM hidden size (Flamingo: 4)
+    ffn_mult: int = 4
+
+
+def _attend(q_proj, kv_proj, out_proj, heads: int, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    b, n, _ = x.shape
+    q = q_proj(x).view(b, n, heads, -1).transpose(1, 2)
+    k, v = kv_proj(context).view(b, context.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)
+    y = F.scaled_dot_product_attention(q, k, v)
+    return out_proj(y.transpose(1, 2).reshape(b, n, -1))
+
+
+def _ffn(dim: int, mult: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, mult * dim, bias=False), nn.GELU(),
+                         nn.Linear(mult * dim, dim, bias=False))
+
+
+class PerceiverLayer(nn.Module):
+    """Latents attend to ``[vision tokens; latents]`` (Flamingo's resampler attention), then FFN."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.ffn = _ffn(dim, 4)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        lat = self.norm_latents(latents)
+        context = torch.cat([self.norm_media(media), lat], dim=1)
+        latents = latents + _attend(self.q, self.kv, self.out, self.heads, lat, context)
+        return latents + self.ffn(latents)
+
+
+class PerceiverResampler(nn.Module):
+    """Vision features ``[B, N, Dv]`` -> ``num_latents`` latents ``[B, L, dim]``."""
+
+    def __init__(self, vision_dim: int, vision_tokens: int, dim: int, depth: int, heads: int, num_latents: int):
+        super().__init__()
+        self.input = nn.Linear(vision_dim, dim)
+        self.pos = nn.Parameter(torch.randn(vision_tokens, dim) * 0.02)
+        self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
+        self.layers = nn.ModuleList(PerceiverLayer(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        media = self.input(features) + self.pos
+        latents = self.latents.unsqueeze(0).expand(features.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(media, latents)
+        return self.norm(latents)
+
+
+class GatedCrossAttention(nn.Module):
+    """``x += tanh(attn_gate) * xattn(x, latents)``; ``x += tanh(ff_gate) * ffn(x)`` (gates start at 0)."""
+
+    def __init__(self, lm_dim: int, dim: int, heads: int, ffn_mult: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(lm_dim)
+        self.q = nn.Linear(lm_dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, lm_dim, bias=False)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ffn = _ffn(lm_dim, ffn_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor | None) -> torch.Tensor:
+        if latents is not None:
+            x = x + torch.tanh(self.attn_gate) * _attend(self.q, self.kv, self.out, self.heads, self.norm(x), latents)
+        return x + torch.tanh(self.ff_gate) * self.ffn(x)
+
+
+class FlamingoLayer(nn.Module):
+    """A decoder layer with a gated cross-attention block before it. ``base_layer`` is called with
+    the caller's arguments unchanged (only ``hidden_states`` replaced) and its output returned as is.
+    ``latents`` (set by :meth:`Flamingo.conditioning`) is the visual conditioning; with none set the
+    layer is the base layer, unless ``text_path`` (OpenFlamingo's behaviour) runs the gated FFN."""
+
+    def __init__(self, base_layer: nn.Module, xattn: GatedCrossAttention):
+        super().__init__()
+        self.base_layer = base_layer
+        self.xattn = xattn
+        self.latents: torch.Tensor | None = None
+        self.text_path = False
+        self.enabled = True
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "xattn"):
+                raise
+            return getattr(self.base_layer, name)  # e.g. attention_type, layer_idx
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base_layer.train(False)  # the frozen decoder layer keeps dropout off while the block trains
+        return self
+
+    def forward(self, *args, **kwargs):
+        if not self.enabled or (self.latents is None and not self.text_path):
+            return self.base_layer(*args, **kwargs)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        latents = self.latents
+        if latents is not None and latents.shape[0] != hidden.shape[0]:  # e.g. beam search expansion
+            latents = latents.repeat_interleave(hidden.shape[0] // latents.shape[0], dim=0)
+        dtype = self.xattn.attn_gate.dtype
+        new = self.xattn(hidden.to(dtype), None if latents is None else latents.to(dtype)).to(hidden.dtype)
+        if args:
+            args = (new, *args[1:])
+        else:
+            kwargs["hidden_states"] = new
+        return self.base_layer(*args, **kwargs)
+
+
+@register("flamingo")
+class Flamingo(FusionStrategy):
+    """Perceiver resampler + tanh-gated cross-attention before selected frozen LM decoder layers."""
+
+    Options = FlamingoOptions
+
+    def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
+        super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
+        o = options
+        for key in ("num_latents", "resampler_depth", "num_heads", "cross_attention_every", "ffn_mult"):
+            if int(getattr(o, key)) < 1:
+                raise FusionBenchError(f"fusion.{key} must be >= 1 for strategy 'flamingo', got {getattr(o, key)}")
+        if o.hidden_size < 0:
+            raise FusionBenchError(f"fusion.hidden_size must be >= 0 (0: min(LM hidden, 256)), got {o.hidden_size}")
+        dim = o.hidden_size or min(lm_hidden_size, 256)
+        if dim % o.num_heads:
+            raise FusionBenchError(f"fusion.num_heads={o.num_heads} does not divide the resampler/cross-attention "
+                                   f"width {dim} (fusion.hidden_size)")
+        self.hidden_size = dim
+        self.resampler = PerceiverResampler(vision_dim, vision_tokens, dim, o.resampler_depth, o.num_heads,
+                                            o.num_latents)
+        # the injected layers live inside the LM (a plain list, so they are not registered twice)
+        self._layers: list[FlamingoLayer] = []
+        self._prefix = ""
+        self.layers_with_cross_attention: list[int] = []
+
+    @property
+    def text_invariant(self) -> bool:  # type: ignore[override]
+        return not self.options.text_path_drift
+
+    # -- 1. what it adds ---------------------------------------------------------------------------
+    def select_layers(self, num_layers: int) -> list[int]:
+        """Decoder layer indices that get a gated cross-attention block."""
+        o = self.options
+        if o.layer_indices is not None:
+            return layer_indices(o.layer_indices, num_layers, "fusion.layer_indices")
+        every = int(o.cross_attention_every)
+        if every > num_layers:
+            raise FusionBenchError(f"fusion.cross_attention_every={every} selects no layer: this LM has "
+                                   f"{num_layers} decoder layers")
+        return [i for i in range(num_layers) if (i + 1) % every == 0]
+
+    def validate(self, vlm):
+        _, layers = decoder_layers(vlm.lm)
+        self.select_layers(len(layers))
+        if any(isinstance(layer, FlamingoLayer) for layer in layers):
+            raise FusionBenchError("this LM already has Flamingo cross-attention layers injected")
+
+    def inject(self, vlm):
+        path, layers = decoder_layers(vlm.lm)
+        self._prefix = f"lm.{path}."
+        self.layers_with_cross_attention = self.select_layers(len(layers))
+        for i in self.layers_with_cross_attention:
+            xattn = GatedCrossAttention(self.lm_hidden_size, self.hidden_size, self.options.num_heads,
+                                        self.options.ffn_mult)
+            layer = FlamingoLayer(layers[i], xattn)
+            layer.text_path = bool(self.options.text_path_drift)
+            layers[i] = layer
+            self._layers.append(layer)
+
+    def gated_layers(self) -> list[FlamingoLayer]:
+        """The injected wrappers, in layer order."""
+        return list(self._layers)
+
+    # -- 2. how images reach the LM ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def conditioning(self, vlm, features, image_mask) -> Iterator[None]:
+        latents = self.resampler(features.to(self.resampler.latents.dtype))
+        previous = [layer.latents for layer in self._layers]
+        for layer in self._layers:
+            layer.latents = latents
+        try:
+            yield
+        finally:
+            for layer, old in zip(self._layers, previous):
+                layer.latents = old
+
+    @contextlib.contextmanager
+    def text_only(self, vlm) -> Iterator[None]:
+        previous = [layer.latents for layer in self._layers]
+        for layer in self._layers:
+            layer.latents = None
+        try:
+            yield
+        finally:
+            for layer, old in zip(self._layers, previous):
+                layer.latents = old
+
+    @contextlib.contextmanager
+    def base_lm(self, vlm) -> Iterator[None]:
+        """Every injected block bypassed: the base LM, also with ``text_path_drift``."""
+        previous = [layer.enabled for layer in self._layers]
+        for layer in self._layers:
+            layer.enabled = False
+        try:
+            with self.text_only(vlm):
+                yield
+        finally:
+            for layer, old in zip(self._layers, previous):
+                layer.enabled = old
+
+    # -- 3. what trains -----------------------------------------------------------------------------
+    def trainable(self, vlm, stage=None) -> set[str]:
+        own = {f"fusion.{n}" for n, _ in self.named_parameters()}
+        prefixes = [f"{self._prefix}{i}." for i in self.layers_with_cross_attention]
+        for name, _ in vlm.named_parameters():
+            for p in prefixes:
+                if name.startswith(p) and not name.startswith(p + "base_layer."):
+                    own.add(name)
+        return own
+
+    def extra_repr(self) -> str:
+        return f"strategy='flamingo', cross_attention_layers={self.layers_with_cross_attention}"

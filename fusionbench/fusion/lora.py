@@ -1,0 +1,121 @@
+"""LoRA fusion: an MLP projector for image tokens (LLaVA-1.5) plus peft LoRA adapters on the LM's
+attention and MLP layers, trained together. The text path changes (adapters stay active in
+text-only evaluation: that is the forgetting measured); ``base_lm()`` switches the adapters off."""
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from fusionbench.errors import FusionBenchError
+from fusionbench.fusion._lm import decoder_layers
+from fusionbench.fusion.base import register
+from fusionbench.fusion.projector import MLPOptions, MLPProjector
+
+ADAPTABLE = (nn.Linear, Conv1D)
+
+
+@dataclass
+class LoraOptions(MLPOptions):
+    #: LoRA rank
+    r: int = 8
+    #: LoRA scaling numerator (the update is scaled by alpha / r)
+    alpha: float = 16.0
+    #: dropout on the LoRA branch input
+    dropout: float = 0.0
+    #: "all-linear": every Linear / Conv1D inside the decoder blocks; or a list of module names
+    #: (peft suffix match, e.g. [q_proj, v_proj] or [c_attn] for GPT-2); or a regex string
+    #: (peft full match against the LM's module paths)
+    target_modules: Any = "all-linear"
+
+
+def block_linear_names(lm: nn.Module) -> tuple[str, list[str]]:
+    """``(blocks path, sorted names inside one block)`` of every Linear / Conv1D in the decoder blocks."""
+    path, blocks = decoder_layers(lm)
+    inner = {n for block in blocks for n, m in block.named_modules() if isinstance(m, ADAPTABLE)}
+    return path, sorted(inner)
+
+
+def resolve_targets(lm: nn.Module, spec: Any) -> tuple[str | list[str], list[str]]:
+    """``(peft target_modules, LM module paths it selects)``; :class:`FusionBenchError` if a
+    requested name or pattern selects no Linear / Conv1D layer."""
+    path, inner = block_linear_names(lm)
+    adaptable = [n for n, m in lm.named_modules() if isinstance(m, ADAPTABLE)]
+    if isinstance(spec, str) and spec == "all-linear":
+        if not inner:
+            raise FusionBenchError(f"lora: no Linear / Conv1D layers inside the decoder blocks of {type(lm).__name__}")
+        target: str | list[str] = rf"{re.escape(path)}\.\d+\.({'|'.join(re.escape(n) for n in inner)})"
+    elif isinstance(spec, str):
+        try:
+            re.compile(spec)
+        except re.error as e:
+            raise FusionBenchError(f"fusion.target_modules {spec!r} is not a valid regex: {e}") from None
+        target = spec
+    else:
+        target = [str(t) for t in spec]
+        if not target:
+            raise FusionBenchError("fusion.target_modules is empty")
+        unmatched = [t for t in target if not any(n == t or n.endswith("." + t) for n in adaptable)]
+        if unmatched:
+            raise FusionBenchError(
+                f"fusion.target_modules {unmatched} match no Linear / Conv1D layer of {type(lm).__name__}; "
+                f"names inside its decoder blocks: {', '.join(inner)} (or use 'all-linear')")
+    if isinstance(target, str):
+        selected = [n for n in adaptable if re.fullmatch(target, n)]
+        if not selected:
+            raise FusionBenchError(f"fusion.target_modules {spec!r} matches no Linear / Conv1D layer of "
+                                   f"{type(lm).__name__}; names inside its decoder blocks: {', '.join(inner)}")
+    else:
+        selected = [n for n in adaptable if any(n == t or n.endswith("." + t) for t in target)]
+    return target, selected
+
+
+@register("lora")
+class LoraFusion(MLPProjector):
+    """MLP projector + peft LoRA on the LM's Linear / Conv1D layers (B = 0 at start: untrained,
+    the LM is exactly the base LM). Trains the projector and every ``lora_A`` / ``lora_B``."""
+
+    Options = LoraOptions
+    text_invariant = False
+
+    def validate(self, vlm):
+        o = self.options
+        if o.r < 1:
+            raise FusionBenchError(f"fusion.r must be >= 1, got {o.r}")
+        if o.alpha <= 0:
+            raise FusionBenchError(f"fusion.alpha must be > 0, got {o.alpha}")
+        if not 0.0 <= o.dropout < 1.0:
+            raise FusionBenchError(f"fusion.dropout must be in [0, 1), got {o.dropout}")
+        resolve_targets(vlm.lm, o.target_modules)
+
+    def inject(self, vlm):
+        from peft import LoraConfig, get_peft_model
+
+        o = self.options
+        target, selected = resolve_targets(vlm.lm, o.target_modules)
+        modules = dict(vlm.lm.named_modules())
+        fan_in_fan_out = all(isinstance(modules[n], Conv1D) for n in selected)  # GPT-2 stores W transposed
+        config = LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=target,
+                            fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
+        try:
+            with warnings.catch_warnings():  # peft probes a transformers attribute deprecated in v5
+                warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+                vlm.lm = get_peft_model(vlm.lm, config)
+        except ValueError as e:
+            raise FusionBenchError(f"lora: peft could not apply target_modules {o.target_modules!r}: "
+                                   f"{str(e).splitlines()[0]}") from None
+
+    @contextlib.contextmanager
+    def base_lm(self, vlm):
+        """The base LM exactly: LoRA adapters off (peft ``disable_adapter``)."""
+        with vlm.lm.disable_adapter():
+            yield
+
+    def trainable(self, vlm, stage=None):
+        lora = {n for n, _ in vlm.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+        return {f"fusion.{n}" for n, _ in self.named_parameters()} | lora

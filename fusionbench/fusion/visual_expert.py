@@ -1,0 +1,174 @@
+"""CogVLM-style deep fusion (Wang et al., 2023, "CogVLM: Visual Expert for Pretrained Language
+Models"): image tokens enter the LM through an MLP projector, and in each selected decoder layer the
+attention QKV, attention output and MLP weights get a trainable *visual expert* copy, initialised
+from the LM's own weights, that only image tokens use. Text tokens keep the frozen original weights,
+so text-only input is exactly the base LM and per-token FLOPs are unchanged (the expert replaces a
+matmul for image rows, it never adds one)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fusionbench.errors import FusionBenchError
+from fusionbench.fusion._lm import decoder_layers, layer_indices
+from fusionbench.fusion.base import register
+from fusionbench.fusion.projector import MLPOptions, MLPProjector
+
+
+def _projection_types() -> tuple[type, ...]:
+    """Linear layers as HF decoders build them: ``nn.Linear`` and GPT-2's transposed ``Conv1D``."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - every supported transformers has it
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+class TokenRouting:
+    """Token-type state shared by every :class:`VisualExpertLinear` of one model: the image mask
+    ``[B, T]`` of the current LM call (None: no image, every token is text)."""
+
+    def __init__(self) -> None:
+        self._mask: torch.Tensor | None = None
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    @property
+    def image_mask(self) -> torch.Tensor | None:
+        return self._mask
+
+    @image_mask.setter
+    def image_mask(self, mask: torch.Tensor | None) -> None:
+        self._mask, self._rows = mask, {}
+
+    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(text_rows, image_rows)``: flat row indices of ``x [B, T, D]``, or None when every row
+        is text. Positions beyond the mask (cached generation: the new tokens) are text; a step
+        shorter than the mask (a decode step after the prefill) is all text. Computed once per
+        sequence length and shared by every projection of the LM call."""
+        mask = self._mask
+        if mask is None:
+            return None
+        if x.dim() != 3 or x.shape[0] != mask.shape[0]:
+            raise FusionBenchError(f"visual_expert: input of shape {list(x.shape)} does not match the image "
+                                   f"mask of shape {list(mask.shape)} (expected [batch, seq, features])")
+        t = x.shape[1]
+        if t not in self._rows:
+            self._rows[t] = self._split(mask, t)
+        return self._rows[t]
+
+    @staticmethod
+    def _split(mask: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        tm = mask.shape[1]
+        if t < tm:
+            return None
+        if t > tm:
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], t - tm)], dim=1)
+        flat = mask.reshape(-1).bool()
+        image_rows = flat.nonzero().squeeze(1)
+        if not image_rows.numel():
+            return None
+        return (~flat).nonzero().squeeze(1), image_rows
+
+
+class VisualExpertLinear(nn.Module):
+    """PEFT-shaped wrapper of one projection: ``base_layer`` (the LM's frozen original) for text
+    rows, ``expert`` (a trainable copy) for image rows. Each weight runs only on its own rows:
+    gather, matmul, scatter back. Without routing state it *is* ``base_layer``."""
+
+    def __init__(self, base_layer: nn.Module, routing: TokenRouting):
+        super().__init__()
+        self.base_layer = base_layer
+        self.expert = copy.deepcopy(base_layer)
+        self._routing = routing  # a plain attribute: shared state, not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._routing.rows(x)
+        if rows is None:
+            return self.base_layer(x)
+        text_rows, image_rows = rows
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        text_out = self.base_layer(flat.index_select(0, text_rows))
+        image_out = self.expert(flat.index_select(0, image_rows))
+        out = text_out.new_zeros(b * t, text_out.shape[-1], dtype=torch.promote_types(text_out.dtype, image_out.dtype))
+        out = out.index_copy(0, text_rows, text_out.to(out.dtype)).index_copy(0, image_rows, image_out.to(out.dtype))
+        return out.reshape(b, t, -1)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)  # weight, bias, in_features, nf, ... of the original
+
+
+@dataclass
+class VisualExpertOptions(MLPOptions):
+    #: decoder layers that get visual experts: all, top_half, bottom_half, every_N or a list of indices
+    layers: Any = "all"
+
+
+@register("visual_expert")
+class VisualExpert(MLPProjector):
+    """CogVLM visual expert: MLP projector + per-layer trainable copies of the attention QKV /
+    output and MLP projections, applied only at image-token positions (text tokens: frozen LM)."""
+
+    Options = VisualExpertOptions
+    text_invariant = True
+
+    def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
+        super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
+        self.routing = TokenRouting()
+
+    def _selected(self, vlm) -> list[tuple[str, nn.Module]]:
+        path, layers = decoder_layers(vlm.lm)
+        idx = layer_indices(self.options.layers, len(layers), "fusion.layers")
+        return [(f"{path}.{i}", layers[i]) for i in idx]
+
+    def validate(self, vlm) -> None:
+        types = _projection_types()
+        for name, layer in self._selected(vlm):
+            if not any(isinstance(m, types) for m in layer.modules()):
+                raise FusionBenchError(f"visual_expert: decoder layer {name} has no Linear / Conv1D projections")
+
+    def inject(self, vlm) -> None:
+        types = _projection_types()
+        for _, layer in self._selected(vlm):
+            targets = [(n, m) for n, m in layer.named_modules()
+                       if isinstance(m, types) and not isinstance(m, VisualExpertLinear)]
+            for name, module in targets:
+                parent_name, _, attr = name.rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                if isinstance(parent, VisualExpertLinear):
+                    continue  # already wrapped (inject called twice)
+                setattr(parent, attr, VisualExpertLinear(module, self.routing))
+
+    @staticmethod
+    def expert_parameter_names(vlm) -> set[str]:
+        return {f"{n}.expert.{p}" for n, m in vlm.named_modules() if isinstance(m, VisualExpertLinear)
+                for p, _ in m.expert.named_parameters()}
+
+    @contextlib.contextmanager
+    def conditioning(self, vlm, features, image_mask):
+        self.routing.image_mask = image_mask
+        try:
+            yield
+        finally:
+            self.routing.image_mask = None
+
+    @contextlib.contextmanager
+    def text_only(self, vlm):
+        previous, self.routing.image_mask = self.routing.image_mask, None
+        try:
+            yield
+        finally:
+            self.routing.image_mask = previous
+
+    def trainable(self, vlm, stage=None) -> set[str]:
+        return super().trainable(vlm, stage) | self.expert_parameter_names(vlm)
