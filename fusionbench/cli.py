@@ -1,4 +1,4 @@
-"""Command line: ``fusionbench {run,train,assets,list}``."""
+"""Command line: ``fusionbench {run,train,assets,report,list}``."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,13 @@ def _cmd_assets(args) -> None:
         print(line)
 
 
+def _cmd_report(args) -> None:
+    from fusionbench.report import report
+
+    for path in report(args.results, args.paper):
+        print(path)
+
+
 def _cmd_list(args) -> None:
     from fusionbench.data import DATASETS
     from fusionbench.fusion import FUSIONS
@@ -45,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. fusion=mlp trainer.max_steps=200")
     p = sub.add_parser("assets", help="list the backbones and data files, and prepare them")
     p.add_argument("--prepare", nargs="*", metavar="ASSET", help="prepare these (no name: all embedded defaults)")
+    p = sub.add_parser("report", help="figures and LaTeX tables in paper/ from the tables in results/")
+    p.add_argument("--results", default="results", help="folder of *.jsonl result tables")
+    p.add_argument("--paper", default="paper", help="output folder (figures/, tables/)")
     sub.add_parser("list", help="list registered fusion strategies and datasets")
     args = parser.parse_args(argv)
     try:
@@ -54,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_run(args, evaluate=False)
         elif args.cmd == "assets":
             _cmd_assets(args)
+        elif args.cmd == "report":
+            _cmd_report(args)
         elif args.cmd == "list":
             _cmd_list(args)
     except FusionBenchError as e:

@@ -112,10 +112,14 @@ class VisionLanguageModel(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        # frozen backbones stay in eval mode (dropout off, BatchNorm statistics fixed)
-        for module in (self.vision, self.lm):
-            if not any(p.requires_grad for p in module.parameters()):
-                module.eval()
+        # frozen parts stay in eval mode (dropout off, BatchNorm statistics fixed), also inside an
+        # LM or encoder that has trainable modules injected into it
+        if mode:
+            for module in (self.vision, self.lm):
+                for sub in module.modules():
+                    params = list(sub.parameters())
+                    if params and not any(p.requires_grad for p in params):
+                        sub.eval()
         return self
 
     # -- forward ----------------------------------------------------------------------------------

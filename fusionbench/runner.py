@@ -65,13 +65,19 @@ class Prepared:
             return {}
         from fusionbench.evaluation.text_suite import score_text_suite
 
-        key = config_hash(OmegaConf.create({"lm": lm_identity(self.cfg), "suite": OmegaConf.to_container(self.cfg.eval.text)}))
+        from fusionbench.evaluation.text_suite import SUITE_VERSION
+
+        key = config_hash(OmegaConf.create({"lm": lm_identity(self.cfg), "version": SUITE_VERSION,
+                                            "batch_size": self.cfg.eval.batch_size,
+                                            "suite": OmegaConf.to_container(self.cfg.eval.text)}))
         path = cache_dir("text_base") / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())
         log("scoring the base LM on the text suite (cached per LM and suite) ...")
+        from fusionbench.model import lm_logits_at
+
         lm = self.lm
-        scores = score_text_suite(self.suite, lambda ids, mask: lm(input_ids=ids, attention_mask=mask).logits,
+        scores = score_text_suite(self.suite, lambda ids, mask, pos: lm_logits_at(lm, ids, mask, pos),
                                   self.tokenizer, batch_size=self.cfg.eval.batch_size)
         path.write_text(json.dumps(scores))
         return scores
@@ -81,8 +87,14 @@ def stage_plan(cfg: DictConfig) -> list[DictConfig]:
     """Stages as full train configs: ``[{name, train}]``; one ``main`` stage when none are given."""
     if not cfg.stages:
         return [OmegaConf.create({"name": "main", "trainer": OmegaConf.to_container(cfg.trainer)})]
+    from fusionbench.fusion import FUSIONS
+
+    known = FUSIONS.get(cfg.fusion.name).stage_names
     plan = []
     for i, stage in enumerate(cfg.stages):
+        if stage.get("name") not in known:
+            raise FusionBenchError(f"stages[{i}].name {stage.get('name')!r} is not a stage of strategy "
+                                   f"{cfg.fusion.name!r}; its stages: {', '.join(known)}")
         unknown = set(stage.keys()) - {"name", "trainer"}
         if unknown:
             raise FusionBenchError(f"stages[{i}] has unknown keys {sorted(unknown)} (allowed: name, trainer)")
@@ -136,7 +148,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True) -> list[dict[str, Any]]:
                                       cfg.eval.mm_items, cfg.eval.batch_size, cfg.eval.max_new_tokens)
         if prep.suite is not None:
             from fusionbench.evaluation.text_suite import forgetting, score_text_suite
-            after = score_text_suite(prep.suite, lambda ids, mask: model.logits(ids, mask), tok,
+            after = score_text_suite(prep.suite, lambda ids, mask, pos: model.logits(ids, mask, positions=pos), tok,
                                      batch_size=cfg.eval.batch_size)
             metrics.update({f"base/{k}": v for k, v in prep.base_text.items()})
             metrics.update(after)

@@ -10,6 +10,7 @@ from fusionbench.config import load_config
 from fusionbench.data.format import Collator
 from fusionbench.model import VisionLanguageModel
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY = Path(__file__).parent / "tiny.yaml"
 
 

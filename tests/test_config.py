@@ -20,6 +20,10 @@ def test_fusion_override_switches_strategy_and_drops_old_options():
     assert cfg.fusion.hidden_size == 12
     cfg = load_config(TINY, ["fusion={name: mlp, hidden_size: 12}", "fusion=linear"])
     assert cfg.fusion.name == "linear" and "hidden_size" not in cfg.fusion
+    cfg = load_config(TINY, ["fusion=mlp", "fusion={name: moe, num_experts: 3}"])
+    assert (cfg.fusion.name, cfg.fusion.num_experts) == ("moe", 3)
+    cfg = load_config(TINY, ["fusion={name: mlp, hidden_size: 12}", "fusion={hidden_size: 5}"])
+    assert (cfg.fusion.name, cfg.fusion.hidden_size) == ("mlp", 5)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -31,6 +31,8 @@ from fusionbench.assets.debian import debian_package_dir
 from fusionbench.assets.pypi import pypi_files
 from fusionbench.errors import FusionBenchError
 
+#: bump when item selection, formatting or scoring changes (base-LM score caches key on it)
+SUITE_VERSION = "text-suite-v2"
 BIGBENCH = "bigbench==1.0.0"
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 AUSTEN_HELD_OUT = "persuasion"

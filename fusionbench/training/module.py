@@ -56,6 +56,9 @@ class FusionModule(L.LightningModule):
         checkpoint["fusionbench_stage"] = self.model.stage
 
     def on_load_checkpoint(self, checkpoint):
+        stage = checkpoint.get("fusionbench_stage")
+        if stage != self.model.stage:  # the stage decides the module layout (e.g. dense vs MoE)
+            self.model.set_stage(stage)
         state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items()}
         self.model.load_trainable_state_dict(state)
         checkpoint["state_dict"] = {f"model.{k}": v for k, v in self.model.state_dict().items()}

@@ -1,0 +1,27 @@
+"""The real embedded default: SmolLM2-135M-Instruct (GGUF from PyPI, re-saved as HF) +
+EfficientNet-Lite0 (ImageNet, PyPI), the real text suite, a couple of training steps and a few
+eval items. Uses the default asset cache (prepared once; later runs take seconds to load)."""
+import pytest
+
+from fusionbench.config import load_config
+from fusionbench.runner import run
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def test_real_default_backbones_train_and_evaluate(tmp_path):
+    cfg = load_config(ROOT / "experiments" / "quickstart.yaml", [
+        "grid={}", "fusion=linear", "trainer.max_steps=2", "trainer.batch_size=2", "trainer.checkpoint=false",
+        "data.train_size=8", "data.val_size=6", "eval.mm_items=4", "eval.batch_size=4",
+        "eval.text.n_per_task=3", "eval.text.ppl_chunks=2", "eval.text.ppl_chunk_tokens=32",
+        f"output_dir={tmp_path / 'runs'}", f"results_file={tmp_path / 'res.jsonl'}"])
+    [row] = run(cfg)
+    assert row["lm"] == "smollm2" and row["vision"] == "efficientnet_lite0"
+    assert row["params_total"] > 130_000_000  # SmolLM2-135M + EfficientNet-Lite0
+    assert row["params_trainable"] == 1280 * 576 + 576
+    assert row["mm/n_items"] == 4 and 0 <= row["mm/acc"] <= 1
+    # the real LM is far better than a random one at natural prose
+    assert 2.0 < row["base/text/austen/log_ppl"] < 6.0
+    # frozen LM: the text path is untouched, so forgetting is exactly zero
+    assert row["forgetting/mc_avg"] == 0.0 and row["forgetting/austen/delta_log_ppl"] == 0.0

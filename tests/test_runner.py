@@ -1,0 +1,117 @@
+"""``fusionbench run`` end to end on the tiny tier: rows, provenance, checkpoints, forgetting, and
+bad input that fails with one clear message before compute, leaving the results table untouched."""
+import json
+
+import pytest
+import torch
+
+from fusionbench.cli import main
+from fusionbench.evaluation.text_suite import TextSuite, forgetting, score_text_suite
+from fusionbench.model import lm_logits_at
+from fusionbench.results import read_results
+from tests.helpers import TINY, image_batch, tiny_cfg, tiny_model
+
+PROVENANCE = {"git_sha", "device", "config_hash", "seed", "version_torch", "version_transformers",
+              "version_lightning", "params_total", "params_trainable", "train_s", "eval_s", "strategy", "stage"}
+
+
+def _run(tmp_path, *overrides):
+    return main(["run", str(TINY), f"output_dir={tmp_path / 'runs'}", f"results_file={tmp_path / 'res.jsonl'}",
+                 *overrides])
+
+
+def test_run_appends_one_row_per_grid_point_with_provenance(tmp_path):
+    assert _run(tmp_path, "grid={fusion: [linear, mlp]}") == 0
+    df = read_results(tmp_path / "res.jsonl")
+    assert list(df.strategy) == ["linear", "mlp"] and list(df.stage) == ["main", "main"]
+    assert PROVENANCE <= set(df.columns)
+    assert (df.params_trainable > 0).all() and (df.params_trainable < df.params_total).all()
+    assert df.config_hash.nunique() == 2
+    for col in ("mm/acc", "mm/attribute/acc", "mm/attribute/acc_majority", "mm/attribute/acc_text_only"):
+        assert df[col].between(0, 1).all(), col
+    run_dir = df.run_dir[1]
+    ckpt = torch.load(f"{run_dir}/checkpoints/main/last.ckpt", weights_only=False)
+    assert set(ckpt["state_dict"]) == {"model.fusion.projector.0.weight", "model.fusion.projector.0.bias",
+                                       "model.fusion.projector.2.weight", "model.fusion.projector.2.bias"}
+    assert (tmp_path / "runs" / "tiny").exists()
+    assert json.loads(df.config[0])["fusion"]["name"] == "linear"
+
+
+def test_multi_stage_recipe_writes_a_row_per_stage(tmp_path):
+    stages = "stages=[{name: dense, trainer: {max_steps: 2}}, {name: upcycle, trainer: {max_steps: 2, lr: 0.001}}]"
+    assert _run(tmp_path, "fusion=moe", stages) == 0
+    df = read_results(tmp_path / "res.jsonl")
+    assert list(df.stage) == ["dense", "upcycle"] and list(df.steps) == [2, 2]
+    assert df.params_trainable[1] > df.params_trainable[0]  # 4 experts + router after upcycling
+
+
+def _toy_suite(tok) -> TextSuite:
+    import datasets
+
+    rows = [{"task": "toy", "item": i, "context": f"Q: what is {i} plus one?\nA:", "continuation": f" {c}",
+             "correct": c == i + 1} for i in range(4) for c in (i + 1, i + 2, i + 5)]
+    return TextSuite(choices=datasets.Dataset.from_list(rows), prose=["It was a truth universally acknowledged."] * 2,
+                     tasks=["toy"], prose_tokens=32)
+
+
+@pytest.mark.parametrize("strategy", ["linear", "mlp", "full_finetune"])
+def test_forgetting_is_exactly_zero_for_frozen_lm_projectors(strategy):
+    """Base LM scored before fusion, the trained model's text-only path after: frozen-LM
+    projectors give bit-identical scores (forgetting exactly 0); full finetune does not."""
+    cfg = tiny_cfg(f"fusion={strategy}")
+    from fusionbench.assets.lm import load_lm
+
+    base_lm, tok = load_lm(cfg.lm, seed=cfg.seed)
+    suite = _toy_suite(tok)
+    base = score_text_suite(suite, lambda i, m, p: lm_logits_at(base_lm, i, m, p), tok, batch_size=5)
+    model = tiny_model(strategy)
+    batch, _ = image_batch(model, n=4)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]).loss.backward()
+        opt.step()
+    model.eval()
+    after = score_text_suite(suite, lambda i, m, p: model.logits(i, m, positions=p), tok, batch_size=5)
+    fg = forgetting(base, after)
+    assert set(fg) == {"forgetting/toy", "forgetting/mc_avg", "forgetting/austen/delta_log_ppl"}
+    if strategy == "full_finetune":
+        assert fg["forgetting/austen/delta_log_ppl"] != 0.0
+    else:
+        assert after == base and all(v == 0.0 for v in fg.values())
+
+
+def test_positions_logits_match_full_logits():
+    model = tiny_model("mlp")
+    tok = model.tokenizer
+    enc = tok(["The cat sat on the mat.", "Hi"], return_tensors="pt", padding=True)
+    pos = enc.attention_mask.bool()
+    with torch.no_grad():
+        full = model.logits(enc.input_ids, enc.attention_mask)[pos]
+        part = model.logits(enc.input_ids, enc.attention_mask, positions=pos)
+    assert torch.allclose(full, part, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["fusion=mpl"], "unknown fusion strategy 'mpl'. Did you mean 'mlp'?"),
+    (["trainer.max_stpes=3"], "unknown config key 'trainer.max_stpes'"),
+    (["lm.source=some-org/not-a-model"], "cannot load language model 'some-org/not-a-model'"),
+    (["vision.source=some-org/not-a-vit"], "cannot load vision encoder 'some-org/not-a-vit'"),
+    (["data.train_size=0"], "the train split would be empty"),
+    (["data.name=nope"], "unknown dataset 'nope'"),
+    (["trainer.max_length=40"], "over trainer.max_length=40"),
+    (["fusion={name: visual_expert, layers: [0, 9]}"], "layer 9 does not exist"),
+    (["fusion={name: lora, target_modules: [nope_proj]}"], "nope_proj"),
+    (["fusion={name: moe, vision_moe: true}"], "MLP blocks"),
+    (["fusion=mlp", "stages=[{name: upcycle}]"], "not a stage of strategy 'mlp'"),
+])
+def test_bad_input_is_one_clear_error_and_no_row(tmp_path, capsys, overrides, message):
+    results = tmp_path / "res.jsonl"
+    results.write_text('{"earlier": "row"}\n')
+    assert _run(tmp_path, *overrides) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("fusionbench: error:")
+    assert results.read_text() == '{"earlier": "row"}\n'  # nothing written is lost, no partial row
+    assert not list(tmp_path.glob("runs/**/*.ckpt"))  # failed before training started
