@@ -192,6 +192,8 @@ def _merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             OmegaConf.set_struct(cfg, False)
             cfg.fusion = {"name": node} if isinstance(node, str) else node
             OmegaConf.set_struct(cfg, True)
+        elif key in ("grid", "stages"):  # collections: an override replaces them (`grid={}` clears)
+            OmegaConf.update(cfg, key, OmegaConf.from_dotlist([item])[key], merge=False)
         else:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
     return cfg

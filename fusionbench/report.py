@@ -71,9 +71,14 @@ def figures(summary: pd.DataFrame, out: Path) -> list[Path]:
                                    ("forgetting/austen/delta_log_ppl", "Δ log-perplexity (Austen)"))
                if c in summary]
     if metrics:
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False,
+                                 layout="constrained")
         for ax, (col, title) in zip(axes[0], metrics):
-            ax.bar(range(len(labels)), summary[col].fillna(0.0), color="C2")
+            values = summary[col].fillna(0.0)
+            bars = ax.bar(range(len(labels)), values, color="C2")
+            # exact values on the bars: a zero bar (frozen LM) is otherwise invisible
+            ax.bar_label(bars, labels=["0 (exact)" if v == 0 else f"{v:+.3f}" for v in values], fontsize=8,
+                         padding=2)
             ax.axhline(0, color="k", lw=0.8)
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
             ax.set_title(title, fontsize=10)

@@ -55,6 +55,15 @@ def test_grid_expands_and_validates_every_point():
         expand_grid(load_config(TINY, ["grid={fusion: [linear, nope]}"]))
 
 
+def test_grid_and_stages_overrides_replace_rather_than_merge(tmp_path):
+    child = tmp_path / "c.yaml"
+    child.write_text(f"defaults: [{TINY}]\ngrid:\n  fusion: [linear, mlp]\nstages: [{{name: main}}]\n")
+    assert len(expand_grid(load_config(child))) == 2
+    cfg = load_config(child, ["grid={}", "stages=[]"])
+    assert len(expand_grid(cfg)) == 1 and list(cfg.stages) == []
+    assert dict(load_config(child, ["grid={seed: [1, 2]}"]).grid) == {"seed": [1, 2]}
+
+
 def test_config_hash_ignores_output_locations():
     a = load_config(TINY, ["output_dir=/tmp/a", "results_file=/tmp/a.jsonl"])
     b = load_config(TINY, ["output_dir=/tmp/b"])
