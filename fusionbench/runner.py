@@ -84,22 +84,32 @@ class Prepared:
 
 
 def stage_plan(cfg: DictConfig) -> list[DictConfig]:
-    """Stages as full train configs: ``[{name, train}]``; one ``main`` stage when none are given."""
-    if not cfg.stages:
-        return [OmegaConf.create({"name": "main", "trainer": OmegaConf.to_container(cfg.trainer)})]
+    """Stages as full configs ``[{name, trainer, data}]`` (each stage's ``trainer`` / ``data``
+    merged over the top-level ones); one ``main`` stage when none are given. What trains in a stage
+    is the strategy's choice for that stage name (``FusionStrategy.trainable``)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fusionbench.config import _explain
     from fusionbench.fusion import FUSIONS
 
+    if not cfg.stages:
+        return [OmegaConf.create({"name": "main", "trainer": cfg.trainer, "data": cfg.data})]
     known = FUSIONS.get(cfg.fusion.name).stage_names
     plan = []
     for i, stage in enumerate(cfg.stages):
-        if stage.get("name") not in known:
-            raise FusionBenchError(f"stages[{i}].name {stage.get('name')!r} is not a stage of strategy "
+        if not isinstance(stage, DictConfig) or stage.get("name") not in known:
+            name = stage.get("name") if isinstance(stage, DictConfig) else stage
+            raise FusionBenchError(f"stages[{i}].name {name!r} is not a stage of strategy "
                                    f"{cfg.fusion.name!r}; its stages: {', '.join(known)}")
-        unknown = set(stage.keys()) - {"name", "trainer"}
+        unknown = set(stage.keys()) - {"name", "trainer", "data"}
         if unknown:
-            raise FusionBenchError(f"stages[{i}] has unknown keys {sorted(unknown)} (allowed: name, trainer)")
-        train = OmegaConf.merge(cfg.trainer, stage.get("trainer", {}))
-        plan.append(OmegaConf.create({"name": stage.get("name", f"stage{i + 1}"), "trainer": OmegaConf.to_container(train)}))
+            raise FusionBenchError(f"stages[{i}] has unknown keys {sorted(unknown)} (allowed: name, trainer, data)")
+        try:
+            train = OmegaConf.merge(cfg.trainer, stage.get("trainer", {}))
+            data = OmegaConf.merge(cfg.data, stage.get("data", {}))
+        except OmegaConfBaseException as e:
+            raise FusionBenchError(_explain(e, f"stages[{i}] ({stage.name})")) from None
+        plan.append(OmegaConf.create({"name": stage.name, "trainer": train, "data": data}))
     return plan
 
 
@@ -118,12 +128,22 @@ def run_point(cfg: DictConfig, evaluate: bool = True) -> list[dict[str, Any]]:
     OmegaConf.save(cfg, run_dir / "config.yaml")
     from fusionbench.evaluation.multimodal import evaluate_multimodal, majority_answers
 
-    majority = majority_answers(data.train_ds)
-    rows = []
+    # every stage's data is built and checked before the first stage trains
+    stage_data = []
     for stage in plan:
+        if stage.data == cfg.data:
+            stage_data.append(data)
+        else:
+            dm = FusionDataModule(stage.data, stage.trainer, tok, prep.vision.preprocess, model.num_image_tokens,
+                                  seed=cfg.seed)
+            dm.setup("fit")
+            stage_data.append(dm)
+    rows = []
+    for stage, data in zip(plan, stage_data):
         tcfg = stage.trainer
         model.set_stage(stage.name)
         data.train_cfg = tcfg
+        majority = majority_answers(data.train_ds)
         module = FusionModule(model, tcfg)
         callbacks = []
         if tcfg.checkpoint:
@@ -157,7 +177,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True) -> list[dict[str, Any]]:
         final_loss = trainer.callback_metrics.get("train/loss")
         row = {
             "experiment": cfg.name, "strategy": cfg.fusion.name, "stage": stage.name, "seed": cfg.seed,
-            "lm": cfg.lm.source, "vision": cfg.vision.source, "data": cfg.data.name,
+            "lm": cfg.lm.source, "vision": cfg.vision.source, "data": stage.data.name,
             "steps": tcfg.max_steps, "batch_size": tcfg.batch_size, "lr": tcfg.lr,
             "train_loss_final": float(final_loss) if final_loss is not None else None,
             **model.param_counts(), "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),

@@ -38,11 +38,25 @@ def test_run_appends_one_row_per_grid_point_with_provenance(tmp_path):
 
 
 def test_multi_stage_recipe_writes_a_row_per_stage(tmp_path):
-    stages = "stages=[{name: dense, trainer: {max_steps: 2}}, {name: upcycle, trainer: {max_steps: 2, lr: 0.001}}]"
+    stages = ("stages=[{name: dense, trainer: {max_steps: 2}}, "
+              "{name: upcycle, trainer: {max_steps: 3, lr: 0.001}, data: {qtypes: [spatial]}}]")
     assert _run(tmp_path, "fusion=moe", stages) == 0
     df = read_results(tmp_path / "res.jsonl")
-    assert list(df.stage) == ["dense", "upcycle"] and list(df.steps) == [2, 2]
+    assert list(df.stage) == ["dense", "upcycle"] and list(df.steps) == [2, 3] and list(df.lr) == [0.01, 0.001]
     assert df.params_trainable[1] > df.params_trainable[0]  # 4 experts + router after upcycling
+    assert df["mm/attribute/acc"].isna().tolist() == [False, True]  # stage 2 evaluated on its own data
+    ckpts = sorted(p.parent.name for p in (tmp_path / "runs").glob("**/last.ckpt"))
+    assert ckpts == ["dense", "upcycle"]
+    up = torch.load(next((tmp_path / "runs").glob("**/upcycle/last.ckpt")), weights_only=False)
+    assert up["fusionbench_stage"] == "upcycle" and any(".experts." in k for k in up["state_dict"])
+    assert not any(k.startswith("model.lm.") or k.startswith("model.vision.") for k in up["state_dict"])
+
+
+def test_bad_stage_is_caught_before_any_stage_trains(tmp_path, capsys):
+    stages = "stages=[{name: dense, trainer: {max_steps: 2}}, {name: upcycle, data: {qtypez: [spatial]}}]"
+    assert _run(tmp_path, "fusion=moe", stages) == 2
+    assert "unknown config key 'data.qtypez' in stages[1] (upcycle)" in capsys.readouterr().err
+    assert not list(tmp_path.glob("runs/**/*.ckpt")) and not (tmp_path / "res.jsonl").exists()
 
 
 def _toy_suite(tok) -> TextSuite:
