@@ -90,6 +90,13 @@ class FusionStrategy(nn.Module):
         self.vision_dim = vision_dim
         self.vision_tokens = vision_tokens
 
+    def require_positive(self, *keys: str) -> None:
+        """One clear error if any of these options is below 1 (call from ``__init__``)."""
+        for key in keys:
+            value = getattr(self.options, key)
+            if int(value) < 1:
+                raise FusionBenchError(f"fusion.{key} must be >= 1 for strategy {self.registry_name!r}, got {value}")
+
     # -- 1. what it adds ---------------------------------------------------------------------
     def inject(self, vlm: "VisionLanguageModel") -> None:
         """Modify the LM in place (after construction, before training). Default: nothing."""

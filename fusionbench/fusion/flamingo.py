@@ -169,9 +169,7 @@ class Flamingo(FusionStrategy):
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
         o = options
-        for key in ("num_latents", "resampler_depth", "num_heads", "cross_attention_every", "ffn_mult"):
-            if int(getattr(o, key)) < 1:
-                raise FusionBenchError(f"fusion.{key} must be >= 1 for strategy 'flamingo', got {getattr(o, key)}")
+        self.require_positive("num_latents", "resampler_depth", "num_heads", "cross_attention_every", "ffn_mult")
         if o.hidden_size < 0:
             raise FusionBenchError(f"fusion.hidden_size must be >= 0 (0: min(LM hidden, 256)), got {o.hidden_size}")
         dim = o.hidden_size or min(lm_hidden_size, 256)
@@ -226,8 +224,8 @@ class Flamingo(FusionStrategy):
 
     # -- 2. how images reach the LM ---------------------------------------------------------------
     @contextlib.contextmanager
-    def conditioning(self, vlm, features, image_mask) -> Iterator[None]:
-        latents = self.resampler(features.to(self.resampler.latents.dtype))
+    def _latents(self, latents: torch.Tensor | None) -> Iterator[None]:
+        """Set the visual conditioning of every injected layer for one call; restore it after."""
         previous = [layer.latents for layer in self._layers]
         for layer in self._layers:
             layer.latents = latents
@@ -237,16 +235,11 @@ class Flamingo(FusionStrategy):
             for layer, old in zip(self._layers, previous):
                 layer.latents = old
 
-    @contextlib.contextmanager
-    def text_only(self, vlm) -> Iterator[None]:
-        previous = [layer.latents for layer in self._layers]
-        for layer in self._layers:
-            layer.latents = None
-        try:
-            yield
-        finally:
-            for layer, old in zip(self._layers, previous):
-                layer.latents = old
+    def conditioning(self, vlm, features, image_mask):
+        return self._latents(self.resampler(features.to(self.resampler.latents.dtype)))
+
+    def text_only(self, vlm):
+        return self._latents(None)
 
     @contextlib.contextmanager
     def base_lm(self, vlm) -> Iterator[None]:

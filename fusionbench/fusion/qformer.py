@@ -85,9 +85,7 @@ class QFormer(FusionStrategy):
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
         o = options
-        for key in ("num_queries", "num_layers", "num_heads", "cross_attention_every", "ffn_mult"):
-            if int(getattr(o, key)) < 1:
-                raise FusionBenchError(f"fusion.{key} must be >= 1 for strategy 'qformer', got {getattr(o, key)}")
+        self.require_positive("num_queries", "num_layers", "num_heads", "cross_attention_every", "ffn_mult")
         if o.hidden_size < 0:
             raise FusionBenchError(f"fusion.hidden_size must be >= 0 (0: min(LM hidden, 256)), got {o.hidden_size}")
         dim = o.hidden_size or min(lm_hidden_size, 256)
