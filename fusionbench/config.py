@@ -129,6 +129,9 @@ class ExperimentConfig:
     stages: list[Any] = field(default_factory=list)
     #: ``{dotted.key: [values]}``: ``fusionbench run`` runs the cartesian product, one row each
     grid: dict[str, Any] = field(default_factory=dict)
+    #: run every point once per seed (``seed`` is then ignored); ``fusionbench report`` aggregates
+    #: the seeds into a mean and a 95% confidence interval
+    seeds: list[int] = field(default_factory=list)
     #: where run directories (checkpoints, logs) go
     output_dir: str = "runs"
     #: the results table this run appends its row to
@@ -192,7 +195,7 @@ def _merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             OmegaConf.set_struct(cfg, False)
             cfg.fusion = {"name": node} if isinstance(node, str) else node
             OmegaConf.set_struct(cfg, True)
-        elif key in ("grid", "stages"):  # collections: an override replaces them (`grid={}` clears)
+        elif key in ("grid", "stages", "seeds"):  # collections: an override replaces them (`grid={}` clears)
             OmegaConf.update(cfg, key, OmegaConf.from_dotlist([item])[key], merge=False)
         else:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
@@ -240,11 +243,19 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
 
 
 def expand_grid(cfg: DictConfig) -> list[DictConfig]:
-    """The cartesian product of ``cfg.grid``, each point a fully validated config."""
-    if not cfg.grid:
+    """The cartesian product of ``cfg.grid`` (and of ``cfg.seeds``, innermost), each point a fully
+    validated config."""
+    if not cfg.grid and not cfg.seeds:
         return [cfg]
     keys = list(cfg.grid.keys())
     values = [list(v) if isinstance(v, (ListConfig, list)) else [v] for v in cfg.grid.values()]
+    if cfg.seeds:
+        if "seed" in keys:
+            raise FusionBenchError("give seeds either as 'seeds: [...]' or as 'grid: {seed: [...]}', not both")
+        if len(set(cfg.seeds)) != len(cfg.seeds):
+            raise FusionBenchError(f"seeds {list(cfg.seeds)} has duplicates")
+        keys.append("seed")
+        values.append(list(cfg.seeds))
     points = []
     for combo in itertools.product(*values):
         overrides = [f"{k}={OmegaConf.to_yaml(v).strip() if isinstance(v, (DictConfig, ListConfig)) else v}"
@@ -252,6 +263,7 @@ def expand_grid(cfg: DictConfig) -> list[DictConfig]:
         base = copy.deepcopy(cfg)
         OmegaConf.set_struct(base, False)
         base.grid = {}
+        base.seeds = []
         OmegaConf.set_struct(base, True)
         try:
             point = _merge_overrides(base, _check_overrides(overrides))
@@ -264,7 +276,7 @@ def expand_grid(cfg: DictConfig) -> list[DictConfig]:
 def config_hash(cfg: DictConfig) -> str:
     """Stable hash of everything that determines a run's numbers (not where it writes)."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("output_dir", "results_file", "grid"):
+    for key in ("output_dir", "results_file", "grid", "seeds"):
         data.pop(key, None)
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

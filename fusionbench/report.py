@@ -21,15 +21,33 @@ def load_all(results_dir: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def mean_ci(values) -> tuple[float, float]:
+    """Mean and the half-width of its two-sided 95% confidence interval (Student t over the seeds;
+    NaN half-width for a single seed)."""
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray([v for v in values if pd.notna(v)], dtype=float)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    if len(x) == 1:
+        return float(x[0]), float("nan")
+    return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+
+
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """One line per (table, strategy, stage): mean over seeds of the headline metrics."""
+    """One line per (table, strategy, stage): mean over seeds of the headline metrics, and for each
+    its 95% confidence-interval half-width as ``<metric>_ci95``."""
     cols = ["mm/acc", *[f"mm/{q}/acc" for q in QTYPES], *[f"mm/{q}/acc_majority" for q in QTYPES],
             "forgetting/mc_avg", "forgetting/austen/delta_log_ppl", "params_trainable", "train_s"]
     cols = [c for c in cols if c in df.columns]
-    g = df.groupby(["table", "strategy", "stage"], sort=False)
-    out = g[cols].mean()
-    out["seeds"] = g["seed"].nunique()
-    return out.reset_index()
+    lines = []
+    for (table, strategy, stage), group in df.groupby(["table", "strategy", "stage"], sort=False):
+        line = {"table": table, "strategy": strategy, "stage": stage, "seeds": group["seed"].nunique()}
+        for c in cols:
+            line[c], line[f"{c}_ci95"] = mean_ci(group[c])
+        lines.append(line)
+    return pd.DataFrame(lines)
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
@@ -94,11 +112,21 @@ def latex_table(summary: pd.DataFrame, out: Path) -> Path:
     cols = {"mm/acc": "MM acc", **{f"mm/{q}/acc": q for q in QTYPES}, "forgetting/mc_avg": "forgetting",
             "forgetting/austen/delta_log_ppl": r"$\Delta$ log-ppl", "params_trainable": "trainable", "seeds": "seeds"}
     cols = {k: v for k, v in cols.items() if k in summary}
-    table = summary[["strategy", "stage", *cols]].rename(columns=cols)
-    if "trainable" in table:
-        table["trainable"] = table["trainable"].map(lambda n: f"{n / 1e6:.2f}M")
+    table = summary[["strategy", "stage"]].copy()
+    for key, label in cols.items():
+        if key == "params_trainable":
+            table[label] = summary[key].map(lambda n: f"{n / 1e6:.2f}M")
+        elif key == "seeds":
+            table[label] = summary[key]
+        else:  # mean, with ± the 95% interval over seeds where there are several
+            ci = summary.get(f"{key}_ci95", pd.Series(float("nan"), index=summary.index))
+            table[label] = [f"{m:.3f}" + (f" $\\pm$ {h:.3f}" if pd.notna(h) else "") if pd.notna(m) else "--"
+                            for m, h in zip(summary[key], ci)]
     path = out / "main.tex"
-    path.write_text(table.to_latex(index=False, float_format="%.3f", escape=True))
+    table.columns = [c.replace("_", "\\_") for c in table.columns]
+    table["strategy"] = table["strategy"].str.replace("_", "\\_")
+    table["stage"] = table["stage"].str.replace("_", "\\_")
+    path.write_text(table.to_latex(index=False, escape=False))
     return path
 
 

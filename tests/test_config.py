@@ -69,3 +69,14 @@ def test_config_hash_ignores_output_locations():
     b = load_config(TINY, ["output_dir=/tmp/b"])
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(load_config(TINY, ["seed=3"]))
+
+
+def test_seeds_expand_innermost_and_are_not_in_the_hash():
+    cfg = load_config(TINY, ["grid={fusion: [linear, mlp]}", "seeds=[0, 1, 2]"])
+    points = expand_grid(cfg)
+    assert [(p.fusion.name, p.seed) for p in points] == [(f, s) for f in ("linear", "mlp") for s in (0, 1, 2)]
+    assert config_hash(points[0]) == config_hash(load_config(TINY, ["fusion=linear"]))
+    with pytest.raises(FusionBenchError, match="either as 'seeds"):
+        expand_grid(load_config(TINY, ["grid={seed: [0, 1]}", "seeds=[3]"]))
+    with pytest.raises(FusionBenchError, match="duplicates"):
+        expand_grid(load_config(TINY, ["seeds=[1, 1]"]))

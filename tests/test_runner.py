@@ -143,3 +143,22 @@ def test_report_regenerates_figures_and_table_from_results_alone(tmp_path):
     tex = (tmp_path / "paper" / "tables" / "main.tex").read_text()
     assert "full\\_finetune" in tex and "linear" in tex and "\\begin{tabular}" in tex
     assert main(["report", "--results", str(tmp_path / "nothing"), "--paper", str(tmp_path / "p2")]) == 2
+
+
+def test_same_seed_gives_identical_numbers_and_seeds_aggregate_to_a_ci(tmp_path):
+    from fusionbench.report import mean_ci, summarise
+
+    assert _run(tmp_path, "fusion=mlp", "seeds=[0, 1, 0]") == 2  # duplicate seeds: one clear error
+    assert _run(tmp_path, "fusion=mlp", "seeds=[0, 1]") == 0
+    assert _run(tmp_path, "fusion=mlp", "seeds=[0]", "output_dir=" + str(tmp_path / "again")) == 0
+    df = read_results(tmp_path / "res.jsonl")
+    metrics = [c for c in df.columns if c.startswith("mm/")] + ["train_loss_final", "params_trainable"]
+    first, other, again = df.iloc[0], df.iloc[1], df.iloc[2]
+    assert (first.seed, other.seed, again.seed) == (0, 1, 0)
+    assert all(first[c] == again[c] or (first[c] != first[c] and again[c] != again[c]) for c in metrics)
+    assert first.train_loss_final != other.train_loss_final  # a different seed really differs
+    mean, half = mean_ci([0.5, 0.7])
+    assert mean == pytest.approx(0.6) and half == pytest.approx(12.7062 * 0.1, rel=1e-4)  # t(0.975, 1) * sd / sqrt(n)
+    assert mean_ci([0.4])[1] != mean_ci([0.4])[1]  # one seed: no interval (NaN)
+    line = summarise(df.assign(table="t").iloc[:2]).iloc[0]
+    assert line.seeds == 2 and line["mm/acc"] == pytest.approx((first["mm/acc"] + other["mm/acc"]) / 2)
