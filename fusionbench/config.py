@@ -111,6 +111,11 @@ class EvalConfig:
     text: TextEvalConfig = field(default_factory=TextEvalConfig)
     #: run the text suite at all (before and after training)
     text_suite: bool = True
+    #: forgetting curve: score a fixed slice of the text suite every N training steps (0: off)
+    curve_every_n_steps: int = 0
+    #: the slice: items per task and prose chunks
+    curve_items_per_task: int = 8
+    curve_prose_chunks: int = 2
 
 
 @dataclass

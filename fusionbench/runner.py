@@ -54,21 +54,26 @@ class Prepared:
         if text_suite:
             from fusionbench.evaluation.text_suite import load_text_suite
             self.suite = load_text_suite(cfg.eval.text)
-        self.base_text = self._base_text_scores()  # bare LM, before any fusion touches it
+        self.base_text = self._base_text_scores(self.suite)  # bare LM, before any fusion touches it
+        self.curve_suite, self.curve_base = None, {}
+        if self.suite is not None and cfg.eval.curve_every_n_steps > 0:
+            e = cfg.eval
+            self.curve_suite = self.suite.subset(e.curve_items_per_task, e.curve_prose_chunks)
+            self.curve_base = self._base_text_scores(self.curve_suite, f"curve{e.curve_items_per_task}-{e.curve_prose_chunks}")
         self.model = VisionLanguageModel.from_config(cfg, backbones=(self.vision, self.lm, self.tokenizer))
         self.data = FusionDataModule(cfg.data, cfg.trainer, self.tokenizer, self.vision.preprocess,
                                      self.model.num_image_tokens, seed=cfg.seed)
         self.data.setup("fit")
 
-    def _base_text_scores(self) -> dict[str, float]:
-        if self.suite is None:
+    def _base_text_scores(self, suite, part: str = "full") -> dict[str, float]:
+        if suite is None:
             return {}
         from fusionbench.evaluation.text_suite import score_text_suite
 
         from fusionbench.evaluation.text_suite import SUITE_VERSION
 
         key = config_hash(OmegaConf.create({"lm": lm_identity(self.cfg), "version": SUITE_VERSION,
-                                            "batch_size": self.cfg.eval.batch_size,
+                                            "batch_size": self.cfg.eval.batch_size, "part": part,
                                             "suite": OmegaConf.to_container(self.cfg.eval.text)}))
         path = cache_dir("text_base") / f"{key}.json"
         if path.exists():
@@ -77,7 +82,7 @@ class Prepared:
         from fusionbench.model import lm_logits_at
 
         lm = self.lm
-        scores = score_text_suite(self.suite, lambda ids, mask, pos: lm_logits_at(lm, ids, mask, pos),
+        scores = score_text_suite(suite, lambda ids, mask, pos: lm_logits_at(lm, ids, mask, pos),
                                   self.tokenizer, batch_size=self.cfg.eval.batch_size)
         path.write_text(json.dumps(scores))
         return scores
@@ -146,6 +151,13 @@ def run_point(cfg: DictConfig, evaluate: bool = True) -> list[dict[str, Any]]:
         majority = majority_answers(data.train_ds)
         module = FusionModule(model, tcfg)
         callbacks = []
+        curve = None
+        if prep.suite is not None and cfg.eval.curve_every_n_steps > 0:
+            from fusionbench.training.callbacks import ForgettingCurve
+
+            curve = ForgettingCurve(prep.curve_suite, prep.curve_base, tok, cfg.eval.curve_every_n_steps,
+                                    cfg.eval.batch_size)
+            callbacks.append(curve)
         if tcfg.checkpoint:
             callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints" / stage.name,
                                                                  save_top_k=0, save_last=True))
@@ -183,6 +195,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True) -> list[dict[str, Any]]:
             **model.param_counts(), "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
             "config_hash": h, "run_dir": str(run_dir), **provenance(), **metrics,
             "config": json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True),
+            **({"curve": json.dumps(curve.points)} if curve is not None else {}),
         }
         append_row(cfg.results_file, row)
         rows.append(row)

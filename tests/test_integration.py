@@ -1,6 +1,8 @@
 """The real embedded default: SmolLM2-135M-Instruct (GGUF from PyPI, re-saved as HF) +
 EfficientNet-Lite0 (ImageNet, PyPI), the real text suite, a couple of training steps and a few
 eval items. Uses the default asset cache (prepared once; later runs take seconds to load)."""
+import json
+
 import pytest
 
 from fusionbench.config import load_config
@@ -15,6 +17,7 @@ def test_real_default_backbones_train_and_evaluate(tmp_path):
         "grid={}", "fusion=linear", "trainer.max_steps=2", "trainer.batch_size=2", "trainer.checkpoint=false",
         "data.train_size=8", "data.val_size=6", "eval.mm_items=4", "eval.batch_size=4",
         "eval.text.n_per_task=3", "eval.text.ppl_chunks=2", "eval.text.ppl_chunk_tokens=32",
+        "eval.curve_every_n_steps=1", "eval.curve_items_per_task=2", "eval.curve_prose_chunks=1",
         f"output_dir={tmp_path / 'runs'}", f"results_file={tmp_path / 'res.jsonl'}"])
     [row] = run(cfg)
     assert row["lm"] == "smollm2" and row["vision"] == "efficientnet_lite0"
@@ -25,3 +28,5 @@ def test_real_default_backbones_train_and_evaluate(tmp_path):
     assert 2.0 < row["base/text/austen/log_ppl"] < 6.0
     # frozen LM: the text path is untouched, so forgetting is exactly zero
     assert row["forgetting/mc_avg"] == 0.0 and row["forgetting/austen/delta_log_ppl"] == 0.0
+    curve = json.loads(row["curve"])  # forgetting curve: evaluated at steps 0, 1, 2
+    assert [p["step"] for p in curve] == [0, 1, 2] and all(p["forgetting/mc_avg"] == 0.0 for p in curve)

@@ -162,3 +162,36 @@ def test_same_seed_gives_identical_numbers_and_seeds_aggregate_to_a_ci(tmp_path)
     assert mean_ci([0.4])[1] != mean_ci([0.4])[1]  # one seed: no interval (NaN)
     line = summarise(df.assign(table="t").iloc[:2]).iloc[0]
     assert line.seeds == 2 and line["mm/acc"] == pytest.approx((first["mm/acc"] + other["mm/acc"]) / 2)
+
+
+@pytest.mark.parametrize("strategy", ["linear", "full_finetune"])
+def test_forgetting_curve_callback(tmp_path, strategy):
+    import lightning as L
+
+    from fusionbench.training import FusionDataModule, FusionModule
+    from fusionbench.training.callbacks import ForgettingCurve
+
+    cfg = tiny_cfg(f"fusion={strategy}", "trainer.lr=0.01")
+    model = tiny_model(strategy)
+    tok = model.tokenizer
+    from fusionbench.assets.lm import load_lm
+
+    base_lm, _ = load_lm(cfg.lm, seed=cfg.seed)
+    suite = _toy_suite(tok).subset(2, 1)
+    assert len(suite.choices) == 6 and len(suite.prose) == 1
+    base = score_text_suite(suite, lambda i, m, p: lm_logits_at(base_lm, i, m, p), tok)
+    data = FusionDataModule(cfg.data, cfg.trainer, tok, model.vision.preprocess, model.num_image_tokens)
+    curve = ForgettingCurve(suite, base, tok, every_n_steps=1, batch_size=4)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path), callbacks=[curve],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    trainer.fit(FusionModule(model, cfg.trainer), datamodule=data)
+    assert [p["step"] for p in curve.points] == [0, 1, 2, 3]
+    deltas = [p["forgetting/austen/delta_log_ppl"] for p in curve.points]
+    assert deltas[0] == 0.0  # before the first update: the base LM
+    if strategy == "linear":
+        assert all(d == 0.0 for d in deltas)
+    else:
+        assert all(d != 0.0 for d in deltas[1:])
+    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "curve/forgetting/austen/delta_log_ppl" in logged

@@ -53,6 +53,18 @@ class TextSuite:
     #: each prose chunk is scored on its first ``prose_tokens`` tokens
     prose_tokens: int = 128
 
+    def subset(self, items_per_task: int, prose_chunks: int) -> "TextSuite":
+        """The first ``items_per_task`` items of each task and the first ``prose_chunks`` chunks (a
+        cheap, fixed slice for evaluations during training)."""
+        keep, seen = [], {}
+        for i, (task, item) in enumerate(zip(self.choices["task"], self.choices["item"])):
+            items = seen.setdefault(task, [])
+            if item not in items and len(items) < items_per_task:
+                items.append(item)
+            if item in items:
+                keep.append(i)
+        return TextSuite(self.choices.select(keep), self.prose[:prose_chunks], self.tasks, self.prose_tokens)
+
 
 def _bigbench_tasks(tasks: list[str]) -> dict[str, dict]:
     globs = {t: f"*/bigbench/benchmark_tasks/{t}/task.json" for t in tasks}
