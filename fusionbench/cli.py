@@ -1,4 +1,4 @@
-"""Command line: ``fusionbench {run,train,assets,report,list}``."""
+"""Command line: ``fusionbench {run,train,eval,assets,report,list}``."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,12 @@ def _cmd_run(args, evaluate: bool = True) -> None:
     rows = run(cfg, evaluate=evaluate)
     if evaluate:
         print(f"{len(rows)} result row(s) appended to {cfg.results_file}")
+
+
+def _cmd_eval(args) -> None:
+    from fusionbench.runner import evaluate_run
+
+    evaluate_run(args.run_dir, args.overrides, stage=args.stage, results_file=args.results_file)
 
 
 def _cmd_assets(args) -> None:
@@ -50,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. fusion=mlp trainer.max_steps=200")
+    p = sub.add_parser("eval", help="evaluate a trained run directory again (new measurements); appends a row")
+    p.add_argument("run_dir", help="a run directory: <output_dir>/<experiment>/<strategy>-<hash>-s<seed>")
+    p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.mm_items=400")
+    p.add_argument("--stage", default=None, help="which stage's checkpoint (default: the last stage)")
+    p.add_argument("--results-file", default=None, help="table to append to (default: the run's results_file)")
     p = sub.add_parser("assets", help="list the backbones and data files, and prepare them")
     p.add_argument("--prepare", nargs="*", metavar="ASSET", help="prepare these (no name: all embedded defaults)")
     p = sub.add_parser("report", help="figures and LaTeX tables in paper/ from the tables in results/")
@@ -62,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_run(args)
         elif args.cmd == "train":
             _cmd_run(args, evaluate=False)
+        elif args.cmd == "eval":
+            _cmd_eval(args)
         elif args.cmd == "assets":
             _cmd_assets(args)
         elif args.cmd == "report":

@@ -131,7 +131,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True) -> list[dict[str, Any]]:
     run_dir = Path(cfg.output_dir) / cfg.name / f"{cfg.fusion.name}-{h}-s{cfg.seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml")
-    from fusionbench.evaluation.multimodal import evaluate_multimodal, majority_answers
+    from fusionbench.evaluation.multimodal import majority_answers
 
     # every stage's data is built and checked before the first stage trains
     stage_data = []
@@ -175,32 +175,94 @@ def run_point(cfg: DictConfig, evaluate: bool = True) -> list[dict[str, Any]]:
         if not evaluate:
             log(f"stage {stage.name}: trained in {train_s:.0f}s; checkpoint in {run_dir / 'checkpoints'}")
             continue
-        metrics = evaluate_multimodal(model, data.val_ds, data.collator(with_answer=False),
-                                      data.collator(with_answer=False, with_image=False), majority,
-                                      cfg.eval.mm_items, cfg.eval.batch_size, cfg.eval.max_new_tokens)
-        if prep.suite is not None:
-            from fusionbench.evaluation.text_suite import forgetting, score_text_suite
-            after = score_text_suite(prep.suite, lambda ids, mask, pos: model.logits(ids, mask, positions=pos), tok,
-                                     batch_size=cfg.eval.batch_size)
-            metrics.update({f"base/{k}": v for k, v in prep.base_text.items()})
-            metrics.update(after)
-            metrics.update(forgetting(prep.base_text, after))
+        metrics = evaluate_model(cfg, prep, model, data, majority)
         eval_s = time.time() - t0 - train_s
         final_loss = trainer.callback_metrics.get("train/loss")
-        row = {
-            "experiment": cfg.name, "strategy": cfg.fusion.name, "stage": stage.name, "seed": cfg.seed,
-            "lm": cfg.lm.source, "vision": cfg.vision.source, "data": stage.data.name,
-            "steps": tcfg.max_steps, "batch_size": tcfg.batch_size, "lr": tcfg.lr,
-            "train_loss_final": float(final_loss) if final_loss is not None else None,
-            **model.param_counts(), "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
-            "config_hash": h, "run_dir": str(run_dir), **provenance(), **metrics,
-            "config": json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True),
-            **({"curve": json.dumps(curve.points)} if curve is not None else {}),
-        }
+        row = result_row(cfg, stage, model, run_dir, metrics, train_s=train_s, eval_s=eval_s,
+                         train_loss_final=float(final_loss) if final_loss is not None else None,
+                         **({"curve": json.dumps(curve.points)} if curve is not None else {}))
         append_row(cfg.results_file, row)
         rows.append(row)
         _summary(row)
     return rows
+
+
+def evaluate_model(cfg: DictConfig, prep: Prepared, model: VisionLanguageModel, data: FusionDataModule,
+                   majority: dict[str, str]) -> dict[str, Any]:
+    """The evaluation block of a run (also ``fusionbench eval``): multimodal accuracy per question
+    type with majority and text-only baselines; the text suite after training, beside the base LM's
+    scores, and forgetting."""
+    from fusionbench.evaluation.multimodal import evaluate_multimodal
+
+    metrics = evaluate_multimodal(model, data.val_ds, data.collator(with_answer=False),
+                                  data.collator(with_answer=False, with_image=False), majority,
+                                  cfg.eval.mm_items, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    if prep.suite is not None:
+        from fusionbench.evaluation.text_suite import forgetting, score_text_suite
+
+        after = score_text_suite(prep.suite, lambda ids, mask, pos: model.logits(ids, mask, positions=pos),
+                                 prep.tokenizer, batch_size=cfg.eval.batch_size)
+        metrics.update({f"base/{k}": v for k, v in prep.base_text.items()})
+        metrics.update(after)
+        metrics.update(forgetting(prep.base_text, after))
+    return metrics
+
+
+def result_row(cfg: DictConfig, stage: DictConfig, model: VisionLanguageModel, run_dir: Path,
+               metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """One results row: identity, cost, provenance, metrics and the full resolved config."""
+    t = stage.trainer
+    return {
+        "experiment": cfg.name, "strategy": cfg.fusion.name, "stage": stage.name, "seed": cfg.seed,
+        "lm": cfg.lm.source, "vision": cfg.vision.source, "data": stage.data.name,
+        "steps": t.max_steps, "batch_size": t.batch_size, "lr": t.lr, **model.param_counts(),
+        **{k: (round(v, 2) if k.endswith("_s") else v) for k, v in extra.items()},
+        "config_hash": config_hash(cfg), "run_dir": str(run_dir), **provenance(), **metrics,
+        "config": json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True),
+    }
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, stage: str | None = None,
+                 results_file: str | None = None) -> dict[str, Any]:
+    """``fusionbench eval RUN_DIR``: rebuild a trained run from its saved config and the checkpoint
+    of its last (or the named) stage, evaluate it like ``run`` does, append a row (``source:
+    eval``). Overrides may change only ``eval.*`` (what is measured), never what was trained."""
+    from fusionbench.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FusionBenchError(f"{run_dir} is not a run directory (no config.yaml); runs are under output_dir/<name>/")
+    bad = [o for o in overrides or [] if not o.startswith("eval.")]
+    if bad:
+        raise FusionBenchError(f"fusionbench eval takes only eval.* overrides (what is measured), got {bad}")
+    cfg = load_config(run_dir / "config.yaml", list(overrides or []))
+    plan = stage_plan(cfg)
+    names = [s.name for s in plan]
+    if stage is not None and stage not in names:
+        raise FusionBenchError(f"run has no stage {stage!r}; its stages: {', '.join(names)}")
+    chosen = next(s for s in plan if s.name == (stage or names[-1]))
+    ckpt = run_dir / "checkpoints" / chosen.name / "last.ckpt"
+    if not ckpt.exists():
+        raise FusionBenchError(f"no checkpoint {ckpt} (was the run trained with trainer.checkpoint=true?)")
+    prep = Prepared(cfg, text_suite=cfg.eval.text_suite)
+    model = prep.model
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    model.set_stage(state.get("fusionbench_stage", chosen.name))
+    model.load_trainable_state_dict({k[len("model."):]: v for k, v in state["state_dict"].items()})
+    data = prep.data
+    if chosen.data != cfg.data:
+        data = FusionDataModule(chosen.data, chosen.trainer, prep.tokenizer, prep.vision.preprocess,
+                                model.num_image_tokens, seed=cfg.seed)
+        data.setup("fit")
+    from fusionbench.evaluation.multimodal import majority_answers
+
+    t0 = time.time()
+    metrics = evaluate_model(cfg, prep, model, data, majority_answers(data.train_ds))
+    row = result_row(cfg, chosen, model, run_dir, metrics, eval_s=time.time() - t0, source="eval",
+                     checkpoint=str(ckpt))
+    append_row(results_file or cfg.results_file, row)
+    _summary(row)
+    return row
 
 
 def _summary(row: dict[str, Any]) -> None:
@@ -208,7 +270,8 @@ def _summary(row: dict[str, Any]) -> None:
     parts = [f"{k[3:-4]}={row[k]:.3f} (maj {row.get(k + '_majority', float('nan')):.3f})" for k in sorted(keys)]
     fg = row.get("forgetting/mc_avg")
     log(f"{row['strategy']}/{row['stage']}: acc={row['mm/acc']:.3f} " + " ".join(parts)
-        + (f" forgetting(mc_avg)={fg:+.4f}" if fg is not None else "") + f" train {row['train_s']:.0f}s eval {row['eval_s']:.0f}s")
+        + (f" forgetting(mc_avg)={fg:+.4f}" if fg is not None else "")
+        + (f" train {row['train_s']:.0f}s" if "train_s" in row else "") + f" eval {row['eval_s']:.0f}s")
 
 
 def run(cfg: DictConfig, evaluate: bool = True) -> list[dict[str, Any]]:

@@ -195,3 +195,18 @@ def test_forgetting_curve_callback(tmp_path, strategy):
         assert all(d != 0.0 for d in deltas[1:])
     logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     assert "curve/forgetting/austen/delta_log_ppl" in logged
+
+
+def test_eval_command_re_evaluates_a_trained_run(tmp_path, capsys):
+    assert _run(tmp_path, "fusion=mlp") == 0
+    [trained] = read_results(tmp_path / "res.jsonl").to_dict("records")
+    out = tmp_path / "eval.jsonl"
+    assert main(["eval", trained["run_dir"], "eval.mm_items=8", "--results-file", str(out)]) == 0
+    [row] = read_results(out).to_dict("records")
+    assert row["source"] == "eval" and row["checkpoint"].endswith("checkpoints/main/last.ckpt")
+    assert row["config_hash"] == trained["config_hash"]
+    # the same trained weights and eval settings give the same measurements
+    assert all(row[k] == trained[k] for k in trained if k.startswith("mm/") and trained[k] == trained[k])
+    assert main(["eval", trained["run_dir"], "trainer.max_steps=9"]) == 2
+    assert "only eval.* overrides" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 2
