@@ -111,6 +111,11 @@ class EvalConfig:
     text: TextEvalConfig = field(default_factory=TextEvalConfig)
     #: run the text suite at all (before and after training)
     text_suite: bool = True
+    #: caption metrics (CIDEr, BLEU-4, ROUGE-L via pycocoevalcap) on the val split's captions, with
+    #: a text-only baseline; train on ``data.name: scenes_captions`` for captions worth scoring
+    captions: bool = False
+    caption_items: int = 100
+    caption_max_new_tokens: int = 48
     #: forgetting curve: score a fixed slice of the text suite every N training steps (0: off)
     curve_every_n_steps: int = 0
     #: the slice: items per task and prose chunks

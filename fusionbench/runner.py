@@ -64,6 +64,8 @@ class Prepared:
         self.data = FusionDataModule(cfg.data, cfg.trainer, self.tokenizer, self.vision.preprocess,
                                      self.model.num_image_tokens, seed=cfg.seed)
         self.data.setup("fit")
+        if cfg.eval.captions and "caption" not in self.data.val_ds.column_names:
+            raise FusionBenchError(f"eval.captions needs captions; dataset {cfg.data.name!r} has none")
 
     def _base_text_scores(self, suite, part: str = "full") -> dict[str, float]:
         if suite is None:
@@ -194,9 +196,17 @@ def evaluate_model(cfg: DictConfig, prep: Prepared, model: VisionLanguageModel, 
     scores, and forgetting."""
     from fusionbench.evaluation.multimodal import evaluate_multimodal
 
-    metrics = evaluate_multimodal(model, data.val_ds, data.collator(with_answer=False),
-                                  data.collator(with_answer=False, with_image=False), majority,
-                                  cfg.eval.mm_items, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    metrics: dict[str, Any] = {}
+    short = data.val_ds.filter(lambda t: t != "caption", input_columns="qtype")  # exact match: short answers
+    if len(short):
+        metrics.update(evaluate_multimodal(model, short, data.collator(with_answer=False),
+                                           data.collator(with_answer=False, with_image=False), majority,
+                                           cfg.eval.mm_items, cfg.eval.batch_size, cfg.eval.max_new_tokens))
+    if cfg.eval.captions:
+        from fusionbench.evaluation.captions import evaluate_captions
+
+        metrics.update(evaluate_captions(model, data.val_ds, prep.vision.preprocess, cfg.eval.caption_items,
+                                         cfg.eval.batch_size, cfg.eval.caption_max_new_tokens))
     if prep.suite is not None:
         from fusionbench.evaluation.text_suite import forgetting, score_text_suite
 
@@ -269,7 +279,9 @@ def _summary(row: dict[str, Any]) -> None:
     keys = [k for k in row if k.startswith("mm/") and k.count("/") == 2 and k.endswith("/acc")]
     parts = [f"{k[3:-4]}={row[k]:.3f} (maj {row.get(k + '_majority', float('nan')):.3f})" for k in sorted(keys)]
     fg = row.get("forgetting/mc_avg")
-    log(f"{row['strategy']}/{row['stage']}: acc={row['mm/acc']:.3f} " + " ".join(parts)
+    cap = f" CIDEr={row['cap/cider']:.3f} (text-only {row['cap/cider_text_only']:.3f})" if "cap/cider" in row else ""
+    acc = f" acc={row['mm/acc']:.3f}" if "mm/acc" in row else ""
+    log(f"{row['strategy']}/{row['stage']}:{acc}{cap} " + " ".join(parts)
         + (f" forgetting(mc_avg)={fg:+.4f}" if fg is not None else "")
         + (f" train {row['train_s']:.0f}s" if "train_s" in row else "") + f" eval {row['eval_s']:.0f}s")
 

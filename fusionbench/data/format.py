@@ -11,25 +11,31 @@ from fusionbench.model import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 IMAGE_MARKER = "<image>"
 SYSTEM_PROMPT = "Answer the question about the image with a single word."
+#: caption rows (``qtype == "caption"``) are trained and evaluated under this one
+CAPTION_SYSTEM_PROMPT = "Describe the image in one sentence."
 
 
-def _render(tokenizer, question: str, has_image: bool) -> str:
+def system_prompt_for(qtype: str | None) -> str:
+    return CAPTION_SYSTEM_PROMPT if qtype == "caption" else SYSTEM_PROMPT
+
+
+def _render(tokenizer, question: str, has_image: bool, system_prompt: str = SYSTEM_PROMPT) -> str:
     content = f"{IMAGE_MARKER}\n{question}" if has_image else question
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": content}]
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception:  # templates without a system role
-            messages = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n{content}"}]
+            messages = [{"role": "user", "content": f"{system_prompt}\n{content}"}]
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"{SYSTEM_PROMPT}\n{content}\nAnswer:"
+    return f"{system_prompt}\n{content}\nAnswer:"
 
 
 def encode(tokenizer, question: str, answer: str | None, num_image_tokens: int,
-           has_image: bool = True) -> tuple[list[int], list[int]]:
+           has_image: bool = True, system_prompt: str = SYSTEM_PROMPT) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` for one example; the image marker becomes ``num_image_tokens``
     ``IMAGE_TOKEN_ID`` placeholders (none for strategies that condition without tokens)."""
-    text = _render(tokenizer, question, has_image)
+    text = _render(tokenizer, question, has_image, system_prompt)
     ids: list[int] = []
     parts = text.split(IMAGE_MARKER)
     for i, part in enumerate(parts):
@@ -63,7 +69,7 @@ class Collator:
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         seqs = [encode(self.tokenizer, r["question"], r["answer"] if self.with_answer else None,
-                       self.num_image_tokens, self.with_image) for r in rows]
+                       self.num_image_tokens, self.with_image, system_prompt_for(r.get("qtype"))) for r in rows]
         longest = max(len(ids) for ids, _ in seqs)
         if longest > self.max_length:
             raise FusionBenchError(f"an example is {longest} tokens long, over trainer.max_length={self.max_length}")
@@ -94,8 +100,8 @@ class Collator:
 def check_lengths(tokenizer, dataset, num_image_tokens: int, max_length: int, name: str) -> int:
     """Fail before compute if any example is longer than ``max_length``; returns the longest."""
     longest, worst = 0, None
-    for q, a in zip(dataset["question"], dataset["answer"]):
-        n = len(encode(tokenizer, q, a, num_image_tokens)[0])
+    for q, a, t in zip(dataset["question"], dataset["answer"], dataset["qtype"]):
+        n = len(encode(tokenizer, q, a, num_image_tokens, system_prompt=system_prompt_for(t))[0])
         if n > longest:
             longest, worst = n, q
     if longest > max_length:
