@@ -100,6 +100,10 @@ class TextEvalConfig:
     ppl_chunks: int = 16
     ppl_chunk_tokens: int = 128
     seed: int = 1234
+    #: "suite": fusionbench's own scorer (fast on CPU); "lm_eval": the same kind of tasks as local
+    #: lm-evaluation-harness task configs through lm-eval (standard metrics and stderr), where any
+    #: lm-eval task name also works if its dataset is reachable
+    backend: str = "suite"
 
 
 @dataclass
@@ -247,6 +251,8 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
         for i, stage in enumerate(cfg.stages):
             if isinstance(stage, DictConfig) and "fusion" in stage:
                 fusion_options(OmegaConf.merge(cfg.fusion, stage.fusion))
+    if cfg.eval.text.backend not in ("suite", "lm_eval"):
+        raise FusionBenchError(f"eval.text.backend must be 'suite' or 'lm_eval', got {cfg.eval.text.backend!r}")
     if cfg.trainer.max_length < 8:
         raise FusionBenchError("trainer.max_length must be at least 8")
     return cfg

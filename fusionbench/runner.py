@@ -50,11 +50,13 @@ class Prepared:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         self.vision = load_vision(cfg.vision, seed=cfg.seed)
         self.lm, self.tokenizer = load_lm(cfg.lm, seed=cfg.seed)
+        self.text_eval = text_suite
         self.suite = None
-        if text_suite:
+        lm_eval_backend = cfg.eval.text.backend == "lm_eval"
+        if text_suite and (not lm_eval_backend or cfg.eval.curve_every_n_steps > 0):
             from fusionbench.evaluation.text_suite import load_text_suite
             self.suite = load_text_suite(cfg.eval.text)
-        self.base_text = self._base_text_scores(self.suite)  # bare LM, before any fusion touches it
+        self.base_text = self._base_text_scores(self.suite) if text_suite else {}  # bare LM, before fusion
         self.curve_suite, self.curve_base = None, {}
         if self.suite is not None and cfg.eval.curve_every_n_steps > 0:
             e = cfg.eval
@@ -68,26 +70,50 @@ class Prepared:
             raise FusionBenchError(f"eval.captions needs captions; dataset {cfg.data.name!r} has none")
 
     def _base_text_scores(self, suite, part: str = "full") -> dict[str, float]:
-        if suite is None:
-            return {}
-        from fusionbench.evaluation.text_suite import score_text_suite
-
         from fusionbench.evaluation.text_suite import SUITE_VERSION
 
-        key = config_hash(OmegaConf.create({"lm": lm_identity(self.cfg), "version": SUITE_VERSION,
+        backend = self.cfg.eval.text.backend if part == "full" else "suite"
+        version = SUITE_VERSION
+        if backend == "lm_eval":
+            import lm_eval
+
+            from fusionbench.evaluation.lm_eval_adapter import LM_EVAL_SUITE_VERSION
+            version = f"{LM_EVAL_SUITE_VERSION}-lm_eval{lm_eval.__version__}"
+        key = config_hash(OmegaConf.create({"lm": lm_identity(self.cfg), "version": version,
                                             "batch_size": self.cfg.eval.batch_size, "part": part,
                                             "suite": OmegaConf.to_container(self.cfg.eval.text)}))
         path = cache_dir("text_base") / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())
-        log("scoring the base LM on the text suite (cached per LM and suite) ...")
-        from fusionbench.model import lm_logits_at
-
-        lm = self.lm
-        scores = score_text_suite(suite, lambda ids, mask, pos: lm_logits_at(lm, ids, mask, pos),
-                                  self.tokenizer, batch_size=self.cfg.eval.batch_size)
+        log(f"scoring the base LM on the text suite ({backend}; cached per LM and suite) ...")
+        scores = text_scores(self.cfg, self.lm, self.tokenizer, suite, backend=backend)
         path.write_text(json.dumps(scores))
         return scores
+
+
+def text_scores(cfg: DictConfig, model, tokenizer, suite=None, backend: str | None = None) -> dict[str, float]:
+    """Text-only scores of a bare HF LM (the base) or of a VisionLanguageModel's text-only path,
+    by the configured backend; base and trained model go through the same computation."""
+    t = cfg.eval.text
+    bare = not isinstance(model, VisionLanguageModel)
+    if (backend or t.backend) == "lm_eval":
+        from fusionbench.evaluation.lm_eval_adapter import score_with_lm_eval
+
+        tok = tokenizer if bare else None
+        scores = score_with_lm_eval(model, tok, list(t.tasks), limit=t.n_per_task, batch_size=cfg.eval.batch_size,
+                                    seed=t.seed) if t.tasks else {}
+        if t.ppl_chunks:
+            scores.update(score_with_lm_eval(model, tok, ["austen"], limit=t.ppl_chunks,
+                                             batch_size=cfg.eval.batch_size, seed=t.seed))
+        return scores
+    from fusionbench.evaluation.text_suite import score_text_suite
+    from fusionbench.model import lm_logits_at
+
+    if bare:
+        return score_text_suite(suite, lambda ids, mask, pos: lm_logits_at(model, ids, mask, pos), tokenizer,
+                                batch_size=cfg.eval.batch_size)
+    return score_text_suite(suite, lambda ids, mask, pos: model.logits(ids, mask, positions=pos), tokenizer,
+                            batch_size=cfg.eval.batch_size)
 
 
 def stage_plan(cfg: DictConfig) -> list[DictConfig]:
@@ -207,11 +233,12 @@ def evaluate_model(cfg: DictConfig, prep: Prepared, model: VisionLanguageModel, 
 
         metrics.update(evaluate_captions(model, data.val_ds, prep.vision.preprocess, cfg.eval.caption_items,
                                          cfg.eval.batch_size, cfg.eval.caption_max_new_tokens))
-    if prep.suite is not None:
-        from fusionbench.evaluation.text_suite import forgetting, score_text_suite
-
-        after = score_text_suite(prep.suite, lambda ids, mask, pos: model.logits(ids, mask, positions=pos),
-                                 prep.tokenizer, batch_size=cfg.eval.batch_size)
+    if prep.text_eval:
+        if cfg.eval.text.backend == "lm_eval":
+            from fusionbench.evaluation.lm_eval_adapter import forgetting_lm_eval as forgetting
+        else:
+            from fusionbench.evaluation.text_suite import forgetting
+        after = text_scores(cfg, model, prep.tokenizer, prep.suite)
         metrics.update({f"base/{k}": v for k, v in prep.base_text.items()})
         metrics.update(after)
         metrics.update(forgetting(prep.base_text, after))

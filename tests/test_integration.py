@@ -30,3 +30,16 @@ def test_real_default_backbones_train_and_evaluate(tmp_path):
     assert row["forgetting/mc_avg"] == 0.0 and row["forgetting/austen/delta_log_ppl"] == 0.0
     curve = json.loads(row["curve"])  # forgetting curve: evaluated at steps 0, 1, 2
     assert [p["step"] for p in curve] == [0, 1, 2] and all(p["forgetting/mc_avg"] == 0.0 for p in curve)
+
+
+def test_run_with_the_lm_eval_backend_records_standard_scores_and_zero_forgetting(tmp_path):
+    """The text suite through lm-evaluation-harness (local BIG-bench + Austen task configs), on the
+    tiny tier's LM: base and trained text-only path give identical lm-eval results."""
+    cfg = load_config(ROOT / "tests" / "tiny.yaml", [
+        "fusion=linear", "eval.text_suite=true", "eval.text.backend=lm_eval", "eval.text.n_per_task=3",
+        "eval.text.ppl_chunks=1", f"output_dir={tmp_path / 'runs'}", f"results_file={tmp_path / 'res.jsonl'}"])
+    [row] = run(cfg)
+    for key in ("text/general_knowledge/acc", "text/general_knowledge/acc_stderr", "text/austen/bits_per_byte"):
+        assert key in row and row[key] == row[key], key
+    assert row["text/general_knowledge/n"] == 3
+    assert row["forgetting/mc_avg"] == 0.0 and row["forgetting/austen/delta_bits_per_byte"] == 0.0
