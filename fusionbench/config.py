@@ -115,6 +115,10 @@ class EvalConfig:
     text: TextEvalConfig = field(default_factory=TextEvalConfig)
     #: run the text suite at all (before and after training)
     text_suite: bool = True
+    #: the efficiency block (eff/*): parameters, FLOPs per text token / image token / image and per
+    #: training step, counted with torch.utils.flop_counter on ``efficiency_items`` val examples
+    efficiency: bool = True
+    efficiency_items: int = 4
     #: caption metrics (CIDEr, BLEU-4, ROUGE-L via pycocoevalcap) on the val split's captions, with
     #: a text-only baseline; train on ``data.name: scenes_captions`` for captions worth scoring
     captions: bool = False

@@ -233,6 +233,11 @@ def evaluate_model(cfg: DictConfig, prep: Prepared, model: VisionLanguageModel, 
 
         metrics.update(evaluate_captions(model, data.val_ds, prep.vision.preprocess, cfg.eval.caption_items,
                                          cfg.eval.batch_size, cfg.eval.caption_max_new_tokens))
+    if cfg.eval.efficiency:
+        from fusionbench.evaluation.efficiency import efficiency
+
+        n = min(cfg.eval.efficiency_items, len(data.val_ds))
+        metrics.update(efficiency(model, data.collator()([data.val_ds[i] for i in range(n)])))
     if prep.text_eval:
         if cfg.eval.text.backend == "lm_eval":
             from fusionbench.evaluation.lm_eval_adapter import forgetting_lm_eval as forgetting

@@ -210,3 +210,13 @@ def test_eval_command_re_evaluates_a_trained_run(tmp_path, capsys):
     assert main(["eval", trained["run_dir"], "trainer.max_steps=9"]) == 2
     assert "only eval.* overrides" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 2
+
+
+def test_rows_carry_the_efficiency_block(tmp_path):
+    assert _run(tmp_path, "fusion=visual_expert") == 0
+    assert _run(tmp_path, "fusion=mlp") == 0
+    ve, mlp = read_results(tmp_path / "res.jsonl").to_dict("records")
+    for key in ("eff/flops_fwd", "eff/flops_train_step", "eff/flops_fwd_per_text_token", "eff/flops_fwd_per_image_token"):
+        assert ve[key] > 0 and mlp[key] > 0, key
+    assert ve["eff/flops_fwd_lm"] == mlp["eff/flops_fwd_lm"]  # experts replace, never add, LM matmuls
+    assert ve["eff/params_trainable"] == ve["params_trainable"]

@@ -1,0 +1,245 @@
+"""Efficiency of every registered fusion strategy, side by side in one process (so ratios hold on a
+noisy machine): same backbones, same batch of real data, same number of text tokens.
+
+    .venv/bin/python benchmarks/efficiency.py experiments/base.yaml --steps 2 --out /tmp/eff.jsonl
+
+Per strategy, on one training batch of the config (``trainer.batch_size`` items):
+
+* parameters and FLOPs from :func:`fusionbench.evaluation.efficiency.efficiency` (every ``eff/*``
+  key, definitions in that module: forward and training-step FLOPs, per text token, per image
+  token / per image);
+* ``step_s``: median seconds of a full training step (forward, backward, AdamW step, zero_grad)
+  over ``--steps`` timed steps after one warm-up step (as ``benchmarks/step_time.py``);
+  ``ratio_to_linear``: ``step_s`` over ``linear``'s; ``tokens_per_s``: attention-mask positions of
+  the batch (text and image placeholders, like step_time.py) per second; ``images_per_s``;
+* peak memory of a steady-state training step (after the warm-up step, so AdamW's state exists):
+  ``peak_mem_bytes`` = ``mem_static_bytes`` (distinct tensor storages live before the step:
+  parameters, buffers, optimizer state, the batch) + ``mem_step_peak_bytes`` (the high-water mark of
+  tensor storages created during the step and not yet freed: activations saved for backward,
+  gradients, temporaries). The step-time part is counted by :class:`LiveTensorBytes`, a dispatch
+  mode that sees every tensor an ATen op allocates and its release; it measures tensor bytes
+  (what the model needs), not allocator caching or fragmentation, and not the Python heap, on
+  every device alike, so it is per strategy even in one process (unlike the process-wide,
+  monotone ``ru_maxrss``). On CUDA also ``cuda_max_memory_allocated_bytes`` (the caching
+  allocator's peak over the same step, after ``reset_peak_memory_stats``);
+* on CUDA only: ``achieved_flops_per_s`` = ``eff/flops_train_step / step_s`` and ``mfu`` = that over
+  ``matmul_peak_flops_per_s``, a bf16 matmul peak measured on this device at start (8192^3 matmuls
+  in a loop, CUDA events). The training step FLOPs exclude the optimizer (not matmuls).
+
+Measures ``linear`` first and appends each strategy's row with provenance to ``--out`` as soon as it
+is measured; prints a table at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+if __package__ in (None, ""):  # run as a script: the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fusionbench.config import load_config  # noqa: E402
+from fusionbench.evaluation.efficiency import efficiency  # noqa: E402
+from fusionbench.fusion import FUSIONS  # noqa: E402
+from fusionbench.model import VisionLanguageModel  # noqa: E402
+from fusionbench.results import append_row, provenance  # noqa: E402
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storages that ATen ops allocate while the mode is active, live at once.
+
+    An op's output storage counts when it is new (not one of the op's inputs' storages, so views
+    and in-place ops count nothing) and stops counting when the storage is freed (a weak
+    reference on the storage). ``current`` / ``peak`` are relative to entering the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._live: dict[int, int] = {}
+
+    def _free(self, ptr: int, nbytes: int) -> None:
+        if self._live.pop(ptr, None) is not None:
+            self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes and ptr not in inputs and ptr not in self._live:
+                self._live[ptr] = nbytes
+                self.current += nbytes
+                self.peak = max(self.peak, self.current)
+                weakref.finalize(storage, self._free, ptr, nbytes)
+        return out
+
+
+def storage_bytes(*objects: Any) -> int:
+    """Bytes of the distinct tensor storages in ``objects`` (tensors, or nested containers)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tree_flatten(list(objects))[0]:
+        if isinstance(t, torch.Tensor):
+            s = t.untyped_storage()
+            seen[(str(t.device), s.data_ptr())] = s.nbytes()
+    return sum(seen.values())
+
+
+def matmul_peak_flops(device: torch.device, size: int = 8192, iters: int = 20) -> float:
+    """Measured bf16 matmul FLOP/s on a CUDA device (best of three timed loops)."""
+    if device.type != "cuda":
+        raise ValueError("the matmul peak is measured on CUDA devices only")
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            a @ b
+        end.record()
+        torch.cuda.synchronize(device)
+        best = max(best, 2 * size ** 3 * iters / (start.elapsed_time(end) / 1e3))
+    del a, b
+    torch.cuda.empty_cache()
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(point, device: torch.device, steps: int) -> dict[str, Any]:
+    """One strategy: FLOPs, memory of one step, median step time."""
+    from fusionbench.assets.lm import load_lm
+    from fusionbench.assets.vision import load_vision
+    from fusionbench.training.datamodule import FusionDataModule
+
+    vision = load_vision(point.vision, seed=point.seed)  # fresh backbones: strategies inject into the LM
+    lm, tok = load_lm(point.lm, seed=point.seed)
+    model = VisionLanguageModel.from_config(point, backbones=(vision, lm, tok)).to(device)
+    data = FusionDataModule(point.data, point.trainer, tok, vision.preprocess, model.num_image_tokens, seed=point.seed)
+    data.setup()
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in next(iter(data.train_dataloader())).items()}
+
+    t = time.perf_counter()
+    eff = efficiency(model, batch)
+    count_s = time.perf_counter() - t
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step():
+        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocates AdamW's state
+    _sync(device)
+    row: dict[str, Any] = {}
+    static = storage_bytes(list(model.parameters()), list(model.buffers()),
+                           [p.grad for p in model.parameters() if p.grad is not None], list(opt.state.values()),
+                           [v for v in batch.values() if isinstance(v, torch.Tensor)])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with LiveTensorBytes() as live:
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        row["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    tokens = int(batch["attention_mask"].sum())
+    b = int(batch["input_ids"].shape[0])
+    row.update({
+        "step_s": step_s, "steps_timed": steps, "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
+        "images_per_s": b / step_s, "count_s": count_s,
+        "mem_static_bytes": static, "mem_step_peak_bytes": live.peak, "peak_mem_bytes": static + live.peak,
+        "peak_mem_method": "live_tensor_storages", **eff,
+    })
+    del model, opt, batch, data, vision, lm
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _g(x: float) -> str:
+    return f"{x / 1e9:.2f}"
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per strategy (after one warm-up step)")
+    ap.add_argument("--strategies", nargs="*", default=None)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
+    ap.add_argument("--out", default=None, help="results table to append rows to")
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    strategies = args.strategies or FUSIONS.names()
+    for name in strategies:
+        FUSIONS.get(name)  # unknown names fail before any compute
+    # linear first (the ratio's reference), so each row is complete and written as soon as measured
+    strategies = sorted(strategies, key=lambda name: name != "linear")
+    prov = provenance()
+    peak = matmul_peak_flops(device) if device.type == "cuda" else None
+    rows = []
+    for name in strategies:
+        point = load_config(args.config, ["grid={}", "stages=[]", *args.overrides, f"fusion={name}"])
+        row = {"benchmark": "efficiency", "strategy": name, "batch_size": point.trainer.batch_size,
+               "lm": point.lm.source, "vision": point.vision.source, "device_type": device.type,
+               **measure(point, device, args.steps)}
+        if peak is not None:
+            row["matmul_peak_flops_per_s"] = peak
+            row["achieved_flops_per_s"] = row["eff/flops_train_step"] / row["step_s"]
+            row["mfu"] = row["achieved_flops_per_s"] / peak
+        base = next((r["step_s"] for r in [*rows, row] if r["strategy"] == "linear"), None)
+        row["ratio_to_linear"] = row["step_s"] / base if base else None
+        rows.append(row)
+        if args.out:
+            append_row(args.out, {**row, **prov})
+        print(f"{name:<14} {row['step_s']:7.3f} s/step  {row['tokens_per_s']:8.1f} tok/s  "
+              f"train step {_g(row['eff/flops_train_step'])} GFLOP  peak mem {row['peak_mem_bytes'] / 2**20:,.0f} MiB",
+              flush=True)
+    print("\nGFLOP; per-token and per-image values in MFLOP; memory in MiB")
+    print(f"{'strategy':<14} {'trainable':>11} {'step_s':>7} {'x linear':>8} {'tok/s':>7} {'peak mem':>8} "
+          f"{'fwd':>7} {'train':>7} {'/text tok':>9} {'/img tok':>9} {'/image':>9}" + ("  mfu" if peak else ""))
+    for r in rows:
+        per_tok = r.get("eff/flops_fwd_per_image_token")
+        print(f"{r['strategy']:<14} {int(r['eff/params_trainable']):>11,} {r['step_s']:7.3f} "
+              f"{r['ratio_to_linear'] or float('nan'):8.2f} {r['tokens_per_s']:7.1f} "
+              f"{r['peak_mem_bytes'] / 2**20:8.0f} {_g(r['eff/flops_fwd']):>7} {_g(r['eff/flops_train_step']):>7} "
+              f"{r['eff/flops_fwd_per_text_token'] / 1e6:9.1f} {'-' if per_tok is None else f'{per_tok / 1e6:9.1f}':>9} "
+              f"{r['eff/flops_fwd_per_image'] / 1e6:9.1f}" + (f"  {r['mfu']:.3f}" if peak else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
