@@ -119,6 +119,11 @@ class EvalConfig:
     #: training step, counted with torch.utils.flop_counter on ``efficiency_items`` val examples
     efficiency: bool = True
     efficiency_items: int = 4
+    #: depth probes (probe/*): per LM layer, linear probes at the question's last token for the
+    #: colour / column / row of a single-object scene, and image-text cosine / CKA per layer
+    probes: bool = False
+    probe_train: int = 128
+    probe_test: int = 64
     #: caption metrics (CIDEr, BLEU-4, ROUGE-L via pycocoevalcap) on the val split's captions, with
     #: a text-only baseline; train on ``data.name: scenes_captions`` for captions worth scoring
     captions: bool = False

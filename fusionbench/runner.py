@@ -233,6 +233,10 @@ def evaluate_model(cfg: DictConfig, prep: Prepared, model: VisionLanguageModel, 
 
         metrics.update(evaluate_captions(model, data.val_ds, prep.vision.preprocess, cfg.eval.caption_items,
                                          cfg.eval.batch_size, cfg.eval.caption_max_new_tokens))
+    if cfg.eval.probes:
+        from fusionbench.evaluation.probes import depth_probes
+
+        metrics.update(depth_probes(model, n_train=cfg.eval.probe_train, n_test=cfg.eval.probe_test, seed=cfg.seed))
     if cfg.eval.efficiency:
         from fusionbench.evaluation.efficiency import efficiency
 

@@ -220,3 +220,16 @@ def test_rows_carry_the_efficiency_block(tmp_path):
         assert ve[key] > 0 and mlp[key] > 0, key
     assert ve["eff/flops_fwd_lm"] == mlp["eff/flops_fwd_lm"]  # experts replace, never add, LM matmuls
     assert ve["eff/params_trainable"] == ve["params_trainable"]
+
+
+def test_eval_of_a_trained_run_can_add_the_probe_curve(tmp_path):
+    assert _run(tmp_path, "fusion=mlp") == 0
+    [trained] = read_results(tmp_path / "res.jsonl").to_dict("records")
+    assert not any(k.startswith("probe/") for k in trained)
+    out = tmp_path / "eval.jsonl"
+    assert main(["eval", trained["run_dir"], "eval.probes=true", "eval.probe_train=16", "eval.probe_test=8",
+                 "--results-file", str(out)]) == 0
+    [row] = read_results(out).to_dict("records")
+    layers = row["probe/num_layers"]
+    assert layers == 4 and all(0 <= row[f"probe/color/layer_{i}"] <= 1 for i in range(layers + 1))
+    assert "probe/cka_img_text/layer_2" in row

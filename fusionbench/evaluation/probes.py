@@ -20,7 +20,8 @@ the last layer's output after the final norm, as transformers returns it):
     1e-6 of the features' scale, is set to 0), weights and bias fit full-batch with L-BFGS
     (strong Wolfe line search, float64, zero init, so deterministic) on
     ``mean cross-entropy + l2 / 2 * ||W||^2`` (bias not penalised); ``l2`` defaults to
-    ``1 / n_train``, i.e. scikit-learn's default ``C=1``.
+    ``1 / n_train``, i.e. scikit-learn's default ``C=1``. All layers of one fact are fit in one
+    batched L-BFGS run (exact reductions in :func:`fit_linear_probes`).
 
 ``probe/cos_img_text/layer_<i>``
     mean cosine similarity between image-token and text-token hidden states: for each item the
@@ -183,36 +184,60 @@ def collect_states(model, items: list[ProbeItem], condition: str = "image", batc
 # --------------------------------------------------------------------------- probe and CKA
 
 def _standardise(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean, std = train_x.mean(0), train_x.std(0, unbiased=False)
-    scale = train_x.abs().mean().clamp_min(1e-30)
+    """Per-feature standardisation with the training items' statistics; ``[G, n, d]`` batches of
+    independent problems. Features constant on the training items (std <= 1e-6 of the mean
+    absolute feature value of that problem) become 0."""
+    mean, std = train_x.mean(1, keepdim=True), train_x.std(1, unbiased=False, keepdim=True)
+    scale = train_x.abs().mean((1, 2), keepdim=True).clamp_min(1e-30)
     keep = std > 1e-6 * scale
     inv = torch.where(keep, 1.0 / std.clamp_min(1e-30), torch.zeros_like(std))
     return (train_x - mean) * inv, (test_x - mean) * inv
 
 
-def fit_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                     n_classes: int, l2: float | None = None, max_iter: int = 200) -> float:
-    """Test accuracy of a multinomial logistic-regression probe (definition in the module
-    docstring) fit on ``(train_x [n, d], train_y [n])``."""
+def fit_linear_probes(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                      n_classes: int, l2: float | None = None, max_iter: int = 500) -> torch.Tensor:
+    """Test accuracies ``[G]`` of ``G`` independent multinomial logistic-regression probes
+    (definition in the module docstring), one per feature set: ``train_x [G, n, d]`` and
+    ``test_x [G, m, d]`` share the labels ``train_y [n]`` / ``test_y [m]``.
+
+    Exact reductions that make this fast: by the representer theorem the L2-regularised optimum
+    ``W`` lies in the row space of the (standardised) training features, so each problem is
+    solved in the coordinates of its top right singular vectors (at most ``n`` of them, the
+    same predictions and penalty as in ``d`` dimensions); and the ``G`` problems are separable,
+    so one L-BFGS run on the sum of their objectives reaches every problem's optimum."""
     x_tr, x_te = _standardise(train_x.double(), test_x.double())
     y_tr = train_y.long()
-    lam = 1.0 / len(y_tr) if l2 is None else float(l2)
-    weight = torch.zeros(x_tr.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    n = y_tr.numel()
+    lam = 1.0 / n if l2 is None else float(l2)
+    g = x_tr.shape[0]
+    if x_tr.shape[2] > n:  # reduce to the training span: X = U S V^T, W = V B
+        _, _, vh = torch.linalg.svd(x_tr, full_matrices=False)  # vh [G, n, d]
+        basis = vh.transpose(1, 2)
+        x_tr, x_te = x_tr @ basis, x_te @ basis
+    weight = torch.zeros(g, x_tr.shape[2], n_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(g, 1, n_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+                            tolerance_grad=1e-8, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    targets = y_tr.repeat(g)
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(x_tr @ weight + bias, y_tr) + 0.5 * lam * weight.pow(2).sum()
+        logits = (x_tr @ weight + bias).reshape(g * n, n_classes)
+        loss = F.cross_entropy(logits, targets, reduction="sum") / n + 0.5 * lam * weight.pow(2).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
     with torch.no_grad():
-        pred = (x_te @ weight + bias).argmax(1)
-    return float((pred == test_y.long()).double().mean())
+        pred = (x_te @ weight + bias).argmax(-1)  # [G, m]
+    return (pred == test_y.long()).double().mean(1).float()
+
+
+def fit_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                     n_classes: int, l2: float | None = None) -> float:
+    """Test accuracy of one probe fit on ``(train_x [n, d], train_y [n])``."""
+    return float(fit_linear_probes(train_x[None], train_y, test_x[None], test_y, n_classes, l2)[0])
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -251,9 +276,9 @@ def depth_probes(model, n_train: int = 128, n_test: int = 64, seed: int = 0, ima
             majority = int(torch.bincount(y_tr, minlength=len(names)).argmax())
             metrics[f"probe/{fact}/chance"] = 1.0 / len(names)
             metrics[f"probe/{fact}/majority"] = float((y_te == majority).double().mean())
+            accs = fit_linear_probes(last[:, :n_train], y_tr, last[:, n_train:], y_te, len(names), l2=l2)
             for layer in range(num_layers + 1):
-                metrics[f"probe/{fact}/layer_{layer}"] = fit_linear_probe(
-                    last[layer, :n_train], y_tr, last[layer, n_train:], y_te, len(names), l2=l2)
+                metrics[f"probe/{fact}/layer_{layer}"] = float(accs[layer])
     if "img_mean" in states:
         for layer in range(num_layers + 1):
             metrics[f"probe/cos_img_text/layer_{layer}"] = float(states["cos_img_text"][layer].mean())
