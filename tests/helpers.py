@@ -40,3 +40,15 @@ def text_batch(model: VisionLanguageModel):
     tok = model.tokenizer
     enc = tok(["The cat sat on the mat.", "Hello"], return_tensors="pt", padding=True)
     return enc.input_ids, enc.attention_mask
+
+
+def train_a_few_steps(model: VisionLanguageModel, steps: int = 3, lr: float = 1e-2) -> None:
+    """AdamW on the trainable set for a few steps on a fixed image batch; leaves the model in eval."""
+    batch, _ = image_batch(model, n=4)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]).loss.backward()
+        opt.step()
+    model.eval()

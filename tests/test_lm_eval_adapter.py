@@ -12,7 +12,7 @@ import yaml
 from fusionbench.errors import FusionBenchError
 from fusionbench.evaluation.lm_eval_adapter import TextOnlyLM, forgetting_lm_eval, score_with_lm_eval
 
-from helpers import image_batch, tiny_cfg, tiny_model
+from tests.helpers import tiny_cfg, tiny_model, train_a_few_steps
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -131,17 +131,6 @@ def test_generate_until_stops_at_stop_string_and_max_gen_toks():
     assert len(adapter.generate_until([_req("generate_until", prompt, {**kwargs, "until": [], "max_gen_toks": 5})])[0]) == 5
 
 
-def _train_a_few_steps(model):
-    batch, _ = image_batch(model, n=4)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        opt.zero_grad()
-        model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]).loss.backward()
-        opt.step()
-    model.eval()
-
-
 @pytest.mark.parametrize("strategy", ["mlp", "full_finetune"])
 def test_frozen_lm_strategy_scores_identical_to_base_lm(strategy, task_dir):
     """lm-eval on the bare base LM and on the trained model's text-only path: a frozen-LM
@@ -153,7 +142,7 @@ def test_frozen_lm_strategy_scores_identical_to_base_lm(strategy, task_dir):
     tasks = ["toy_mc", "toy_ppl"]
     base = score_with_lm_eval(base_lm, tok, tasks, limit=5, batch_size=4, include_path=task_dir)
     model = tiny_model(strategy)
-    _train_a_few_steps(model)
+    train_a_few_steps(model)
     after = score_with_lm_eval(model, None, tasks, limit=5, batch_size=4, include_path=task_dir)
     assert base["text/toy_mc/n"] == 5 and base["text/toy_ppl/n"] == 3  # limit: the first 5 docs of each task
     assert {"text/toy_mc/acc", "text/toy_mc/acc_norm", "text/toy_mc/acc_stderr", "text/toy_ppl/word_perplexity",

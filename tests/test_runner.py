@@ -9,7 +9,7 @@ from fusionbench.cli import main
 from fusionbench.evaluation.text_suite import TextSuite, forgetting, score_text_suite
 from fusionbench.model import lm_logits_at
 from fusionbench.results import read_results
-from tests.helpers import TINY, image_batch, tiny_cfg, tiny_model
+from tests.helpers import TINY, tiny_cfg, tiny_model, train_a_few_steps
 
 PROVENANCE = {"git_sha", "device", "config_hash", "seed", "version_torch", "version_transformers",
               "version_lightning", "params_total", "params_trainable", "train_s", "eval_s", "strategy", "stage"}
@@ -79,14 +79,7 @@ def test_forgetting_is_exactly_zero_for_frozen_lm_projectors(strategy):
     suite = _toy_suite(tok)
     base = score_text_suite(suite, lambda i, m, p: lm_logits_at(base_lm, i, m, p), tok, batch_size=5)
     model = tiny_model(strategy)
-    batch, _ = image_batch(model, n=4)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        opt.zero_grad()
-        model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]).loss.backward()
-        opt.step()
-    model.eval()
+    train_a_few_steps(model)
     after = score_text_suite(suite, lambda i, m, p: model.logits(i, m, positions=p), tok, batch_size=5)
     fg = forgetting(base, after)
     assert set(fg) == {"forgetting/toy", "forgetting/mc_avg", "forgetting/austen/delta_log_ppl"}
