@@ -97,6 +97,18 @@ class FusionStrategy(nn.Module):
             if int(value) < 1:
                 raise FusionBenchError(f"fusion.{key} must be >= 1 for strategy {self.registry_name!r}, got {value}")
 
+    def connector_width(self, heads_divide: str | None = None) -> int:
+        """``fusion.hidden_size`` of a connector (0: min(LM hidden size, 256)), checked >= 0; with
+        ``heads_divide`` (what the width is of, for the message) ``fusion.num_heads`` must divide it."""
+        o = self.options
+        if o.hidden_size < 0:
+            raise FusionBenchError(f"fusion.hidden_size must be >= 0 (0: min(LM hidden, 256)), got {o.hidden_size}")
+        dim = o.hidden_size or min(self.lm_hidden_size, 256)
+        if heads_divide and dim % o.num_heads:
+            raise FusionBenchError(f"fusion.num_heads={o.num_heads} does not divide the {heads_divide} width {dim} "
+                                   f"(fusion.hidden_size)")
+        return dim
+
     # -- 1. what it adds ---------------------------------------------------------------------
     def inject(self, vlm: "VisionLanguageModel") -> None:
         """Modify the LM in place (after construction, before training). Default: nothing."""

@@ -108,11 +108,8 @@ class CAbstractor(FusionStrategy):
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
         o = options
-        for key in ("num_queries", "depth", "mlp_depth"):
-            if int(getattr(o, key)) < 1:
-                raise FusionBenchError(f"fusion.{key} must be >= 1 for strategy 'c_abstractor', got {getattr(o, key)}")
-        if o.hidden_size < 0:
-            raise FusionBenchError(f"fusion.hidden_size must be >= 0 (0: min(LM hidden, 256)), got {o.hidden_size}")
+        self.require_positive("num_queries", "depth", "mlp_depth")
+        dim = self.connector_width()
         side = math.isqrt(int(o.num_queries))
         if side * side != o.num_queries:
             raise FusionBenchError(f"fusion.num_queries must be a square number for strategy 'c_abstractor' "
@@ -122,7 +119,6 @@ class CAbstractor(FusionStrategy):
         if side > grid:
             raise FusionBenchError(f"fusion.num_queries={o.num_queries} ({side}x{side}) is more than the vision "
                                    f"feature grid ({grid}x{grid} = {grid * grid} tokens) it pools from")
-        dim = o.hidden_size or min(lm_hidden_size, 256)
         self.hidden_size, self.grid, self.side, self.cls_token = dim, grid, side, cls_token
         self.pos_emb = nn.Parameter(torch.randn(grid * grid, vision_dim) * 0.02) if o.pos_emb else None
         self.s1 = reg_stage(o.depth, vision_dim, dim)

@@ -170,12 +170,7 @@ class Flamingo(FusionStrategy):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
         o = options
         self.require_positive("num_latents", "resampler_depth", "num_heads", "cross_attention_every", "ffn_mult")
-        if o.hidden_size < 0:
-            raise FusionBenchError(f"fusion.hidden_size must be >= 0 (0: min(LM hidden, 256)), got {o.hidden_size}")
-        dim = o.hidden_size or min(lm_hidden_size, 256)
-        if dim % o.num_heads:
-            raise FusionBenchError(f"fusion.num_heads={o.num_heads} does not divide the resampler/cross-attention "
-                                   f"width {dim} (fusion.hidden_size)")
+        dim = self.connector_width("resampler/cross-attention")
         self.hidden_size = dim
         self.resampler = PerceiverResampler(vision_dim, vision_tokens, dim, o.resampler_depth, o.num_heads,
                                             o.num_latents)

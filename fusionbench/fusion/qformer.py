@@ -86,12 +86,7 @@ class QFormer(FusionStrategy):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
         o = options
         self.require_positive("num_queries", "num_layers", "num_heads", "cross_attention_every", "ffn_mult")
-        if o.hidden_size < 0:
-            raise FusionBenchError(f"fusion.hidden_size must be >= 0 (0: min(LM hidden, 256)), got {o.hidden_size}")
-        dim = o.hidden_size or min(lm_hidden_size, 256)
-        if dim % o.num_heads:
-            raise FusionBenchError(f"fusion.num_heads={o.num_heads} does not divide the Q-Former width {dim} "
-                                   f"(fusion.hidden_size)")
+        dim = self.connector_width("Q-Former")
         self.hidden_size = dim
         self.vision_norm = nn.LayerNorm(vision_dim)
         self.vision_pos = nn.Parameter(torch.randn(vision_tokens, vision_dim) * 0.02)
