@@ -1,4 +1,4 @@
-"""Command line: ``fusionbench {run,train,eval,assets,report,list}``."""
+"""Command line: ``fusionbench {run,sweep,train,eval,assets,report,list}``."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,19 @@ def _cmd_run(args, evaluate: bool = True) -> None:
     rows = run(cfg, evaluate=evaluate)
     if evaluate:
         print(f"{len(rows)} result row(s) appended to {cfg.results_file}")
+
+
+def _cmd_sweep(args) -> int:
+    from fusionbench.config import load_config
+    from fusionbench.sweep import describe, sweep
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        for line in describe(cfg):
+            print(line)
+        return 0
+    result = sweep(cfg)
+    return 1 if result["failed"] else 0
 
 
 def _cmd_eval(args) -> None:
@@ -56,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. fusion=mlp trainer.max_steps=200")
+    p = sub.add_parser("sweep", help="every grid point x seed, skipping finished ones, resuming killed ones, "
+                                      "going on past failures")
+    p.add_argument("config", help="experiment YAML with a grid and/or seeds, e.g. experiments/main.yaml")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides")
+    p.add_argument("--dry-run", action="store_true", help="list the points and which are finished; run nothing")
     p = sub.add_parser("eval", help="evaluate a trained run directory again (new measurements); appends a row")
     p.add_argument("run_dir", help="a run directory: <output_dir>/<experiment>/<strategy>-<hash>-s<seed>")
     p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.mm_items=400")
@@ -73,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_run(args)
         elif args.cmd == "train":
             _cmd_run(args, evaluate=False)
+        elif args.cmd == "sweep":
+            return _cmd_sweep(args)
         elif args.cmd == "eval":
             _cmd_eval(args)
         elif args.cmd == "assets":

@@ -85,6 +85,11 @@ class TrainConfig:
     max_length: int = 256
     #: save a Lightning checkpoint of the trainable modules at the end
     checkpoint: bool = True
+    #: also every N steps (0: only at the end); a killed run resumes from the newest one
+    checkpoint_every_n_steps: int = 0
+    #: compute-matched training: when > 0, max_steps is replaced by how many steps fit this many
+    #: training FLOPs (forward + backward, counted on a real batch with torch's FLOP counter)
+    flops_budget: float = 0.0
     #: validation loss every N steps (0: once, at the end); batches per validation
     val_every_n_steps: int = 0
     limit_val_batches: int = 4
@@ -150,7 +155,9 @@ class ExperimentConfig:
     #: multi-stage recipe: a list of ``{name, trainer?}`` overrides, run in order;
     #: empty means one stage from the top-level settings
     stages: list[Any] = field(default_factory=list)
-    #: ``{dotted.key: [values]}``: ``fusionbench run`` runs the cartesian product, one row each
+    #: ``{dotted.key: [values]}``: ``fusionbench run`` runs the cartesian product, one row each.
+    #: The axis ``variant`` takes a list of mappings ``{dotted.key: value, ..., label?: str}``
+    #: applied together (e.g. a strategy with its own ``stages``)
     grid: dict[str, Any] = field(default_factory=dict)
     #: run every point once per seed (``seed`` is then ignored); ``fusionbench report`` aggregates
     #: the seeds into a mean and a 95% confidence interval
@@ -210,18 +217,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def _merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     for item in overrides:
-        key, value = item.split("=", 1)
-        node = OmegaConf.from_dotlist([item]).get(key) if key == "fusion" else None
-        if key == "fusion" and (isinstance(node, str) or (isinstance(node, DictConfig) and "name" in node)):
-            # `fusion=mlp` / `fusion={name: mlp, ...}` switches the strategy and drops the previous
-            # strategy's options; a mapping without `name` edits the current strategy's options
-            OmegaConf.set_struct(cfg, False)
-            cfg.fusion = {"name": node} if isinstance(node, str) else node
-            OmegaConf.set_struct(cfg, True)
-        elif key in ("grid", "stages", "seeds"):  # collections: an override replaces them (`grid={}` clears)
-            OmegaConf.update(cfg, key, OmegaConf.from_dotlist([item])[key], merge=False)
-        else:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        key, _ = item.split("=", 1)
+        cfg = _apply(cfg, key, OmegaConf.from_dotlist([item]).get(key) if key in ("fusion", "grid", "stages", "seeds")
+                     else None, item)
+    return cfg
+
+
+def _apply(cfg: DictConfig, key: str, node: Any, item: str | None = None) -> DictConfig:
+    """Set ``key`` to ``node`` (or merge the dotlist ``item``) with fusionbench's override rules."""
+    if key == "fusion" and (isinstance(node, str) or (isinstance(node, DictConfig) and "name" in node)):
+        # `fusion=mlp` / `fusion={name: mlp, ...}` switches the strategy and drops the previous
+        # strategy's options; a mapping without `name` edits the current strategy's options
+        OmegaConf.set_struct(cfg, False)
+        cfg.fusion = {"name": node} if isinstance(node, str) else node
+        OmegaConf.set_struct(cfg, True)
+    elif key in ("grid", "stages", "seeds"):  # collections: an override replaces them (`grid={}` clears)
+        OmegaConf.update(cfg, key, node, merge=False)
+    elif item is not None:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    else:
+        patch = OmegaConf.create()
+        OmegaConf.update(patch, key, node, force_add=True)
+        cfg = OmegaConf.merge(cfg, patch)
     return cfg
 
 
@@ -267,13 +284,17 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
     return cfg
 
 
-def expand_grid(cfg: DictConfig) -> list[DictConfig]:
-    """The cartesian product of ``cfg.grid`` (and of ``cfg.seeds``, innermost), each point a fully
-    validated config."""
+def grid_points(cfg: DictConfig) -> list[tuple[dict[str, Any], DictConfig]]:
+    """The cartesian product of ``cfg.grid`` (and of ``cfg.seeds``, innermost) as ``(label, config)``
+    pairs: ``label`` names the grid values of the point (not its seed); each config fully validated."""
     if not cfg.grid and not cfg.seeds:
-        return [cfg]
+        return [({}, cfg)]
     keys = list(cfg.grid.keys())
     values = [list(v) if isinstance(v, (ListConfig, list)) else [v] for v in cfg.grid.values()]
+    if "variant" in cfg.grid:
+        for i, v in enumerate(values[keys.index("variant")]):
+            if not isinstance(v, DictConfig) or not len(v):
+                raise FusionBenchError(f"grid.variant[{i}] must be a mapping {{dotted.key: value, ...}}, got {v!r}")
     if cfg.seeds:
         if "seed" in keys:
             raise FusionBenchError("give seeds either as 'seeds: [...]' or as 'grid: {seed: [...]}', not both")
@@ -283,25 +304,53 @@ def expand_grid(cfg: DictConfig) -> list[DictConfig]:
         values.append(list(cfg.seeds))
     points = []
     for combo in itertools.product(*values):
-        overrides = [f"{k}={OmegaConf.to_yaml(v).strip() if isinstance(v, (DictConfig, ListConfig)) else v}"
-                     for k, v in zip(keys, combo)]
         base = copy.deepcopy(cfg)
         OmegaConf.set_struct(base, False)
         base.grid = {}
         base.seeds = []
         OmegaConf.set_struct(base, True)
+        label: dict[str, Any] = {}
         try:
-            point = _merge_overrides(base, _check_overrides(overrides))
+            for key, value in zip(keys, combo):
+                if key == "variant":
+                    bundle = OmegaConf.to_container(value)
+                    name = bundle.pop("label", None)
+                    for k, v in bundle.items():
+                        base = _apply(base, k, OmegaConf.create({"v": v}).v)
+                    label["variant"] = name or _short(bundle)
+                    continue
+                plain = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+                base = _apply(base, key, OmegaConf.create({"v": plain}).v if key in ("fusion", "stages") else None,
+                              f"{key}={OmegaConf.to_yaml(value).strip() if isinstance(value, (DictConfig, ListConfig)) else value}"
+                              if key not in ("fusion", "stages") else None)
+                if key != "seed":
+                    label[key] = plain
         except OmegaConfBaseException as e:
             raise FusionBenchError(_explain(e, "grid")) from None
-        points.append(finalise(point))
+        points.append((label, finalise(base)))
     return points
 
 
-def config_hash(cfg: DictConfig) -> str:
+def _short(bundle: dict[str, Any]) -> str:
+    fusion = bundle.get("fusion")
+    if isinstance(fusion, str):
+        return fusion
+    if isinstance(fusion, dict) and "name" in fusion:
+        return str(fusion["name"])
+    return json.dumps(bundle, sort_keys=True)
+
+
+def expand_grid(cfg: DictConfig) -> list[DictConfig]:
+    """The grid's points as validated configs (see :func:`grid_points`)."""
+    return [point for _, point in grid_points(cfg)]
+
+
+def config_hash(cfg: DictConfig, drop: tuple[str, ...] = ()) -> str:
     """Stable hash of everything that determines a run's numbers (not where it writes)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in ("output_dir", "results_file", "grid", "seeds"):
+        data.pop(key, None)
+    for key in drop:
         data.pop(key, None)
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

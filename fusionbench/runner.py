@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fusionbench.assets.paths import cache_dir
-from fusionbench.config import config_hash, expand_grid
+from fusionbench.config import config_hash, grid_points
 from fusionbench.errors import FusionBenchError
 from fusionbench.model import VisionLanguageModel
 from fusionbench.results import append_row, provenance
@@ -151,12 +151,50 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def run_point(cfg: DictConfig, evaluate: bool = True) -> list[dict[str, Any]]:
+def run_dir_of(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.name / f"{cfg.fusion.name}-{config_hash(cfg)}-s{cfg.seed}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step a Lightning checkpoint was saved at (None: none there or unreadable, e.g.
+    cut short by a kill while writing)."""
+    if not path.exists():
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    except Exception:  # a half-written file from a kill: start the stage again
+        log(f"ignoring unreadable checkpoint {path}")
+        return None
+
+
+def load_stage_checkpoint(model: VisionLanguageModel, path: Path, stage: str) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.set_stage(state.get("fusionbench_stage", stage))
+    model.load_trainable_state_dict({k[len("model."):]: v for k, v in state["state_dict"].items()})
+
+
+def steps_for_budget(model: VisionLanguageModel, data: FusionDataModule, tcfg: DictConfig) -> tuple[int, int]:
+    """Compute matching: how many steps of this stage fit ``trainer.flops_budget`` training FLOPs
+    (one step counted on a real batch of the training set), and the FLOPs per step."""
+    from fusionbench.evaluation.efficiency import train_step_flops
+
+    batch = data.collator()([data.train_ds[i] for i in range(min(tcfg.batch_size, len(data.train_ds)))])
+    per_step = train_step_flops(model, batch)
+    return max(1, int(tcfg.flops_budget // per_step)), per_step
+
+
+def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str] | set[str] = frozenset(),
+              label: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Train (and evaluate) one configuration, stage by stage; one results row per stage.
+
+    Resumable: a stage whose checkpoint reached its last step is not trained again (its weights are
+    loaded), a stage with an earlier checkpoint continues from it (``trainer.fit(ckpt_path=...)``),
+    and stages in ``done_stages`` (rows already in the results) are not evaluated again. With a
+    multi-process Lightning strategy (``ddp``) every rank trains, rank 0 alone evaluates and writes."""
     plan = stage_plan(cfg)
     prep = Prepared(cfg, text_suite=evaluate and cfg.eval.text_suite)  # everything that can fail on bad input fails here, before training
     model, data, tok = prep.model, prep.data, prep.tokenizer
-    h = config_hash(cfg)
-    run_dir = Path(cfg.output_dir) / cfg.name / f"{cfg.fusion.name}-{h}-s{cfg.seed}"
+    run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml")
     from fusionbench.evaluation.multimodal import majority_answers
@@ -176,38 +214,70 @@ def run_point(cfg: DictConfig, evaluate: bool = True) -> list[dict[str, Any]]:
         tcfg = stage.trainer
         model.set_stage(stage.name)
         data.train_cfg = tcfg
+        extra: dict[str, Any] = {}
+        if tcfg.flops_budget > 0:
+            steps, per_step = steps_for_budget(model, data, tcfg)
+            tcfg = OmegaConf.merge(tcfg, {"max_steps": steps})
+            stage = OmegaConf.merge(stage, {"trainer": {"max_steps": steps}})
+            data.train_cfg = tcfg
+            extra.update(flops_budget=float(tcfg.flops_budget), flops_per_train_step=per_step)
+            log(f"stage {stage.name}: {per_step / 1e9:.1f} GFLOP per training step -> {steps} steps in the budget "
+                f"of {tcfg.flops_budget / 1e12:.2f} TFLOP")
         majority = majority_answers(data.train_ds)
-        module = FusionModule(model, tcfg)
-        callbacks = []
+        ckpt_dir = run_dir / "checkpoints" / stage.name
+        resume = checkpoint_step(ckpt_dir / "last.ckpt") if tcfg.checkpoint else None
         curve = None
-        if prep.suite is not None and cfg.eval.curve_every_n_steps > 0:
-            from fusionbench.training.callbacks import ForgettingCurve
-
-            curve = ForgettingCurve(prep.curve_suite, prep.curve_base, tok, cfg.eval.curve_every_n_steps,
-                                    cfg.eval.batch_size)
-            callbacks.append(curve)
-        if tcfg.checkpoint:
-            callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints" / stage.name,
-                                                                 save_top_k=0, save_last=True))
-        trainer = L.Trainer(max_steps=tcfg.max_steps, accelerator=tcfg.accelerator, devices=tcfg.devices,
-                            strategy=tcfg.strategy, precision=tcfg.precision, gradient_clip_val=tcfg.grad_clip or None,
-                            logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs", version=stage.name),
-                            callbacks=callbacks, log_every_n_steps=tcfg.log_every_n_steps,
-                            val_check_interval=tcfg.val_every_n_steps or tcfg.max_steps, check_val_every_n_epoch=None,
-                            limit_val_batches=tcfg.limit_val_batches, num_sanity_val_steps=0,
-                            enable_checkpointing=bool(tcfg.checkpoint), enable_model_summary=False, deterministic=False)
-        log(f"stage {stage.name}: training {model.param_counts()['params_trainable']:,} parameters for {tcfg.max_steps} steps")
+        is_zero = True
         t0 = time.time()
-        trainer.fit(module, datamodule=data)
+        if resume is not None and resume >= tcfg.max_steps:
+            log(f"stage {stage.name}: already trained ({resume} steps, {ckpt_dir / 'last.ckpt'}); loading it")
+            load_stage_checkpoint(model, ckpt_dir / "last.ckpt", stage.name)
+            extra["resumed_from_step"] = resume
+        else:
+            module = FusionModule(model, tcfg)
+            callbacks = []
+            if prep.suite is not None and cfg.eval.curve_every_n_steps > 0:
+                from fusionbench.training.callbacks import ForgettingCurve
+
+                curve = ForgettingCurve(prep.curve_suite, prep.curve_base, tok, cfg.eval.curve_every_n_steps,
+                                        cfg.eval.batch_size)
+                callbacks.append(curve)
+            if tcfg.checkpoint:
+                callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
+                    dirpath=ckpt_dir, save_top_k=0, save_last=True,
+                    every_n_train_steps=tcfg.checkpoint_every_n_steps or None))
+            trainer = L.Trainer(max_steps=tcfg.max_steps, accelerator=tcfg.accelerator, devices=tcfg.devices,
+                                strategy=tcfg.strategy, precision=tcfg.precision,
+                                gradient_clip_val=tcfg.grad_clip or None,
+                                logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs", version=stage.name),
+                                callbacks=callbacks, log_every_n_steps=tcfg.log_every_n_steps,
+                                val_check_interval=tcfg.val_every_n_steps or tcfg.max_steps,
+                                check_val_every_n_epoch=None, limit_val_batches=tcfg.limit_val_batches,
+                                num_sanity_val_steps=0, enable_checkpointing=bool(tcfg.checkpoint),
+                                enable_model_summary=False, deterministic=False)
+            if resume:
+                log(f"stage {stage.name}: resuming from step {resume} ({ckpt_dir / 'last.ckpt'})")
+                extra["resumed_from_step"] = resume
+            log(f"stage {stage.name}: training {model.param_counts()['params_trainable']:,} parameters "
+                f"for {tcfg.max_steps} steps")
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if resume else None)
+            is_zero = trainer.is_global_zero
+            if tcfg.checkpoint and (checkpoint_step(ckpt_dir / "last.ckpt") or 0) < tcfg.max_steps:
+                trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the stage's final weights, whatever the schedule
+            final_loss = trainer.callback_metrics.get("train/loss")
+            extra["train_loss_final"] = float(final_loss) if final_loss is not None else None
         train_s = time.time() - t0
-        if not evaluate:
+        if not evaluate or not is_zero:
             log(f"stage {stage.name}: trained in {train_s:.0f}s; checkpoint in {run_dir / 'checkpoints'}")
+            continue
+        if stage.name in done_stages:
+            log(f"stage {stage.name}: its row is already in {cfg.results_file}; not evaluated again")
             continue
         metrics = evaluate_model(cfg, prep, model, data, majority)
         eval_s = time.time() - t0 - train_s
-        final_loss = trainer.callback_metrics.get("train/loss")
-        row = result_row(cfg, stage, model, run_dir, metrics, train_s=train_s, eval_s=eval_s,
-                         train_loss_final=float(final_loss) if final_loss is not None else None,
+        if label:
+            extra["grid_point"] = json.dumps(label, sort_keys=True, default=str)
+        row = result_row(cfg, stage, model, run_dir, metrics, train_s=train_s, eval_s=eval_s, **extra,
                          **({"curve": json.dumps(curve.points)} if curve is not None else {}))
         append_row(cfg.results_file, row)
         rows.append(row)
@@ -263,7 +333,7 @@ def result_row(cfg: DictConfig, stage: DictConfig, model: VisionLanguageModel, r
         "lm": cfg.lm.source, "vision": cfg.vision.source, "data": stage.data.name,
         "steps": t.max_steps, "batch_size": t.batch_size, "lr": t.lr, **model.param_counts(),
         **{k: (round(v, 2) if k.endswith("_s") else v) for k, v in extra.items()},
-        "config_hash": config_hash(cfg), "run_dir": str(run_dir), **provenance(), **metrics,
+        "config_hash": config_hash(cfg), "point_hash": config_hash(cfg, drop=("seed",)), "run_dir": str(run_dir), **provenance(), **metrics,
         "config": json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True),
     }
 
@@ -292,9 +362,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, stage:
         raise FusionBenchError(f"no checkpoint {ckpt} (was the run trained with trainer.checkpoint=true?)")
     prep = Prepared(cfg, text_suite=cfg.eval.text_suite)
     model = prep.model
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    model.set_stage(state.get("fusionbench_stage", chosen.name))
-    model.load_trainable_state_dict({k[len("model."):]: v for k, v in state["state_dict"].items()})
+    load_stage_checkpoint(model, ckpt, chosen.name)
     data = prep.data
     if chosen.data != cfg.data:
         data = FusionDataModule(chosen.data, chosen.trainer, prep.tokenizer, prep.vision.preprocess,
@@ -323,10 +391,10 @@ def _summary(row: dict[str, Any]) -> None:
 
 
 def run(cfg: DictConfig, evaluate: bool = True) -> list[dict[str, Any]]:
-    points = expand_grid(cfg)  # validates every point before the first one starts
+    points = grid_points(cfg)  # validates every point before the first one starts
     rows = []
-    for i, point in enumerate(points):
+    for i, (label, point) in enumerate(points):
         if len(points) > 1:
             log(f"grid point {i + 1}/{len(points)}")
-        rows += run_point(point, evaluate=evaluate)
+        rows += run_point(point, evaluate=evaluate, label=label)
     return rows

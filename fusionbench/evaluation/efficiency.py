@@ -225,3 +225,18 @@ def efficiency(model: VisionLanguageModel, batch: dict[str, Any]) -> dict[str, f
     if n > 0:
         out["eff/flops_fwd_per_image_token"] = image / (b * n)
     return out
+
+
+def train_step_flops(model: VisionLanguageModel, batch: dict[str, Any]) -> int:
+    """FLOPs of one training step (forward + backward, optimiser excluded) of ``model`` on ``batch``,
+    in the model's current stage; leaves parameters, gradients, buffers and RNG as they were."""
+    device = next(model.parameters()).device
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    with preserved_state(model):
+        model.train()
+        with torch.enable_grad(), flop_counter_mode() as counter:
+            loss = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), _labels(batch)).loss
+            if loss.requires_grad:
+                loss.backward()
+            del loss
+    return int(counter.get_total_flops())
