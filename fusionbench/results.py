@@ -1,6 +1,7 @@
 """The results table: one JSON object per run (JSON Lines), appended atomically, with provenance."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -15,7 +16,10 @@ import pandas as pd
 PACKAGES = ("torch", "transformers", "peft", "lightning", "datasets", "omegaconf", "fusionbench")
 
 
+@functools.cache
 def git_sha() -> str:
+    """The commit of the code this process runs, read once (the first call, at the start of a run):
+    commits made while a long sweep runs do not relabel its rows."""
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
