@@ -1,0 +1,165 @@
+"""``fusionbench sweep``: skips finished points, goes on past a failed one, resumes a killed sweep
+from its Lightning checkpoints without redoing finished points, and runs a point with Lightning's
+``ddp`` strategy on 2 CPU processes (rank 0 alone writes the rows). Also: every config under
+``experiments/`` expands into valid points, and compute-matched step counts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import fusionbench.sweep as sweep_mod
+from fusionbench.cli import main
+from fusionbench.config import grid_points, load_config
+from fusionbench.results import read_results
+from tests.helpers import ROOT, TINY, tiny_cfg
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def _args(tmp_path, *overrides):
+    return [str(TINY), f"output_dir={tmp_path / 'runs'}", f"results_file={tmp_path / 'res.jsonl'}", *overrides]
+
+
+def test_sweep_skips_finished_points_and_goes_on_past_a_failure(tmp_path, monkeypatch, capsys):
+    real = sweep_mod.run_point
+
+    def flaky(point, **kw):
+        if point.fusion.name == "mlp" and point.seed == 1:
+            raise RuntimeError("simulated crash in one point")
+        return real(point, **kw)
+
+    monkeypatch.setattr(sweep_mod, "run_point", flaky)
+    args = ["sweep", *_args(tmp_path, "grid={fusion: [linear, mlp]}", "seeds=[0,1]")]
+    assert main(args) == 1  # one point failed: non-zero exit, the others ran
+    df = read_results(tmp_path / "res.jsonl")
+    assert sorted(zip(df.strategy, df.seed)) == [("linear", 0), ("linear", 1), ("mlp", 0)]
+    status = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "sweep.jsonl").read_text().splitlines()]
+    failed = [s for s in status if s["status"] == "failed"]
+    assert len(failed) == 1 and "simulated crash" in failed[0]["error"] and "Traceback" in failed[0]["traceback"]
+    assert failed[0]["label"] == {"fusion": "mlp"} and failed[0]["seed"] == 1
+
+    # second run: the three finished points are skipped (no new rows for them), the failed one runs
+    monkeypatch.setattr(sweep_mod, "run_point", real)
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipped") >= 3 and "1 run, 3 skipped, 0 failed" in err
+    df = read_results(tmp_path / "res.jsonl")
+    assert len(df) == 4 and df.config_hash.is_unique
+    assert set(df.grid_point) == {'{"fusion": "linear"}', '{"fusion": "mlp"}'}
+    # seeds of one point share a point hash; different points do not
+    assert df.groupby("point_hash").seed.nunique().tolist() == [2, 2]
+
+
+def test_dry_run_lists_points_and_their_state(tmp_path, capsys):
+    assert main(["run", *_args(tmp_path, "fusion=linear")]) == 0
+    capsys.readouterr()
+    assert main(["sweep", "--dry-run", *_args(tmp_path, "grid={fusion: [linear, mlp]}")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].endswith("done") and lines[1].endswith("todo")
+
+
+def _wait_for(predicate, proc, timeout=240.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_killed_sweep_resumes_without_redoing_finished_points(tmp_path):
+    """A real kill (SIGKILL) in the middle of the second point's training; the restarted sweep skips
+    the first point, continues the second from its newest checkpoint and finishes."""
+    args = _args(tmp_path, "fusion=linear", "seeds=[0,1]", "trainer.max_steps=300",
+                 "trainer.checkpoint_every_n_steps=10", "trainer.log_every_n_steps=1000")
+    cmd = [sys.executable, "-m", "fusionbench.cli", "sweep", *args]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    runs = tmp_path / "runs" / "tiny"
+    second = lambda: next(iter(runs.glob("linear-*-s1/checkpoints/main/last.ckpt")), None)  # noqa: E731
+    try:
+        assert _wait_for(lambda: (tmp_path / "res.jsonl").exists() and second() is not None, proc), \
+            (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # it was killed, not finished
+    log.close()
+    before = read_results(tmp_path / "res.jsonl")
+    assert list(before.seed) == [0]  # the first point finished, the second had not
+    first_row = (tmp_path / "res.jsonl").read_text()
+
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "1 run, 1 skipped, 0 failed" in out.stderr
+    assert "resuming from step" in out.stderr
+    after = read_results(tmp_path / "res.jsonl")
+    assert list(after.seed) == [0, 1] and after.config_hash.is_unique
+    assert (tmp_path / "res.jsonl").read_text().startswith(first_row)  # finished row untouched
+    resumed = after.iloc[1]
+    assert resumed["resumed_from_step"] >= 10 and resumed["steps"] == 300
+    # the restarted process trained only the remaining steps of the second point
+    metrics = (second().parent.parent.parent / "logs" / "main" / "metrics.csv")
+    assert metrics.exists()
+
+
+def test_ddp_with_two_cpu_processes(tmp_path):
+    """``trainer.strategy: ddp`` with 2 CPU processes: both ranks train each point (Lightning
+    launches the second process by re-running the command), rank 0 alone evaluates and writes."""
+    cmd = [sys.executable, "-m", "fusionbench.cli", "sweep",
+           *_args(tmp_path, "grid={fusion: [linear, mlp]}", "trainer.strategy=ddp", "trainer.devices=2",
+                  "trainer.accelerator=cpu")]
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out.stderr + out.stdout
+    df = read_results(tmp_path / "res.jsonl")
+    assert sorted(df.strategy) == ["linear", "mlp"]  # one row per point, not one per rank
+    for run_dir in df.run_dir:
+        assert (Path(run_dir) / "checkpoints" / "main" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_experiment_config_expands_into_valid_points(path):
+    cfg = load_config(path)
+    points = grid_points(cfg)
+    assert points
+    hashes = {json.dumps(label, sort_keys=True, default=str) + str(p.seed) for label, p in points}
+    assert len(hashes) == len(points)  # distinct labels: the report can tell the points apart
+    if path.name != "base.yaml":
+        assert path.read_text().startswith("# Question"), f"{path}: its first comment says which question it answers"
+
+
+def test_variant_axis_applies_a_bundle_of_keys():
+    cfg = tiny_cfg("grid={variant: [{fusion: linear}, {label: two-stage, fusion: {name: moe, num_experts: 2},"
+                   " stages: [{name: dense}, {name: upcycle, trainer: {max_steps: 2}}]}, {fusion: mlp, trainer.lr: 0.5}]}")
+    points = grid_points(cfg)
+    assert [label["variant"] for label, _ in points] == ["linear", "two-stage", "mlp"]
+    assert points[1][1].fusion.num_experts == 2 and [s.name for s in points[1][1].stages] == ["dense", "upcycle"]
+    assert points[2][1].trainer.lr == 0.5 and points[0][1].trainer.lr == cfg.trainer.lr
+    assert not points[0][1].stages
+
+
+def test_compute_matched_steps_follow_the_flops_budget(tmp_path):
+    from fusionbench.evaluation.efficiency import train_step_flops
+    from fusionbench.runner import Prepared, steps_for_budget
+
+    prep = Prepared(tiny_cfg("fusion=mlp", tmp_path=tmp_path), text_suite=False)
+    batch = prep.data.collator()([prep.data.train_ds[i] for i in range(8)])
+    per_step = train_step_flops(prep.model, batch)
+    assert per_step > 0
+    budget = load_config(TINY, [f"trainer.flops_budget={per_step * 7.5}"]).trainer
+    steps, counted = steps_for_budget(prep.model, prep.data, budget)
+    assert counted == per_step and steps == 7
+    assert main(["run", *_args(tmp_path, "fusion=linear", f"trainer.flops_budget={per_step * 5}")]) == 0
+    row = read_results(tmp_path / "res.jsonl").iloc[0]
+    assert row["flops_budget"] == per_step * 5 and row["steps"] >= 5  # linear's step is cheaper than mlp's
+    assert row["steps"] == int(per_step * 5 // row["flops_per_train_step"])
