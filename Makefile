@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS = 1
 
-.PHONY: setup quickstart test report
+.PHONY: setup quickstart test report sweep paper
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh && touch $@
@@ -19,3 +19,10 @@ test: setup
 
 report: setup
 	$(VENV)/bin/fusionbench report
+
+# the paper's main results (resumable: finished points are skipped), then figures, tables and PDF
+sweep: setup
+	$(VENV)/bin/fusionbench sweep experiments/main.yaml
+
+paper: report
+	cd paper && latexmk -pdf -interaction=nonstopmode -halt-on-error main.tex

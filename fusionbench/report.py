@@ -1,30 +1,109 @@
-"""``fusionbench report``: figures and LaTeX tables for ``paper/``, regenerated from ``results/``
-alone (every ``*.jsonl`` table there). Runs in seconds; no model is loaded."""
+"""``fusionbench report``: every figure and LaTeX table of ``paper/``, regenerated from ``results/``
+alone (the ``*.jsonl`` run tables there); no model is loaded, it takes seconds.
+
+What it writes (``paper/figures/*.{pdf,png}``, ``paper/tables/*``):
+
+* from the main table (``results/main.jsonl``; without one, the largest run table):
+  ``pareto`` (multimodal accuracy vs forgetting), ``mm_by_qtype`` (per question type, spatial
+  highlighted), ``spatial_relations`` (per relation), ``forgetting`` (bars), ``forgetting_curves``
+  (during training), ``probe_curves`` (depth probes per layer), ``efficiency`` (accuracy vs trainable
+  parameters and training FLOPs); tables ``main.tex`` (mean ± 95% CI over seeds), ``efficiency.tex``
+  and ``numbers.tex`` (the macros ``paper/main.tex`` quotes);
+* per other run table ``T`` (quickstart, ablations): ``tables/T.tex`` and ``figures/T.{pdf,png}``;
+* every summary also as Markdown (``tables/*.md``) for the README.
+
+Rows are grouped into *points* (``point_hash``: the config hash without the seed); a re-run of the
+same config and seed replaces the older row; seeds are aggregated into mean and Student-t interval.
+"""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from fusionbench.errors import FusionBenchError
 from fusionbench.results import read_results
 
 QTYPES = ("attribute", "count", "spatial")
+PROBES = ("color", "column", "row")
+MAIN_TABLE = "main"
 
 
+# -- loading ---------------------------------------------------------------------------------------
 def load_all(results_dir: str | Path) -> pd.DataFrame:
+    """Every run row of ``results_dir/*.jsonl`` (benchmark tables, which have no ``stage``, are
+    left out), one column ``table`` naming the file."""
     files = sorted(Path(results_dir).glob("*.jsonl"))
     frames = [read_results(f).assign(table=f.stem) for f in files]
-    frames = [f for f in frames if len(f)]
+    frames = [f for f in frames if len(f) and "stage" in f and "strategy" in f]
     if not frames:
         raise FusionBenchError(f"no result rows in {results_dir}/*.jsonl; run `fusionbench run CONFIG` first")
-    return pd.concat(frames, ignore_index=True)
+    return prepare(pd.concat(frames, ignore_index=True))
 
 
+def _point_hash(config: str) -> str:
+    from fusionbench.config import config_hash
+    from omegaconf import OmegaConf
+
+    cfg = json.loads(config)
+    return config_hash(OmegaConf.create(cfg), drop=("seed",))
+
+
+def prepare(df: pd.DataFrame) -> pd.DataFrame:
+    """Adds ``point_hash`` where old rows lack it, ``label`` (what the point is), ``final`` (the
+    point's last stage), ``frozen_text`` (the strategy declares its text path unchanged); keeps the
+    newest row per (table, config hash, stage, source)."""
+    df = df.copy()
+    if "source" not in df:
+        df["source"] = "run"
+    df["source"] = df["source"].fillna("run")
+    if "point_hash" not in df:
+        df["point_hash"] = None
+    df["point_hash"] = df["point_hash"].astype(object)
+    missing = df["point_hash"].isna()
+    df.loc[missing, "point_hash"] = [_point_hash(c) for c in df.loc[missing, "config"]]
+    df = df.drop_duplicates(subset=["table", "config_hash", "stage", "source"], keep="last").reset_index(drop=True)
+    configs = [json.loads(c) for c in df["config"]]
+    df["label"] = [_label(row, cfg) for row, cfg in zip(df.to_dict("records"), configs)]
+    df["final"] = [row["stage"] == ([s["name"] for s in cfg.get("stages") or []] or ["main"])[-1]
+                   for row, cfg in zip(df.to_dict("records"), configs)]
+    df["frozen_text"] = [_frozen_text(cfg["fusion"]) for cfg in configs]
+    df.loc[~df["final"], "label"] = df.loc[~df["final"], "label"] + " [" + df.loc[~df["final"], "stage"] + "]"
+    return df
+
+
+def _label(row: dict[str, Any], cfg: dict[str, Any]) -> str:
+    point = row.get("grid_point")
+    if isinstance(point, str) and point:
+        values = json.loads(point)
+        if list(values) == ["variant"]:
+            return str(values["variant"])
+        if values:
+            return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
+    return str(row["strategy"])
+
+
+def _frozen_text(fusion: dict[str, Any]) -> bool:
+    """Does the strategy (with these options) declare its text-only path the base LM's? Read from
+    the registry, independent of what was measured."""
+    from fusionbench.fusion import FUSIONS
+
+    try:
+        declared = FUSIONS.get(fusion["name"]).text_invariant
+    except Exception:  # a strategy no longer registered: unknown, treated as not frozen
+        return False
+    declared = declared if isinstance(declared, bool) else True  # a per-instance property (flamingo)
+    return bool(declared) and not fusion.get("text_path_drift", False)
+
+
+# -- aggregation -----------------------------------------------------------------------------------
 def mean_ci(values) -> tuple[float, float]:
     """Mean and the half-width of its two-sided 95% confidence interval (Student t over the seeds;
     NaN half-width for a single seed)."""
-    import numpy as np
     from scipy import stats
 
     x = np.asarray([v for v in values if pd.notna(v)], dtype=float)
@@ -35,104 +114,446 @@ def mean_ci(values) -> tuple[float, float]:
     return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
 
 
+def _metric_columns(df: pd.DataFrame) -> list[str]:
+    keep = ("mm/", "forgetting/", "text/", "eff/", "probe/", "cap/")
+    cols = [c for c in df.columns if c.startswith(keep) and pd.api.types.is_numeric_dtype(df[c])]
+    return cols + [c for c in ("params_trainable", "params_total", "train_s", "eval_s", "steps",
+                               "train_loss_final", "flops_per_train_step") if c in df]
+
+
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """One line per (table, strategy, stage): mean over seeds of the headline metrics, and for each
-    its 95% confidence-interval half-width as ``<metric>_ci95``."""
-    cols = ["mm/acc", *[f"mm/{q}/acc" for q in QTYPES], *[f"mm/{q}/acc_majority" for q in QTYPES],
-            "forgetting/mc_avg", "forgetting/austen/delta_log_ppl", "params_trainable", "train_s"]
-    cols = [c for c in cols if c in df.columns]
+    """One line per (table, point, stage, source): mean over seeds of every metric, and for each its
+    95% confidence-interval half-width as ``<metric>_ci95``; ``seeds`` counts them."""
+    if "label" not in df:
+        df = prepare(df)
+    cols = _metric_columns(df)
     lines = []
-    for (table, strategy, stage), group in df.groupby(["table", "strategy", "stage"], sort=False):
-        line = {"table": table, "strategy": strategy, "stage": stage, "seeds": group["seed"].nunique()}
+    keys = ["table", "point_hash", "stage", "source"]
+    for _, group in df.groupby(keys, sort=False):
+        first = group.iloc[0]
+        line = {k: first[k] for k in (*keys, "label", "strategy", "final", "frozen_text")}
+        line["seeds"] = group["seed"].nunique()
         for c in cols:
             line[c], line[f"{c}_ci95"] = mean_ci(group[c])
+        if "curve" in group:
+            line["curve"] = _mean_curve(group["curve"])
         lines.append(line)
     return pd.DataFrame(lines)
+
+
+def _mean_curve(curves: pd.Series) -> list[dict[str, float]] | None:
+    """Forgetting-curve points averaged over seeds, step by step."""
+    frames = [pd.DataFrame(json.loads(c)) for c in curves if isinstance(c, str) and c]
+    if not frames:
+        return None
+    return pd.concat(frames).groupby("step", as_index=False).mean(numeric_only=True).to_dict("records")
+
+
+# -- figures ---------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8, "figure.dpi": 150})
+    return plt
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.pdf", out / f"{name}.png"]
     for p in paths:
-        fig.savefig(p, dpi=150, bbox_inches="tight")
+        fig.savefig(p, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
     return paths
 
 
-def figures(summary: pd.DataFrame, out: Path) -> list[Path]:
+def _style(i: int) -> dict[str, Any]:
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    labels = [f"{r.strategy}" + ("" if r.stage == "main" else f"/{r.stage}") for r in summary.itertuples()]
-    # multimodal accuracy per question type, majority baseline as a marker
-    types = [q for q in QTYPES if f"mm/{q}/acc" in summary]
-    if types:
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(labels) * len(types) / 2, 3.4))
-        width = 0.8 / len(types)
-        for j, q in enumerate(types):
-            xs = [i + (j - (len(types) - 1) / 2) * width for i in range(len(labels))]
-            ax.bar(xs, summary[f"mm/{q}/acc"], width, label=q, color=["C0", "C1", "C3"][j % 3])
-            if f"mm/{q}/acc_majority" in summary:
-                ax.scatter(xs, summary[f"mm/{q}/acc_majority"], marker="_", s=200, color="k", zorder=3,
-                           label="majority baseline" if j == 0 else None)
-        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-        ax.set_ylabel("exact-match accuracy")
-        ax.set_ylim(0, 1)
-        ax.set_title("Multimodal accuracy by question type")
-        ax.legend(fontsize=8, ncol=2)
-        written += _save(fig, out, "mm_accuracy")
-        plt.close(fig)
-    # forgetting: relative drop of text multiple-choice accuracy, and change in log-perplexity
-    metrics = [(c, t) for c, t in (("forgetting/mc_avg", "forgetting (relative MC accuracy drop)"),
-                                   ("forgetting/austen/delta_log_ppl", "Δ log-perplexity (Austen)"))
-               if c in summary]
-    if metrics:
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False,
-                                 layout="constrained")
-        for ax, (col, title) in zip(axes[0], metrics):
-            values = summary[col].fillna(0.0)
-            bars = ax.bar(range(len(labels)), values, color="C2")
-            # exact values on the bars: a zero bar (frozen LM) is otherwise invisible
-            ax.bar_label(bars, labels=["0 (exact)" if v == 0 else f"{v:+.3f}" for v in values], fontsize=8,
-                         padding=2)
-            ax.axhline(0, color="k", lw=0.8)
-            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-            ax.set_title(title, fontsize=10)
-            ax.set_ylabel("after − base" if "delta" in col else "(base − after) / base")
-        fig.suptitle("NLP forgetting: the LM's text-only ability after multimodal training", fontsize=10)
-        written += _save(fig, out, "forgetting")
-        plt.close(fig)
-    return written
+    markers = "osD^vP*Xh<>p"
+    palette = [*matplotlib.colormaps["tab10"].colors, "#17becf", "#393b79", "#8c6d31", "#843c39", "#7b4173"]
+    return {"color": palette[i % len(palette)], "marker": markers[i % len(markers)]}
 
 
-def latex_table(summary: pd.DataFrame, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    cols = {"mm/acc": "MM acc", **{f"mm/{q}/acc": q for q in QTYPES}, "forgetting/mc_avg": "forgetting",
-            "forgetting/austen/delta_log_ppl": r"$\Delta$ log-ppl", "params_trainable": "trainable", "seeds": "seeds"}
-    cols = {k: v for k, v in cols.items() if k in summary}
-    table = summary[["strategy", "stage"]].copy()
+def _forgetting_axis(s: pd.DataFrame) -> tuple[str, str] | None:
+    for col, name in (("forgetting/austen/delta_log_ppl", "Δ log-perplexity on Austen (after − base)"),
+                      ("forgetting/austen/delta_bits_per_byte", "Δ bits per byte on Austen (after − base)"),
+                      ("forgetting/mc_avg", "MC forgetting (base − after) / base")):
+        if col in s and s[col].notna().any():
+            return col, name
+    return None
+
+
+def fig_pareto(s: pd.DataFrame, out: Path) -> list[Path]:
+    """Multimodal accuracy vs forgetting, one marker per strategy (mean, 95% CI bars), the Pareto
+    front (higher accuracy, less forgetting) as a line."""
+    s = s[s["final"]]
+    axes_cols = [c for c in (("forgetting/mc_avg", "MC forgetting (base − after) / base"), _forgetting_axis(s))
+                 if c and c[0] in s and s[c[0]].notna().any()]
+    axes_cols = list(dict.fromkeys(axes_cols))
+    if "mm/acc" not in s or not axes_cols:
+        return []
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(axes_cols), figsize=(4.6 * len(axes_cols), 3.8), squeeze=False,
+                             layout="constrained")
+    for ax, (col, name) in zip(axes[0], axes_cols):
+        for i, r in enumerate(s.itertuples()):
+            row = s.loc[r.Index]
+            ax.errorbar(row[col], row["mm/acc"], xerr=_nan0(row.get(f"{col}_ci95")),
+                        yerr=_nan0(row.get("mm/acc_ci95")), linestyle="none", markersize=6, capsize=2,
+                        label=row["label"], **_style(i))
+        front = _pareto_front(s[col].to_numpy(), s["mm/acc"].to_numpy())
+        if len(front) > 1:
+            ax.plot(s[col].to_numpy()[front], s["mm/acc"].to_numpy()[front], color="0.5", lw=1, ls="--", zorder=0,
+                    label="Pareto front")
+        if "mm/acc_majority" in s:
+            ax.axhline(s["mm/acc_majority"].mean(), color="k", lw=0.8, ls=":", label="majority answer")
+        ax.axvline(0, color="k", lw=0.5)
+        ax.set_xlabel(name)
+        ax.set_ylabel("multimodal exact-match accuracy")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
+    fig.suptitle("Accuracy vs forgetting (mean over seeds, 95% CI); left/up is better")
+    return _save(fig, out, "pareto")
+
+
+def _nan0(v) -> float:
+    return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _pareto_front(x: np.ndarray, y: np.ndarray) -> list[int]:
+    """Indices of points not dominated (lower x and higher y is better), sorted by x."""
+    idx = [i for i in range(len(x)) if not any((x[j] <= x[i] and y[j] >= y[i]) and (x[j] < x[i] or y[j] > y[i])
+                                               for j in range(len(x)))]
+    return sorted(idx, key=lambda i: (x[i], y[i]))
+
+
+def fig_mm_by_qtype(s: pd.DataFrame, out: Path, name: str = "mm_by_qtype") -> list[Path]:
+    types = [q for q in QTYPES if f"mm/{q}/acc" in s and s[f"mm/{q}/acc"].notna().any()]
+    if not types:
+        return []
+    plt = _plt()
+    labels = list(s["label"])
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.75 * len(labels) + 2), 3.6), layout="constrained")
+    width = 0.8 / len(types)
+    colors = {"attribute": "#9ecae1", "count": "#c6dbef", "spatial": "#d62728"}
+    for j, q in enumerate(types):
+        xs = np.arange(len(labels)) + (j - (len(types) - 1) / 2) * width
+        ax.bar(xs, s[f"mm/{q}/acc"], width, yerr=s.get(f"mm/{q}/acc_ci95", None), capsize=1.5,
+               label=q + (" (highlighted)" if q == "spatial" else ""), color=colors.get(q, f"C{j}"),
+               edgecolor="k" if q == "spatial" else "none", linewidth=0.8, error_kw={"lw": 0.7})
+        if f"mm/{q}/acc_majority" in s:
+            ax.scatter(xs, s[f"mm/{q}/acc_majority"], marker="_", s=120, color="k", zorder=3,
+                       label="majority-answer baseline" if j == 0 else None)
+        if f"mm/{q}/acc_text_only" in s:
+            ax.scatter(xs, s[f"mm/{q}/acc_text_only"], marker="x", s=14, color="0.35", zorder=3, linewidths=0.8,
+                       label="same model, no image" if j == 0 else None)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Multimodal accuracy by question type (mean over seeds, 95% CI)")
+    ax.legend(ncol=3, loc="upper left", fontsize=7)
+    return _save(fig, out, name)
+
+
+def fig_spatial_relations(s: pd.DataFrame, out: Path) -> list[Path]:
+    rels = sorted({c.split("/")[2] for c in s.columns
+                   if c.startswith("mm/spatial/") and c.count("/") == 3 and c.endswith("/acc") and s[c].notna().any()})
+    if not rels:
+        return []
+    plt = _plt()
+    values = np.array([[s.iloc[i].get(f"mm/spatial/{r}/acc", np.nan) for r in rels] for i in range(len(s))], float)
+    majority = np.array([s[f"mm/spatial/{r}/acc_majority"].mean() if f"mm/spatial/{r}/acc_majority" in s else np.nan
+                         for r in rels])
+    fig, ax = plt.subplots(figsize=(1.2 + 1.0 * len(rels), 0.9 + 0.32 * len(s)), layout="constrained")
+    im = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if not np.isnan(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="w" if values[i, j] < 0.6 else "k")
+    ax.set_xticks(range(len(rels)), [f"{r}\n(maj. {m:.2f})" for r, m in zip(rels, majority)])
+    ax.set_yticks(range(len(s)), s["label"])
+    fig.colorbar(im, ax=ax, label="exact-match accuracy")
+    ax.set_title("Spatial questions by relation (mean over seeds)")
+    return _save(fig, out, "spatial_relations")
+
+
+def fig_forgetting(s: pd.DataFrame, out: Path) -> list[Path]:
+    metrics = [(c, t) for c, t in (("forgetting/mc_avg", "MC forgetting (base − after) / base"),
+                                   ("forgetting/austen/delta_log_ppl", "Δ log-perplexity, Austen (after − base)"),
+                                   ("forgetting/austen/delta_bits_per_byte", "Δ bits/byte, Austen (after − base)"))
+               if c in s and s[c].notna().any()]
+    if not metrics:
+        return []
+    plt = _plt()
+    labels = list(s["label"])
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(5.0, 0.6 * len(labels) + 1.5), 2.4 * len(metrics) + 0.8),
+                             squeeze=False, layout="constrained", sharex=True)
+    for ax, (col, title) in zip(axes[:, 0], metrics):
+        values = s[col]
+        colors = ["#2ca02c" if f else "#ff7f0e" for f in s["frozen_text"]]
+        bars = ax.bar(range(len(labels)), values.fillna(0.0), yerr=s.get(f"{col}_ci95"), color=colors, capsize=2,
+                      error_kw={"lw": 0.7})
+        # exact values on the bars: a zero bar (frozen LM) is otherwise invisible
+        ax.bar_label(bars, labels=["0" if v == 0 else f"{v:+.2g}" for v in values.fillna(0.0)], fontsize=7,
+                     padding=2)
+        ax.axhline(0, color="k", lw=0.8)
+        reach = float(np.nanmax(np.abs(values.to_numpy(float)) + np.nan_to_num(
+            s.get(f"{col}_ci95", pd.Series(0.0, index=s.index)).to_numpy(float)))) if len(values) else 0.0
+        reach = reach if reach > 0 else 0.01  # all exactly zero: a readable axis around 0
+        ax.set_ylim(-1.35 * reach, 1.35 * reach)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+    axes[-1, 0].set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color="#2ca02c", label="text path declared frozen"),
+                        Patch(color="#ff7f0e", label="LM weights train")], loc="outside lower center", ncol=2)
+    fig.suptitle("NLP forgetting: text-only scores after vs before multimodal training (mean, 95% CI)")
+    return _save(fig, out, "forgetting")
+
+
+def fig_forgetting_curves(s: pd.DataFrame, out: Path) -> list[Path]:
+    s = s[s["final"]]
+    if "curve" not in s or not s["curve"].notna().any():
+        return []
+    curves = [(r["label"], pd.DataFrame(r["curve"])) for _, r in s.iterrows() if isinstance(r["curve"], list)]
+    metrics = [(c, t) for c, t in (("forgetting/mc_avg", "MC forgetting (base − after) / base"),
+                                   ("forgetting/austen/delta_log_ppl", "Δ log-perplexity, Austen"))
+               if any(c in df for _, df in curves)]
+    if not metrics:
+        return []
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics) + 1.6, 3.4), squeeze=False,
+                             layout="constrained")
+    for ax, (col, title) in zip(axes[0], metrics):
+        for i, (label, df) in enumerate(curves):
+            if col in df:
+                ax.plot(df["step"], df[col], label=label, lw=1.2, markersize=3, **_style(i))
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("training step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
+    fig.suptitle("Forgetting during training (text-suite slice, mean over seeds)")
+    return _save(fig, out, "forgetting_curves")
+
+
+def _layers(s: pd.DataFrame, kind: str) -> list[int]:
+    return sorted(int(c.rsplit("_", 1)[1]) for c in s.columns
+                  if c.startswith(f"probe/{kind}/layer_") and not c.endswith("_ci95"))
+
+
+def fig_probe_curves(s: pd.DataFrame, out: Path) -> list[Path]:
+    s = s[s["final"]]
+    kinds = [k for k in (*PROBES, "cos_img_text") if _layers(s, k) and s[f"probe/{k}/layer_{_layers(s, k)[0]}"].notna().any()]
+    if not kinds:
+        return []
+    plt = _plt()
+    titles = {"color": "colour of the object", "column": "column of the object", "row": "row of the object",
+              "cos_img_text": "cosine(image tokens, question tokens)"}
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.3 * len(kinds) + 1.6, 3.2), squeeze=False,
+                             layout="constrained", sharex=True)
+    for ax, kind in zip(axes[0], kinds):
+        layers = _layers(s, kind)
+        for i, (_, r) in enumerate(s.iterrows()):
+            ax.plot(layers, [r.get(f"probe/{kind}/layer_{l}") for l in layers], lw=1.1, markersize=2.5,
+                    label=r["label"], **_style(i))
+        if f"probe/{kind}/majority" in s:
+            ax.axhline(s[f"probe/{kind}/majority"].mean(), color="k", ls=":", lw=0.9, label="majority class")
+        ax.set_title(titles.get(kind, kind))
+        ax.set_xlabel("LM layer (0 = embeddings)")
+        ax.set_ylabel("probe accuracy (held out)" if kind in PROBES else "mean cosine")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
+    fig.suptitle("Depth probes: how far into the LM visual facts are linearly readable at the question's last token")
+    return _save(fig, out, "probe_curves")
+
+
+def fig_efficiency(s: pd.DataFrame, out: Path) -> list[Path]:
+    s = s[s["final"]]
+    xs = [(c, t) for c, t in (("params_trainable", "trainable parameters"),
+                              ("eff/flops_train_step", "training FLOPs per step (batch 8)"))
+          if c in s and s[c].notna().any()]
+    if "mm/acc" not in s or not xs:
+        return []
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(xs), figsize=(4.2 * len(xs) + 1.6, 3.4), squeeze=False, layout="constrained")
+    for ax, (col, title) in zip(axes[0], xs):
+        for i, (_, r) in enumerate(s.iterrows()):
+            ax.errorbar(r[col], r["mm/acc"], yerr=_nan0(r.get("mm/acc_ci95")), linestyle="none", capsize=2,
+                        markersize=6, label=r["label"], **_style(i))
+        ax.set_xscale("log")
+        ax.set_xlabel(title + " (log scale)")
+        ax.set_ylabel("multimodal exact-match accuracy")
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
+    fig.suptitle("Accuracy vs cost (mean over seeds, 95% CI)")
+    return _save(fig, out, "efficiency")
+
+
+def fig_table(s: pd.DataFrame, out: Path, name: str) -> list[Path]:
+    """The compact figure of a secondary table (quickstart, an ablation): accuracy by question type
+    and, where measured, Δ log-perplexity, per point."""
+    return fig_mm_by_qtype(s, out, name)
+
+
+# -- tables ----------------------------------------------------------------------------------------
+def _cell(m: float, h: float, digits: int = 3, latex: bool = True) -> str:
+    if pd.isna(m):
+        return "--"
+    pm = r" $\pm$ " if latex else " ± "
+    return f"{m:.{digits}f}" + (f"{pm}{h:.{digits}f}" if pd.notna(h) else "")
+
+
+MAIN_COLUMNS = {"mm/acc": "MM acc", "mm/attribute/acc": "attribute", "mm/count/acc": "count",
+                "mm/spatial/acc": "spatial", "forgetting/mc_avg": "MC forgetting",
+                "forgetting/austen/delta_log_ppl": "Δ log-ppl", "forgetting/austen/delta_bits_per_byte": "Δ bits/byte"}
+
+
+def table_frame(s: pd.DataFrame, latex: bool = True) -> pd.DataFrame:
+    cols = {k: v for k, v in MAIN_COLUMNS.items() if k in s and s[k].notna().any()}
+    t = pd.DataFrame({"strategy": s["label"]})
     for key, label in cols.items():
-        if key == "params_trainable":
-            table[label] = summary[key].map(lambda n: f"{n / 1e6:.2f}M")
-        elif key == "seeds":
-            table[label] = summary[key]
-        else:  # mean, with ± the 95% interval over seeds where there are several
-            ci = summary.get(f"{key}_ci95", pd.Series(float("nan"), index=summary.index))
-            table[label] = [f"{m:.3f}" + (f" $\\pm$ {h:.3f}" if pd.notna(h) else "") if pd.notna(m) else "--"
-                            for m, h in zip(summary[key], ci)]
-    path = out / "main.tex"
-    table.columns = [c.replace("_", "\\_") for c in table.columns]
-    table["strategy"] = table["strategy"].str.replace("_", "\\_")
-    table["stage"] = table["stage"].str.replace("_", "\\_")
-    path.write_text(table.to_latex(index=False, escape=False))
-    return path
+        t[label] = [_cell(m, h, 3, latex) for m, h in zip(s[key], s.get(f"{key}_ci95", [np.nan] * len(s)))]
+    if "params_trainable" in s:
+        t["trainable"] = s["params_trainable"].map(lambda n: f"{n / 1e6:.2f}M")
+    t["seeds"] = s["seeds"].astype(int)
+    return t
 
 
+def _escape(text: str) -> str:
+    return (str(text).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%")
+            .replace("&", r"\&").replace("#", r"\#").replace("Δ", r"$\Delta$").replace("±", r"$\pm$"))
+
+
+def _latex(t: pd.DataFrame, caption: str) -> str:
+    header = " & ".join(_escape(c) for c in t.columns) + r" \\"
+    body = "\n".join(" & ".join(_escape(v) if not str(v).count("$") else str(v) for v in row) + r" \\"
+                     for row in t.astype(str).itertuples(index=False))
+    return ("% generated by `fusionbench report` from results/; do not edit\n"
+            f"% {caption}\n"
+            r"\begin{tabular}{l" + "r" * (len(t.columns) - 1) + "}\n\\toprule\n" + header + "\n\\midrule\n"
+            + body + "\n\\bottomrule\n\\end{tabular}\n")
+
+
+def _markdown(t: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in t.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(s: pd.DataFrame, out: Path, name: str, caption: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    tex, md = out / f"{name}.tex", out / f"{name}.md"
+    tex.write_text(_latex(table_frame(s), caption))
+    md.write_text(_markdown(table_frame(s, latex=False)))
+    return [tex, md]
+
+
+def efficiency_table(s: pd.DataFrame, out: Path) -> list[Path]:
+    s = s[s["final"]]
+    cols = [("params_total", "params", lambda v: f"{v / 1e6:.1f}M"),
+            ("params_trainable", "trainable", lambda v: f"{v / 1e6:.2f}M"),
+            ("eff/flops_fwd_per_text_token", "MFLOP/text token", lambda v: f"{v / 1e6:.1f}"),
+            ("eff/flops_fwd_per_image", "GFLOP/image", lambda v: f"{v / 1e9:.2f}"),
+            ("eff/flops_train_step", "GFLOP/train step", lambda v: f"{v / 1e9:.0f}"),
+            ("train_s_per_step", "s/step (CPU)", lambda v: f"{v:.2f}")]
+    s = s.copy()
+    if "train_s" in s and "steps" in s:
+        s["train_s_per_step"] = s["train_s"] / s["steps"]
+    t = pd.DataFrame({"strategy": s["label"]})
+    for key, label, fmt in cols:
+        if key in s and s[key].notna().any():
+            t[label] = [fmt(v) if pd.notna(v) else "--" for v in s[key]]
+    out.mkdir(parents=True, exist_ok=True)
+    tex, md = out / "efficiency.tex", out / "efficiency.md"
+    tex.write_text(_latex(t, "parameters, FLOPs (torch FLOP counter, batch of 8) and wall time per training step"))
+    md.write_text(_markdown(t))
+    return [tex, md]
+
+
+def _macro(name: str) -> str:
+    return "".join(part.capitalize() for part in
+                   "".join(ch if ch.isalpha() else " " for ch in name).split())
+
+
+def numbers(s: pd.DataFrame, df: pd.DataFrame, out: Path) -> list[Path]:
+    """``numbers.tex``: LaTeX macros with the numbers the paper's text quotes, and ``numbers.json``
+    with the same values (for the README and for tests)."""
+    s = s[s["final"]]
+    raw = df[(df["table"] == s["table"].iloc[0]) & df["final"]]
+    vals: dict[str, Any] = {"NumStrategies": len(s), "NumSeeds": int(s["seeds"].max()),
+                            "NumRuns": len(raw), "Steps": int(raw["steps"].max()) if "steps" in raw else 0}
+    if "device" in raw:
+        vals["Device"] = str(raw["device"].mode().iloc[0]).replace("cpu:", "CPU: ")
+    frozen = raw[raw["frozen_text"]]
+    for col, key in (("forgetting/austen/delta_log_ppl", "MaxAbsDeltaLogPplFrozen"),
+                     ("forgetting/mc_avg", "MaxAbsMcForgettingFrozen")):
+        if col in frozen and frozen[col].notna().any():
+            vals[key] = f"{frozen[col].abs().max():.3g}"
+            vals[key.replace("MaxAbs", "NumRuns")] = int(frozen[col].notna().sum())
+    for _, r in s.iterrows():
+        tag = _macro(r["label"])
+        for col, name in (("mm/acc", "Acc"), ("mm/spatial/acc", "Spatial"), ("mm/attribute/acc", "Attribute"),
+                          ("mm/count/acc", "Count"), ("forgetting/mc_avg", "McForgetting"),
+                          ("forgetting/austen/delta_log_ppl", "DeltaLogPpl")):
+            if col in r and pd.notna(r[col]):
+                digits = 4 if "delta" in col else 3
+                vals[f"{tag}{name}"] = f"{r[col]:.{digits}f}"
+                if pd.notna(r.get(f"{col}_ci95")):
+                    vals[f"{tag}{name}Ci"] = f"{r[f'{col}_ci95']:.{digits}f}"
+    for col, name in (("mm/spatial/acc_majority", "SpatialMajority"), ("mm/acc_majority", "AccMajority"),
+                      ("mm/spatial/acc_text_only", "SpatialTextOnly")):
+        if col in s:
+            vals[name] = f"{s[col].mean():.3f}"
+    if "mm/spatial/acc" in s:
+        best = s.loc[s["mm/spatial/acc"].idxmax()]
+        vals["BestSpatialStrategy"] = best["label"]
+        vals["BestSpatial"] = f"{best['mm/spatial/acc']:.3f}"
+    if "mm/acc" in s:
+        best = s.loc[s["mm/acc"].idxmax()]
+        vals["BestAccStrategy"] = best["label"]
+        vals["BestAcc"] = f"{best['mm/acc']:.3f}"
+    out.mkdir(parents=True, exist_ok=True)
+    tex = out / "numbers.tex"
+    tex.write_text("% generated by `fusionbench report` from results/; do not edit\n" + "".join(
+        f"\\newcommand{{\\fb{k}}}{{{_escape(v)}}}\n" for k, v in vals.items()))
+    js = out / "numbers.json"
+    js.write_text(json.dumps(vals, indent=1, default=str) + "\n")
+    return [tex, js]
+
+
+# -- entry point -----------------------------------------------------------------------------------
 def report(results_dir: str | Path = "results", paper_dir: str | Path = "paper") -> list[Path]:
-    summary = summarise(load_all(results_dir))
+    df = load_all(results_dir)
+    runs = df[df["source"] == "run"]
+    summary = summarise(runs if len(runs) else df)
     paper = Path(paper_dir)
-    written = figures(summary, paper / "figures")
-    written.append(latex_table(summary, paper / "tables"))
+    figs, tabs = paper / "figures", paper / "tables"
+    tables = list(dict.fromkeys(summary["table"]))
+    main = MAIN_TABLE if MAIN_TABLE in tables else max(tables, key=lambda t: (summary["table"] == t).sum())
+    s = summary[summary["table"] == main].reset_index(drop=True)
+    written: list[Path] = []
+    for fn in (fig_pareto, fig_mm_by_qtype, fig_spatial_relations, fig_forgetting, fig_forgetting_curves,
+               fig_probe_curves, fig_efficiency):
+        written += fn(s, figs)
+    written += write_table(s, tabs, "main", f"results/{main}.jsonl: mean $\\pm$ 95% CI over seeds")
+    written += efficiency_table(s, tabs)
+    written += numbers(s, df[df["source"] == "run"] if len(runs) else df, tabs)
+    for table in tables:
+        if table == main:
+            continue
+        t = summary[summary["table"] == table].reset_index(drop=True)
+        written += fig_table(t, figs, table)
+        written += write_table(t, tabs, table, f"results/{table}.jsonl: mean $\\pm$ 95% CI over seeds")
     return written

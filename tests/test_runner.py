@@ -124,20 +124,6 @@ def test_bad_input_is_one_clear_error_and_no_row(tmp_path, capsys, overrides, me
     assert not list(tmp_path.glob("runs/**/*.ckpt"))  # failed before training started
 
 
-def test_report_regenerates_figures_and_table_from_results_alone(tmp_path):
-    from fusionbench.report import report
-
-    assert _run(tmp_path, "grid={fusion: [linear, full_finetune]}") == 0
-    (tmp_path / "results").mkdir()
-    (tmp_path / "res.jsonl").rename(tmp_path / "results" / "runs.jsonl")
-    written = report(tmp_path / "results", tmp_path / "paper")
-    names = sorted(p.name for p in written)
-    assert names == ["main.tex", "mm_accuracy.pdf", "mm_accuracy.png"]  # no text suite on tiny: no forgetting plot
-    tex = (tmp_path / "paper" / "tables" / "main.tex").read_text()
-    assert "full\\_finetune" in tex and "linear" in tex and "\\begin{tabular}" in tex
-    assert main(["report", "--results", str(tmp_path / "nothing"), "--paper", str(tmp_path / "p2")]) == 2
-
-
 def test_same_seed_gives_identical_numbers_and_seeds_aggregate_to_a_ci(tmp_path):
     from fusionbench.report import mean_ci, summarise
 
