@@ -46,6 +46,8 @@ class VisionConfig:
     image_size: int = 224
     #: average-pool the encoder's feature grid to this many tokens (a square number; 0: keep all)
     pool_tokens: int = 0
+    #: compute a frozen encoder's features once per image and reuse them (fusionbench.feature_cache)
+    feature_cache: bool = True
     #: tiny encoders only: width and depth
     width: int = 32
     depth: int = 2
@@ -345,9 +347,21 @@ def expand_grid(cfg: DictConfig) -> list[DictConfig]:
     return [point for _, point in grid_points(cfg)]
 
 
+#: keys added to the schema after results were committed, with their defaults: at the default they
+#: are left out of the config hash, so older rows keep their hashes (a sweep still finds them finished)
+HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"vision.feature_cache": True}
+
+
 def config_hash(cfg: DictConfig, drop: tuple[str, ...] = ()) -> str:
     """Stable hash of everything that determines a run's numbers (not where it writes)."""
     data = OmegaConf.to_container(cfg, resolve=True)
+    for dotted, default in HASH_NEUTRAL_DEFAULTS.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and node.get(leaf, object()) == default:
+            node.pop(leaf)
     for key in ("output_dir", "results_file", "grid", "seeds"):
         data.pop(key, None)
     for key in drop:

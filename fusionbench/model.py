@@ -75,7 +75,9 @@ class VisionLanguageModel(nn.Module):
             torch.manual_seed(cfg.seed)
             fusion = strategy_cls(options, lm.config.get_text_config().hidden_size, vision.feature_dim,
                                   vision.num_tokens)
-            return cls(vision, lm, tok, fusion)
+            model = cls(vision, lm, tok, fusion)
+        model.feature_cache = bool(cfg.vision.feature_cache)
+        return model
 
     @property
     def num_image_tokens(self) -> int:
@@ -87,6 +89,7 @@ class VisionLanguageModel(nn.Module):
             raise FusionBenchError(f"strategy {self.fusion.registry_name!r} has no stage {stage!r}; "
                                    f"its stages: {', '.join(self.fusion.stage_names)}")
         self.fusion.begin_stage(self, stage)
+        self._vision_key = None  # a stage may change the encoder: fingerprint it again
         names = set(self.fusion.trainable(self, stage))
         params = dict(self.named_parameters())
         unknown = names - params.keys()
@@ -123,10 +126,19 @@ class VisionLanguageModel(nn.Module):
         return self
 
     # -- forward ----------------------------------------------------------------------------------
+    #: reuse features of a frozen encoder per image (``vision.feature_cache``; fusionbench.feature_cache)
+    feature_cache: bool = True
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         self.vision.check_pixels(pixel_values)
         if any(p.requires_grad for p in self.vision.parameters()):
             return self.vision(pixel_values)
+        if self.feature_cache and not self.vision.training:
+            from fusionbench.feature_cache import CACHE, fingerprint
+
+            if getattr(self, "_vision_key", None) is None:  # reset by set_stage (stages may change the encoder)
+                self._vision_key = fingerprint(self.vision)
+            return CACHE.features(self.vision, self._vision_key, pixel_values)
         with torch.no_grad():
             return self.vision(pixel_values)
 
@@ -212,6 +224,7 @@ class VisionLanguageModel(nn.Module):
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
 
     def load_trainable_state_dict(self, state: dict[str, Any]) -> None:
+        self._vision_key = None
         own = self.state_dict()
         unknown = [k for k in state if k not in own]
         if unknown:
