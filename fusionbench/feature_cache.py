@@ -25,12 +25,12 @@ def fingerprint(module: nn.Module) -> str:
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
         h.update(name.encode())
         h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
 def pixel_keys(pixel_values: torch.Tensor) -> list[str]:
-    rows = pixel_values.detach().cpu().contiguous()
+    rows = pixel_values.detach().cpu().reshape(pixel_values.shape[0], -1).contiguous()
     return [hashlib.blake2b(r.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest() for r in rows]
 
 

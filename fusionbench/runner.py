@@ -17,7 +17,7 @@ from fusionbench.assets.paths import cache_dir
 from fusionbench.config import config_hash, grid_points
 from fusionbench.errors import FusionBenchError
 from fusionbench.model import VisionLanguageModel
-from fusionbench.results import append_row, git_sha, provenance
+from fusionbench.results import append_row, device_name, git_sha, provenance
 from fusionbench.training import FusionDataModule, FusionModule
 
 
@@ -79,7 +79,10 @@ class Prepared:
 
             from fusionbench.evaluation.lm_eval_adapter import LM_EVAL_SUITE_VERSION
             version = f"{LM_EVAL_SUITE_VERSION}-lm_eval{lm_eval.__version__}"
+        # the thread count and device change float reductions: exact-zero forgetting needs the base
+        # scored by the same kernels as the trained model
         key = config_hash(OmegaConf.create({"lm": lm_identity(self.cfg), "version": version,
+                                            "threads": torch.get_num_threads(), "device": device_name(),
                                             "batch_size": self.cfg.eval.batch_size, "part": part,
                                             "suite": OmegaConf.to_container(self.cfg.eval.text)}))
         path = cache_dir("text_base") / f"{key}.json"

@@ -137,18 +137,25 @@ def _labels(batch: dict[str, Any]) -> torch.Tensor:
 
 @contextlib.contextmanager
 def preserved_state(model: torch.nn.Module) -> Iterator[None]:
-    """Restores mode, ``.grad`` tensors, buffer values and the global RNG state on exit."""
+    """Restores mode, ``.grad`` tensors, buffer values and the global RNG state on exit; the
+    vision feature cache is off inside."""
     modes = {m: m.training for m in model.modules()}
     params = list(model.parameters())
     grads = [p.grad for p in params]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
+    # FLOPs are of the computation itself: the vision encoder runs (no feature cache)
+    cache = getattr(model, "feature_cache", None)
     with torch.random.fork_rng(devices=devices):
         try:
             for p in params:
                 p.grad = None
+            if cache is not None:
+                model.feature_cache = False
             yield
         finally:
+            if cache is not None:
+                model.feature_cache = cache
             for p, g in zip(params, grads):
                 p.grad = g
             with torch.no_grad():
