@@ -154,6 +154,19 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
+def compile_decoder_layers(model: VisionLanguageModel) -> int:
+    """Regional ``torch.compile``: each decoder block of the LM (with whatever a strategy injected
+    into it) is compiled in place; identical blocks share one compiled graph, so the cold start is
+    one block's, not the whole model's. Returns how many blocks."""
+    from fusionbench.fusion._lm import decoder_layers
+
+    _, layers = decoder_layers(model.lm)
+    for layer in layers:
+        if not getattr(layer, "_compiled_call_impl", None):
+            layer.compile()
+    return len(layers)
+
+
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.output_dir) / cfg.name / f"{cfg.fusion.name}-{config_hash(cfg)}-s{cfg.seed}"
 
@@ -263,6 +276,8 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                 extra["resumed_from_step"] = resume
             log(f"stage {stage.name}: training {model.param_counts()['params_trainable']:,} parameters "
                 f"for {tcfg.max_steps} steps")
+            if tcfg.compile:
+                compile_decoder_layers(model)
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if resume else None)
             is_zero = trainer.is_global_zero
             if tcfg.checkpoint and (checkpoint_step(ckpt_dir / "last.ckpt") or 0) < tcfg.max_steps:

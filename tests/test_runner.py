@@ -212,3 +212,25 @@ def test_eval_of_a_trained_run_can_add_the_probe_curve(tmp_path):
     layers = row["probe/num_layers"]
     assert layers == 4 and all(0 <= row[f"probe/color/layer_{i}"] <= 1 for i in range(layers + 1))
     assert "probe/cka_img_text/layer_2" in row
+
+
+def test_regional_compile_gives_the_same_loss_and_gradients():
+    """``trainer.compile``: every decoder block compiled in place (one graph for identical blocks);
+    the loss and the connector's gradients match the eager model."""
+    from fusionbench.runner import compile_decoder_layers
+    from tests.helpers import image_batch
+
+    eager, compiled = tiny_model("visual_expert"), tiny_model("visual_expert")
+    batch, _ = image_batch(eager, n=2)
+    assert compile_decoder_layers(compiled) == len(eager.lm.model.layers)
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+    losses = []
+    for model in (eager, compiled):
+        model.train()
+        loss = model(*args).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
