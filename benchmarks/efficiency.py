@@ -9,9 +9,9 @@ Per strategy, on one training batch of the config (``trainer.batch_size`` items)
   key, definitions in that module: forward and training-step FLOPs, per text token, per image
   token / per image);
 * ``step_s``: median seconds of a full training step (forward, backward, AdamW step, zero_grad)
-  over ``--steps`` timed steps after one warm-up step (as ``benchmarks/step_time.py``);
+  over ``--steps`` timed steps after one warm-up step;
   ``ratio_to_linear``: ``step_s`` over ``linear``'s; ``tokens_per_s``: attention-mask positions of
-  the batch (text and image placeholders, like step_time.py) per second; ``images_per_s``;
+  the batch (text and image placeholders) per second; ``images_per_s``;
 * peak memory of a steady-state training step (after the warm-up step, so AdamW's state exists):
   ``peak_mem_bytes`` = ``mem_static_bytes`` (distinct tensor storages live before the step:
   parameters, buffers, optimizer state, the batch) + ``mem_step_peak_bytes`` (the high-water mark of
@@ -124,7 +124,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(point, device: torch.device, steps: int) -> dict[str, Any]:
+def measure(point, device: torch.device, steps: int, autocast: str | None = None,
+            compile_layers: bool = False) -> dict[str, Any]:
     """One strategy: FLOPs, memory of one step, median step time."""
     from fusionbench.assets.lm import load_lm
     from fusionbench.assets.vision import load_vision
@@ -143,14 +144,25 @@ def measure(point, device: torch.device, steps: int) -> dict[str, Any]:
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
+    if compile_layers:
+        from fusionbench.runner import compile_decoder_layers
+
+        compile_decoder_layers(model)
+    import contextlib
+
+    cast = (torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast
+            else contextlib.nullcontext())
 
     def step():
-        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+        with cast:
+            out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up: allocates AdamW's state
+    t = time.perf_counter()
+    step()  # warm-up: allocates AdamW's state (and compiles, with --compile)
+    warmup_s = time.perf_counter() - t
     _sync(device)
     row: dict[str, Any] = {}
     static = storage_bytes(list(model.parameters()), list(model.buffers()),
@@ -176,7 +188,9 @@ def measure(point, device: torch.device, steps: int) -> dict[str, Any]:
     b = int(batch["input_ids"].shape[0])
     row.update({
         "step_s": step_s, "steps_timed": steps, "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
-        "images_per_s": b / step_s, "count_s": count_s,
+        "images_per_s": b / step_s, "count_s": count_s, "warmup_s": warmup_s,
+        "autocast": autocast or "none", "compile": compile_layers,
+        "feature_cache": bool(getattr(model, "feature_cache", False)),
         "mem_static_bytes": static, "mem_step_peak_bytes": live.peak, "peak_mem_bytes": static + live.peak,
         "peak_mem_method": "live_tensor_storages", **eff,
     })
@@ -199,6 +213,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--strategies", nargs="*", default=None)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
     ap.add_argument("--out", default=None, help="results table to append rows to")
+    ap.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
+                    help="mixed precision for the forward (bf16 on a GPU)")
+    ap.add_argument("--compile", action="store_true", help="regional torch.compile of the decoder blocks")
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
@@ -215,7 +232,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         point = load_config(args.config, ["grid={}", "stages=[]", *args.overrides, f"fusion={name}"])
         row = {"benchmark": "efficiency", "strategy": name, "batch_size": point.trainer.batch_size,
                "lm": point.lm.source, "vision": point.vision.source, "device_type": device.type,
-               **measure(point, device, args.steps)}
+               **measure(point, device, args.steps, args.autocast, args.compile)}
         if peak is not None:
             row["matmul_peak_flops_per_s"] = peak
             row["achieved_flops_per_s"] = row["eff/flops_train_step"] / row["step_s"]

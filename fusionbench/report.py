@@ -466,18 +466,16 @@ def efficiency_table(s: pd.DataFrame, out: Path) -> list[Path]:
             ("params_trainable", "trainable", lambda v: f"{v / 1e6:.2f}M"),
             ("eff/flops_fwd_per_text_token", "MFLOP/text token", lambda v: f"{v / 1e6:.1f}"),
             ("eff/flops_fwd_per_image", "GFLOP/image", lambda v: f"{v / 1e9:.2f}"),
-            ("eff/flops_train_step", "GFLOP/train step", lambda v: f"{v / 1e9:.0f}"),
-            ("train_s_per_step", "s/step (CPU)", lambda v: f"{v:.2f}")]
-    s = s.copy()
-    if "train_s" in s and "steps" in s:
-        s["train_s_per_step"] = s["train_s"] / s["steps"]
+            ("eff/flops_train_step", "GFLOP/train step", lambda v: f"{v / 1e9:.0f}")]
+    # (no wall time here: a run's train_s includes forgetting-curve scoring and checkpointing on a
+    # shared machine; step times side by side come from benchmarks/, results/throughput_*.jsonl)
     t = pd.DataFrame({"strategy": s["label"]})
     for key, label, fmt in cols:
         if key in s and s[key].notna().any():
             t[label] = [fmt(v) if pd.notna(v) else "--" for v in s[key]]
     out.mkdir(parents=True, exist_ok=True)
     tex, md = out / "efficiency.tex", out / "efficiency.md"
-    tex.write_text(_latex(t, "parameters, FLOPs (torch FLOP counter, batch of 8) and wall time per training step"))
+    tex.write_text(_latex(t, "parameters and FLOPs (torch FLOP counter, one batch of 8)"))
     md.write_text(_markdown(t))
     return [tex, md]
 
