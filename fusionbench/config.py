@@ -80,6 +80,8 @@ class TrainConfig:
     precision: str = "32-true"
     accelerator: str = "auto"
     devices: Any = 1
+    #: machines for multi-node Lightning strategies (ddp / fsdp launched by e.g. SLURM or torchrun)
+    num_nodes: int = 1
     strategy: str = "auto"
     num_workers: int = 0
     log_every_n_steps: int = 10
@@ -352,7 +354,7 @@ def expand_grid(cfg: DictConfig) -> list[DictConfig]:
 
 #: keys added to the schema after results were committed, with their defaults: at the default they
 #: are left out of the config hash, so older rows keep their hashes (a sweep still finds them finished)
-HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"vision.feature_cache": True, "trainer.compile": False}
+HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"vision.feature_cache": True, "trainer.compile": False, "trainer.num_nodes": 1}
 
 
 def config_hash(cfg: DictConfig, drop: tuple[str, ...] = ()) -> str:

@@ -263,6 +263,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                     dirpath=ckpt_dir, save_top_k=0, save_last=True,
                     every_n_train_steps=tcfg.checkpoint_every_n_steps or None))
             trainer = L.Trainer(max_steps=tcfg.max_steps, accelerator=tcfg.accelerator, devices=tcfg.devices,
+                                num_nodes=tcfg.num_nodes,
                                 strategy=tcfg.strategy, precision=tcfg.precision,
                                 gradient_clip_val=tcfg.grad_clip or None,
                                 logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs", version=stage.name),
