@@ -1,8 +1,12 @@
+import hashlib
+import json
+
 import pytest
+from omegaconf import OmegaConf
 
 from fusionbench.config import config_hash, expand_grid, load_config
 from fusionbench.errors import FusionBenchError
-from tests.helpers import TINY
+from tests.helpers import ROOT, TINY
 
 
 def test_defaults_inheritance_and_overrides(tmp_path):
@@ -80,3 +84,21 @@ def test_seeds_expand_innermost_and_are_not_in_the_hash():
         expand_grid(load_config(TINY, ["grid={seed: [0, 1]}", "seeds=[3]"]))
     with pytest.raises(FusionBenchError, match="duplicates"):
         expand_grid(load_config(TINY, ["seeds=[1, 1]"]))
+
+
+def test_keys_added_later_do_not_change_old_hashes_at_their_default():
+    """Rows written before a schema key existed keep their config hash (a sweep still finds them
+    finished); the key at a non-default value is a different point."""
+    from fusionbench.config import HASH_NEUTRAL_DEFAULTS, config_hash
+
+    cfg = load_config(ROOT / "experiments" / "main.yaml", ["seeds=[]"])
+    old = OmegaConf.to_container(cfg)
+    for dotted in HASH_NEUTRAL_DEFAULTS:
+        section, leaf = dotted.split(".")
+        del old[section][leaf]
+    blob = json.dumps({k: v for k, v in old.items() if k not in ("output_dir", "results_file", "grid", "seeds")},
+                      sort_keys=True, default=str)
+    assert config_hash(cfg) == hashlib.sha256(blob.encode()).hexdigest()[:12]
+    for dotted, default in HASH_NEUTRAL_DEFAULTS.items():
+        other = not default if isinstance(default, bool) else default + 1
+        assert config_hash(load_config(ROOT / "experiments" / "main.yaml", ["seeds=[]", f"{dotted}={other}"])) != config_hash(cfg)
