@@ -114,6 +114,13 @@ def mean_ci(values) -> tuple[float, float]:
     return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
 
 
+def standard_error(values) -> float:
+    """Standard error of the mean over the seeds (NaN for one seed): the error bars of the figures,
+    which stay readable with 2-3 seeds where a 95% t-interval is 4-13x wider (tables give the CI)."""
+    x = np.asarray([v for v in values if pd.notna(v)], dtype=float)
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
 def _metric_columns(df: pd.DataFrame) -> list[str]:
     keep = ("mm/", "forgetting/", "text/", "eff/", "probe/", "cap/")
     cols = [c for c in df.columns if c.startswith(keep) and pd.api.types.is_numeric_dtype(df[c])]
@@ -135,6 +142,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
         line["seeds"] = group["seed"].nunique()
         for c in cols:
             line[c], line[f"{c}_ci95"] = mean_ci(group[c])
+            line[f"{c}_se"] = standard_error(group[c])
         if "curve" in group:
             line["curve"] = _mean_curve(group["curve"])
         lines.append(line)
@@ -175,7 +183,7 @@ def _style(i: int) -> dict[str, Any]:
     import matplotlib
 
     markers = "osD^vP*Xh<>p"
-    palette = [*matplotlib.colormaps["tab10"].colors, "#17becf", "#393b79", "#8c6d31", "#843c39", "#7b4173"]
+    palette = [*matplotlib.colormaps["tab10"].colors, "#000000", "#8c6d31", "#393b79", "#843c39", "#7b4173"]
     return {"color": palette[i % len(palette)], "marker": markers[i % len(markers)]}
 
 
@@ -203,8 +211,8 @@ def fig_pareto(s: pd.DataFrame, out: Path) -> list[Path]:
     for ax, (col, name) in zip(axes[0], axes_cols):
         for i, r in enumerate(s.itertuples()):
             row = s.loc[r.Index]
-            ax.errorbar(row[col], row["mm/acc"], xerr=_nan0(row.get(f"{col}_ci95")),
-                        yerr=_nan0(row.get("mm/acc_ci95")), linestyle="none", markersize=6, capsize=2,
+            ax.errorbar(row[col], row["mm/acc"], xerr=_nan0(row.get(f"{col}_se")),
+                        yerr=_nan0(row.get("mm/acc_se")), linestyle="none", markersize=6, capsize=2,
                         label=row["label"], **_style(i))
         front = _pareto_front(s[col].to_numpy(), s["mm/acc"].to_numpy())
         if len(front) > 1:
@@ -213,12 +221,13 @@ def fig_pareto(s: pd.DataFrame, out: Path) -> list[Path]:
         if "mm/acc_majority" in s:
             ax.axhline(s["mm/acc_majority"].mean(), color="k", lw=0.8, ls=":", label="majority answer")
         ax.axvline(0, color="k", lw=0.5)
+        ax.set_ylim(0, 1)
         ax.set_xlabel(name)
         ax.set_ylabel("multimodal exact-match accuracy")
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", frameon=False)
-    fig.suptitle("Accuracy vs forgetting (mean over seeds, 95% CI); left/up is better")
+    fig.suptitle("Accuracy vs forgetting (mean ± s.e. over seeds); left/up is better")
     return _save(fig, out, "pareto")
 
 
@@ -244,7 +253,7 @@ def fig_mm_by_qtype(s: pd.DataFrame, out: Path, name: str = "mm_by_qtype") -> li
     colors = {"attribute": "#9ecae1", "count": "#c6dbef", "spatial": "#d62728"}
     for j, q in enumerate(types):
         xs = np.arange(len(labels)) + (j - (len(types) - 1) / 2) * width
-        ax.bar(xs, s[f"mm/{q}/acc"], width, yerr=s.get(f"mm/{q}/acc_ci95", None), capsize=1.5,
+        ax.bar(xs, s[f"mm/{q}/acc"], width, yerr=s.get(f"mm/{q}/acc_se", None), capsize=1.5,
                label=q + (" (highlighted)" if q == "spatial" else ""), color=colors.get(q, f"C{j}"),
                edgecolor="k" if q == "spatial" else "none", linewidth=0.8, error_kw={"lw": 0.7})
         if f"mm/{q}/acc_majority" in s:
@@ -256,7 +265,7 @@ def fig_mm_by_qtype(s: pd.DataFrame, out: Path, name: str = "mm_by_qtype") -> li
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Multimodal accuracy by question type (mean over seeds, 95% CI)")
+    ax.set_title("Multimodal accuracy by question type (mean ± s.e. over seeds)")
     ax.legend(ncol=3, loc="upper left", fontsize=7)
     return _save(fig, out, name)
 
@@ -298,14 +307,14 @@ def fig_forgetting(s: pd.DataFrame, out: Path) -> list[Path]:
     for ax, (col, title) in zip(axes[:, 0], metrics):
         values = s[col]
         colors = ["#2ca02c" if f else "#ff7f0e" for f in s["frozen_text"]]
-        bars = ax.bar(range(len(labels)), values.fillna(0.0), yerr=s.get(f"{col}_ci95"), color=colors, capsize=2,
+        bars = ax.bar(range(len(labels)), values.fillna(0.0), yerr=s.get(f"{col}_se"), color=colors, capsize=2,
                       error_kw={"lw": 0.7})
         # exact values on the bars: a zero bar (frozen LM) is otherwise invisible
         ax.bar_label(bars, labels=["0" if v == 0 else f"{v:+.2g}" for v in values.fillna(0.0)], fontsize=7,
                      padding=2)
         ax.axhline(0, color="k", lw=0.8)
         reach = float(np.nanmax(np.abs(values.to_numpy(float)) + np.nan_to_num(
-            s.get(f"{col}_ci95", pd.Series(0.0, index=s.index)).to_numpy(float)))) if len(values) else 0.0
+            s.get(f"{col}_se", pd.Series(0.0, index=s.index)).to_numpy(float)))) if len(values) else 0.0
         reach = reach if reach > 0 else 0.01  # all exactly zero: a readable axis around 0
         ax.set_ylim(-1.35 * reach, 1.35 * reach)
         ax.set_title(title)
@@ -315,7 +324,7 @@ def fig_forgetting(s: pd.DataFrame, out: Path) -> list[Path]:
 
     fig.legend(handles=[Patch(color="#2ca02c", label="text path declared frozen"),
                         Patch(color="#ff7f0e", label="LM weights train")], loc="outside lower center", ncol=2)
-    fig.suptitle("NLP forgetting: text-only scores after vs before multimodal training (mean, 95% CI)")
+    fig.suptitle("NLP forgetting: text-only scores after vs before multimodal training (mean ± s.e. over seeds)")
     return _save(fig, out, "forgetting")
 
 
@@ -348,7 +357,7 @@ def fig_forgetting_curves(s: pd.DataFrame, out: Path) -> list[Path]:
 
 def _layers(s: pd.DataFrame, kind: str) -> list[int]:
     return sorted(int(c.rsplit("_", 1)[1]) for c in s.columns
-                  if c.startswith(f"probe/{kind}/layer_") and not c.endswith("_ci95"))
+                  if c.startswith(f"probe/{kind}/layer_") and not c.endswith(("_se", "_ci95")))
 
 
 def fig_probe_curves(s: pd.DataFrame, out: Path) -> list[Path]:
@@ -389,7 +398,7 @@ def fig_efficiency(s: pd.DataFrame, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(xs), figsize=(4.2 * len(xs) + 1.6, 3.4), squeeze=False, layout="constrained")
     for ax, (col, title) in zip(axes[0], xs):
         for i, (_, r) in enumerate(s.iterrows()):
-            ax.errorbar(r[col], r["mm/acc"], yerr=_nan0(r.get("mm/acc_ci95")), linestyle="none", capsize=2,
+            ax.errorbar(r[col], r["mm/acc"], yerr=_nan0(r.get("mm/acc_se")), linestyle="none", capsize=2,
                         markersize=6, label=r["label"], **_style(i))
         ax.set_xscale("log")
         ax.set_xlabel(title + " (log scale)")
@@ -397,7 +406,7 @@ def fig_efficiency(s: pd.DataFrame, out: Path) -> list[Path]:
         ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", frameon=False)
-    fig.suptitle("Accuracy vs cost (mean over seeds, 95% CI)")
+    fig.suptitle("Accuracy vs cost (mean ± s.e. over seeds)")
     return _save(fig, out, "efficiency")
 
 
