@@ -179,6 +179,14 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
+def _finish(fig, legend_ax, title: str, out: Path, name: str) -> list[Path]:
+    """One legend for all panels (from ``legend_ax``) right of the figure, the title, saved."""
+    handles, labels = legend_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
+    fig.suptitle(title)
+    return _save(fig, out, name)
+
+
 def _style(i: int) -> dict[str, Any]:
     import matplotlib
 
@@ -225,10 +233,7 @@ def fig_pareto(s: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_xlabel(name)
         ax.set_ylabel("multimodal exact-match accuracy")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", frameon=False)
-    fig.suptitle("Accuracy vs forgetting (mean ± s.e. over seeds); left/up is better")
-    return _save(fig, out, "pareto")
+    return _finish(fig, axes[0][0], "Accuracy vs forgetting (mean ± s.e. over seeds); left/up is better", out, "pareto")
 
 
 def _nan0(v) -> float:
@@ -349,10 +354,7 @@ def fig_forgetting_curves(s: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_xlabel("training step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", frameon=False)
-    fig.suptitle("Forgetting during training (text-suite slice, mean over seeds)")
-    return _save(fig, out, "forgetting_curves")
+    return _finish(fig, axes[0][0], "Forgetting during training (text-suite slice, mean over seeds)", out, "forgetting_curves")
 
 
 def _layers(s: pd.DataFrame, kind: str) -> list[int]:
@@ -381,10 +383,7 @@ def fig_probe_curves(s: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_xlabel("LM layer (0 = embeddings)")
         ax.set_ylabel("probe accuracy (held out)" if kind in PROBES else "mean cosine")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", frameon=False)
-    fig.suptitle("Depth probes: how far into the LM visual facts are linearly readable at the question's last token")
-    return _save(fig, out, "probe_curves")
+    return _finish(fig, axes[0][0], "Depth probes: how far into the LM visual facts are linearly readable at the question's last token", out, "probe_curves")
 
 
 def fig_efficiency(s: pd.DataFrame, out: Path) -> list[Path]:
@@ -404,10 +403,7 @@ def fig_efficiency(s: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_xlabel(title + " (log scale)")
         ax.set_ylabel("multimodal exact-match accuracy")
         ax.grid(alpha=0.3, which="both")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", frameon=False)
-    fig.suptitle("Accuracy vs cost (mean ± s.e. over seeds)")
-    return _save(fig, out, "efficiency")
+    return _finish(fig, axes[0][0], "Accuracy vs cost (mean ± s.e. over seeds)", out, "efficiency")
 
 
 def fig_table(s: pd.DataFrame, out: Path, name: str) -> list[Path]:
