@@ -3,13 +3,16 @@ noisy machine): same backbones, same batch of real data, same number of text tok
 
     .venv/bin/python benchmarks/efficiency.py experiments/base.yaml --steps 2 --out /tmp/eff.jsonl
 
-Per strategy, on one training batch of the config (``trainer.batch_size`` items):
+Per strategy, with the options of its experiment YAML (``experiments/fusion/<strategy>.yaml``, the
+configurations the experiments run; ``--options registry`` for the strategy's built-in defaults),
+on one training batch of the config (``trainer.batch_size`` items):
 
 * parameters and FLOPs from :func:`fusionbench.evaluation.efficiency.efficiency` (every ``eff/*``
   key, definitions in that module: forward and training-step FLOPs, per text token, per image
   token / per image);
 * ``step_s``: median seconds of a full training step (forward, backward, AdamW step, zero_grad)
-  over ``--steps`` timed steps after one warm-up step;
+  over ``--steps`` timed steps after one warm-up step, with the optimizer training builds
+  (``trainer.optimizer_impl``); ``fwd_s`` / ``bwd_s`` / ``opt_s``: medians of its three parts;
   ``ratio_to_linear``: ``step_s`` over ``linear``'s; ``tokens_per_s``: attention-mask positions of
   the batch (text and image placeholders) per second; ``images_per_s``;
 * peak memory of a steady-state training step (after the warm-up step, so AdamW's state exists):
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import time
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -142,7 +147,9 @@ def measure(point, device: torch.device, steps: int, autocast: str | None = None
     eff = efficiency(model, batch)
     count_s = time.perf_counter() - t
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    from fusionbench.training.module import make_optimizer
+
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], point.trainer)  # as training builds it
     model.train()
     if compile_layers:
         from fusionbench.runner import compile_decoder_layers
@@ -153,12 +160,20 @@ def measure(point, device: torch.device, steps: int, autocast: str | None = None
     cast = (torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast
             else contextlib.nullcontext())
 
-    def step():
+    def step() -> tuple[float, float, float]:
+        """One training step; seconds of its forward, backward and optimizer parts."""
+        t0 = time.perf_counter()
         with cast:
             out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+        _sync(device)
+        t1 = time.perf_counter()
         out.loss.backward()
+        _sync(device)
+        t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _sync(device)
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     t = time.perf_counter()
     step()  # warm-up: allocates AdamW's state (and compiles, with --compile)
@@ -176,18 +191,19 @@ def measure(point, device: torch.device, steps: int, autocast: str | None = None
     if device.type == "cuda":
         row["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
 
-    times = []
+    times, parts = [], []
     for _ in range(steps):
         _sync(device)
         t = time.perf_counter()
-        step()
-        _sync(device)
+        parts.append(step())
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
+    fwd_s, bwd_s, opt_s = (statistics.median(p[i] for p in parts) for i in range(3))
     tokens = int(batch["attention_mask"].sum())
     b = int(batch["input_ids"].shape[0])
     row.update({
-        "step_s": step_s, "steps_timed": steps, "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
+        "step_s": step_s, "fwd_s": fwd_s, "bwd_s": bwd_s, "opt_s": opt_s, "steps_timed": steps,
+        "optimizer_impl": point.trainer.optimizer_impl, "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
         "images_per_s": b / step_s, "count_s": count_s, "warmup_s": warmup_s,
         "autocast": autocast or "none", "compile": compile_layers,
         "feature_cache": bool(getattr(model, "feature_cache", False)),
@@ -199,6 +215,21 @@ def measure(point, device: torch.device, steps: int, autocast: str | None = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+FUSION_YAMLS = Path(__file__).resolve().parent.parent / "experiments" / "fusion"
+
+
+def strategy_overrides(name: str) -> list[str]:
+    """``fusion.<key>=<value>`` overrides of the strategy's own experiment YAML
+    (``experiments/fusion/<name>.yaml``): its options as the experiments run it; none without one."""
+    path = FUSION_YAMLS / f"{name}.yaml"
+    if not path.exists():
+        return []
+    fusion = OmegaConf.to_container(OmegaConf.load(path).get("fusion", {}))
+    if isinstance(fusion, str):
+        return []
+    return [f"fusion.{k}={json.dumps(v)}" for k, v in fusion.items() if k != "name"]
 
 
 def _g(x: float) -> str:
@@ -216,6 +247,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
                     help="mixed precision for the forward (bf16 on a GPU)")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of the decoder blocks")
+    ap.add_argument("--options", default="yaml", choices=["yaml", "registry"],
+                    help="strategy options: yaml = experiments/fusion/<strategy>.yaml's fusion block (the "
+                         "configurations the experiments run; default), registry = the strategy's defaults")
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
@@ -229,8 +263,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     peak = matmul_peak_flops(device) if device.type == "cuda" else None
     rows = []
     for name in strategies:
-        point = load_config(args.config, ["grid={}", "stages=[]", *args.overrides, f"fusion={name}"])
+        options = strategy_overrides(name) if args.options == "yaml" else []
+        point = load_config(args.config, ["grid={}", "stages=[]", *args.overrides, f"fusion={name}", *options])
         row = {"benchmark": "efficiency", "strategy": name, "batch_size": point.trainer.batch_size,
+               "options": args.options, "fusion": OmegaConf.to_container(point.fusion),
                "lm": point.lm.source, "vision": point.vision.source, "device_type": device.type,
                **measure(point, device, args.steps, args.autocast, args.compile)}
         if peak is not None:

@@ -42,6 +42,21 @@ def lm_logits_at(lm: nn.Module, input_ids, attention_mask, positions) -> torch.T
     return lm_head(lm, hidden[positions])
 
 
+def text_hidden(model: nn.Module, input_ids, attention_mask, position_ids=None, past_key_values=None,
+                use_cache: bool = False):
+    """``(last hidden states [B, T, D], KV cache or None)`` of text-only input, for a bare HF causal
+    LM or a :class:`VisionLanguageModel` (its strategy's text-only path): the one computation both
+    are scored by (``position_ids`` / ``past_key_values`` for scoring continuations on a cached
+    context)."""
+    kw = {"position_ids": position_ids, "past_key_values": past_key_values, "use_cache": use_cache}
+    if isinstance(model, VisionLanguageModel):
+        with model._lm_context(input_ids, attention_mask, None) as kwargs:
+            out = model.lm.get_decoder()(**kwargs, **kw)
+    else:
+        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kw)
+    return out.last_hidden_state, (out.past_key_values if use_cache else None)
+
+
 class VisionLanguageModel(nn.Module):
     """``vision`` (frozen unless a strategy says otherwise), ``fusion`` (the strategy's own modules),
     ``lm`` (an HF causal LM, possibly with modules injected by the strategy)."""

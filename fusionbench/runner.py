@@ -110,13 +110,8 @@ def text_scores(cfg: DictConfig, model, tokenizer, suite=None, backend: str | No
                                              batch_size=cfg.eval.batch_size, seed=t.seed))
         return scores
     from fusionbench.evaluation.text_suite import score_text_suite
-    from fusionbench.model import lm_logits_at
 
-    if bare:
-        return score_text_suite(suite, lambda ids, mask, pos: lm_logits_at(model, ids, mask, pos), tokenizer,
-                                batch_size=cfg.eval.batch_size)
-    return score_text_suite(suite, lambda ids, mask, pos: model.logits(ids, mask, positions=pos), tokenizer,
-                            batch_size=cfg.eval.batch_size)
+    return score_text_suite(suite, model, tokenizer, batch_size=cfg.eval.batch_size)
 
 
 def stage_plan(cfg: DictConfig) -> list[DictConfig]:

@@ -100,5 +100,5 @@ def test_keys_added_later_do_not_change_old_hashes_at_their_default():
                       sort_keys=True, default=str)
     assert config_hash(cfg) == hashlib.sha256(blob.encode()).hexdigest()[:12]
     for dotted, default in HASH_NEUTRAL_DEFAULTS.items():
-        other = not default if isinstance(default, bool) else default + 1
+        other = {bool: lambda d: not d, int: lambda d: d + 1, str: lambda d: {"fused": "foreach"}[d]}[type(default)](default)
         assert config_hash(load_config(ROOT / "experiments" / "main.yaml", ["seeds=[]", f"{dotted}={other}"])) != config_hash(cfg)

@@ -77,10 +77,10 @@ def test_forgetting_is_exactly_zero_for_frozen_lm_projectors(strategy):
 
     base_lm, tok = load_lm(cfg.lm, seed=cfg.seed)
     suite = _toy_suite(tok)
-    base = score_text_suite(suite, lambda i, m, p: lm_logits_at(base_lm, i, m, p), tok, batch_size=5)
+    base = score_text_suite(suite, base_lm, tok, batch_size=5)
     model = tiny_model(strategy)
     train_a_few_steps(model)
-    after = score_text_suite(suite, lambda i, m, p: model.logits(i, m, positions=p), tok, batch_size=5)
+    after = score_text_suite(suite, model, tok, batch_size=5)
     fg = forgetting(base, after)
     assert set(fg) == {"forgetting/toy", "forgetting/mc_avg", "forgetting/austen/delta_log_ppl"}
     if strategy == "full_finetune":
@@ -158,7 +158,7 @@ def test_forgetting_curve_callback(tmp_path, strategy):
     base_lm, _ = load_lm(cfg.lm, seed=cfg.seed)
     suite = _toy_suite(tok).subset(2, 1)
     assert len(suite.choices) == 6 and len(suite.prose) == 1
-    base = score_text_suite(suite, lambda i, m, p: lm_logits_at(base_lm, i, m, p), tok)
+    base = score_text_suite(suite, base_lm, tok)
     data = FusionDataModule(cfg.data, cfg.trainer, tok, model.vision.preprocess, model.num_image_tokens)
     curve = ForgettingCurve(suite, base, tok, every_n_steps=1, batch_size=4)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path), callbacks=[curve],

@@ -20,7 +20,6 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Callable
 
 import datasets
 import numpy as np
@@ -32,16 +31,13 @@ from fusionbench.assets.pypi import pypi_files
 from fusionbench.errors import FusionBenchError
 
 #: bump when item selection, formatting or scoring changes (base-LM score caches key on it)
-SUITE_VERSION = "text-suite-v2"
+SUITE_VERSION = "text-suite-v3"  # v3: each context scored once for all its choices
 BIGBENCH = "bigbench==1.0.0"
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 AUSTEN_HELD_OUT = "persuasion"
 #: task name -> chance accuracy is computed per item (1 / number of choices)
 KNOWN_TASKS = ("general_knowledge", "phrase_relatedness", "social_iqa", "timedial",
                "goal_step_wikihow/goal_inference")
-
-LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 @dataclass
 class TextSuite:
@@ -155,11 +151,20 @@ def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def _decoder(model):
+    """``(hidden_fn, head_fn)`` of a bare HF causal LM or of a VisionLanguageModel's text-only path."""
+    from fusionbench.model import VisionLanguageModel, lm_head, text_hidden
+
+    head = model._head if isinstance(model, VisionLanguageModel) else (lambda h: lm_head(model, h))
+    return (lambda *a, **k: text_hidden(model, *a, **k)), head
+
+
 @torch.no_grad()
-def _target_logprobs(logits_fn: LogitsFn, seqs: list[list[int]], starts: list[int], pad: int,
+def _target_logprobs(model, seqs: list[list[int]], starts: list[int], pad: int,
                      batch_size: int) -> list[float]:
-    """Sum of log p(token) over ``seq[start:]`` for each sequence (right-padded batches); the
-    output layer runs only at the scored positions."""
+    """Sum of log p(token) over ``seq[start:]`` for each whole sequence (right-padded batches); the
+    output layer runs only at the scored positions. The reference computation (and the prose one)."""
+    hidden_fn, head = _decoder(model)
     out = []
     for b in range(0, len(seqs), batch_size):
         chunk, st = seqs[b:b + batch_size], starts[b:b + batch_size]
@@ -168,36 +173,104 @@ def _target_logprobs(logits_fn: LogitsFn, seqs: list[list[int]], starts: list[in
         for i, s in enumerate(chunk):
             positions[i, st[i] - 1:len(s) - 1] = True
         targets = ids[:, 1:][positions[:, :-1]]
-        logp = F.log_softmax(logits_fn(ids, mask, positions).float(), dim=-1)
+        hidden, _ = hidden_fn(ids, mask)
+        logp = F.log_softmax(head(hidden[positions]).float(), dim=-1)
         tok = logp.gather(-1, targets[:, None])[:, 0]
         counts = positions.sum(1).tolist()
         out += [float(x.sum()) for x in torch.split(tok, counts)]
     return out
 
 
-def score_text_suite(suite: TextSuite, logits_fn: LogitsFn, tokenizer, batch_size: int = 16,
+@torch.no_grad()
+def _choice_logprobs(model, items: list[tuple[list[int], list[list[int]]]], pad: int,
+                     batch_size: int) -> list[list[float]]:
+    """Summed log p(continuation | context) of every choice of every item ``(context ids,
+    [continuation ids, ...])``, the context run once per item: a right-padded batch of contexts
+    fills a KV cache, its rows are repeated per choice, and the choices run on top of it (position
+    ids continuing each context's own length, context padding masked out). The same sums as
+    :func:`_target_logprobs` on each ``context + continuation``, at ~1/k of the context compute
+    for k choices (float rounding apart)."""
+    hidden_fn, head = _decoder(model)
+    out: list[list[float]] = []
+    b = 0
+    while b < len(items):
+        e, rows = b, 0
+        while e < len(items) and e - b < batch_size and (e == b or rows + len(items[e][1]) <= 4 * batch_size):
+            rows += len(items[e][1])
+            e += 1
+        batch = items[b:e]
+        b = e
+        ctx_ids, ctx_mask = _pad([c for c, _ in batch], pad)
+        ctx_len = torch.tensor([len(c) for c, _ in batch])
+        hidden, cache = hidden_fn(ctx_ids, ctx_mask, use_cache=True)
+        owner = [i for i, (_, conts) in enumerate(batch) for _ in conts]
+        conts = [t for _, ts in batch for t in ts]
+        # the first token of each choice is predicted by its context's last position
+        first = head(hidden[torch.arange(len(batch)), ctx_len - 1]).float().log_softmax(-1)
+        lp_first = first[torch.tensor(owner), torch.tensor([t[0] for t in conts])]
+        lp = lp_first.tolist()
+        if any(len(t) > 1 for t in conts):
+            owner_t = torch.tensor(owner)
+            cache.batch_select_indices(owner_t)
+            ids, mask = _pad(conts, pad)
+            position_ids = ctx_len[owner_t, None] + torch.arange(ids.shape[1])
+            hidden, _ = hidden_fn(ids, torch.cat([ctx_mask[owner_t], mask], dim=1), position_ids=position_ids,
+                                  past_key_values=cache, use_cache=True)
+            positions = torch.zeros_like(mask, dtype=torch.bool)
+            for i, t in enumerate(conts):
+                positions[i, :len(t) - 1] = True
+            logp = head(hidden[positions]).float().log_softmax(-1)
+            tok = logp.gather(-1, ids[:, 1:][positions[:, :-1]][:, None])[:, 0]
+            for i, x in enumerate(torch.split(tok, positions.sum(1).tolist())):
+                lp[i] += float(x.sum())
+        start = 0
+        for _, ts in batch:
+            out.append(lp[start:start + len(ts)])
+            start += len(ts)
+    return out
+
+
+def score_text_suite(suite: TextSuite, model, tokenizer, batch_size: int = 16,
                      max_length: int = 512) -> dict[str, float]:
-    """Scores of one model, given ``logits_fn(input_ids, attention_mask, positions) -> [N, V]``
-    (logits at the ``positions`` mask only) on text-only input:
+    """Scores of one model on text-only input: a bare HF causal LM (the base) or a
+    VisionLanguageModel's text-only path (the same computation either way):
 
     * ``text/<task>/acc``: the choice with the highest summed log-likelihood is correct;
     * ``text/<task>/acc_norm``: the same with log-likelihood per byte of the choice (lm-eval's
       ``acc_norm``; summed log-likelihood favours short choices);
     * ``text/mc_avg`` / ``text/mc_avg_norm``: their means over tasks;
     * ``text/austen/log_ppl`` (mean token NLL) and ``text/austen/ppl``.
+
+    Each item's context runs once for all its choices (:func:`_choice_logprobs`); a context that
+    would not fit ``max_length`` with its longest choice is cut from the left.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores: dict[str, float] = {}
     if len(suite.choices):
-        seqs, starts = [], []
-        for ctx, cont in zip(suite.choices["context"], suite.choices["continuation"]):
-            c = tokenizer(ctx, add_special_tokens=False).input_ids
-            t = tokenizer(cont, add_special_tokens=False).input_ids
-            seq = (c + t)[-max_length:]
-            seqs.append(seq)
-            starts.append(max(len(seq) - len(t), 1))
-        lls = _target_logprobs(logits_fn, seqs, starts, pad, batch_size)
-        nbytes = [len(c.encode()) for c in suite.choices["continuation"]]
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, key in enumerate(zip(suite.choices["task"], suite.choices["item"])):
+            groups.setdefault(key, []).append(i)
+        contexts, continuations = suite.choices["context"], suite.choices["continuation"]
+        items, order = [], []
+        for key, idx in groups.items():
+            ctx = {contexts[i] for i in idx}
+            if len(ctx) != 1:
+                raise FusionBenchError(f"text suite item {key} has choices with different contexts")
+            conts = [tokenizer(continuations[i], add_special_tokens=False).input_ids for i in idx]
+            if not all(conts):
+                raise FusionBenchError(f"text suite item {key} has an empty choice")
+            c = tokenizer(contexts[idx[0]], add_special_tokens=False).input_ids
+            longest = max(len(t) for t in conts)
+            c = c[-max(max_length - longest, 1):]
+            if not c:
+                raise FusionBenchError(f"text suite item {key} has an empty context")
+            items.append((c, conts))
+            order.append(idx)
+        lls = [0.0] * len(suite.choices)
+        for idx, values in zip(order, _choice_logprobs(model, items, pad, batch_size)):
+            for i, v in zip(idx, values):
+                lls[i] = v
+        nbytes = [len(c.encode()) for c in continuations]
         for suffix, values in (("acc", lls), ("acc_norm", [ll / n for ll, n in zip(lls, nbytes)])):
             best: dict[tuple[str, int], tuple[float, bool]] = {}
             for task, item, ok, v in zip(suite.choices["task"], suite.choices["item"], suite.choices["correct"], values):
@@ -210,7 +283,7 @@ def score_text_suite(suite: TextSuite, logits_fn: LogitsFn, tokenizer, batch_siz
             scores[avg] = sum(scores[f"text/{t}/{suffix}"] for t in suite.tasks) / len(suite.tasks)
     if suite.prose:
         seqs = [tokenizer(p, add_special_tokens=False).input_ids[:min(suite.prose_tokens, max_length)] for p in suite.prose]
-        lls = _target_logprobs(logits_fn, seqs, [1] * len(seqs), pad, batch_size)
+        lls = _target_logprobs(model, seqs, [1] * len(seqs), pad, batch_size)
         n_tokens = sum(len(s) - 1 for s in seqs)
         log_ppl = -sum(lls) / n_tokens
         scores["text/austen/log_ppl"] = log_ppl

@@ -23,7 +23,7 @@ class ForgettingCurve(L.Callback):
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            after = score_text_suite(self.suite, lambda i, m, p: model.logits(i, m, positions=p), self.tokenizer,
+            after = score_text_suite(self.suite, model, self.tokenizer,
                                      batch_size=self.batch_size)
         model.train(was_training)
         point = {"step": trainer.global_step, **after, **forgetting(self.base, after)}

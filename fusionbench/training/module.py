@@ -9,6 +9,17 @@ from fusionbench.config import TrainConfig
 from fusionbench.model import VisionLanguageModel
 
 
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over ``params`` as ``trainer.optimizer_impl`` says: ``fused`` (one kernel for all
+    parameters, CPU and CUDA; falls back to foreach for parameters on other devices) or
+    ``foreach``."""
+    params = list(params)
+    impl = getattr(cfg, "optimizer_impl", "fused")
+    fused = impl == "fused" and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             **({"fused": True} if fused else {"foreach": True}))
+
+
 class FusionModule(L.LightningModule):
     """Lightning wrapper around one composed model: optimiser over the trainable set of the current
     stage, LM loss + the strategy's auxiliary losses (logged separately), trainable-only checkpoints."""
@@ -37,7 +48,7 @@ class FusionModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         cfg = self.train_cfg
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(params, cfg)
         total, warm = max(cfg.max_steps, 1), max(cfg.warmup_steps, 0)
 
         def schedule(step: int) -> float:

@@ -1,0 +1,72 @@
+"""Multiple-choice scoring runs each context once for all its choices (a KV cache repeated per
+choice): it must give the sums of scoring every ``context + choice`` as one sequence, for bare LMs
+of every decoder family and for every strategy's text-only path, padding and all."""
+import datasets
+import pytest
+import torch
+
+from fusionbench.assets.lm import load_lm
+from fusionbench.evaluation.text_suite import TextSuite, _choice_logprobs, _target_logprobs, score_text_suite
+from fusionbench.fusion import FUSIONS
+from helpers import tiny_cfg, tiny_model, train_a_few_steps
+
+CONTEXTS = ["Q: what is 2 plus 2?\nA:", "Q: which of these words is a colour of the sky on a clear summer day?\nA:",
+            "Pick one:"]
+CHOICES = [[" 4", " five", " twenty-two"], [" blue", " green and rather pale grey", " x"], [" yes", " no"]]
+
+
+def _items(tok):
+    enc = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
+    return [(enc(c), [enc(t) for t in ts]) for c, ts in zip(CONTEXTS, CHOICES)]
+
+
+def _reference(model, items, pad):
+    seqs = [c + t for c, ts in items for t in ts]
+    starts = [len(c) for c, ts in items for _ in ts]
+    return _target_logprobs(model, seqs, starts, pad, batch_size=3)
+
+
+def _check(model, tok):
+    items = _items(tok)
+    assert len({len(c) for c, _ in items}) == 3 and any(len(t) > 1 for _, ts in items for t in ts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ref = _reference(model, items, pad)
+    for batch_size in (1, 2, 16):  # one item per batch, mixed, all at once (padding differs)
+        got = [v for vs in _choice_logprobs(model, items, pad, batch_size) for v in vs]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
+def test_shared_context_equals_whole_sequences_bare_lm(arch):
+    cfg = tiny_cfg(f"lm.tiny.arch={arch}")
+    lm, tok = load_lm(cfg.lm, seed=cfg.seed)
+    lm.eval()
+    _check(lm, tok)
+
+
+@pytest.mark.parametrize("strategy", FUSIONS.names())
+def test_shared_context_equals_whole_sequences_text_only_path(strategy):
+    """Every strategy's text-only path, after a few training steps (LoRA / full finetune /
+    Flamingo-with-drift text paths differ from the base LM)."""
+    model = tiny_model(strategy)
+    train_a_few_steps(model)
+    model.eval()
+    _check(model, model.tokenizer)
+
+
+def test_suite_scores_from_shared_contexts():
+    """score_text_suite picks, per item, the choice the whole-sequence sums pick."""
+    cfg = tiny_cfg()
+    lm, tok = load_lm(cfg.lm, seed=cfg.seed)
+    lm.eval()
+    rows = [{"task": "toy", "item": i, "context": c, "continuation": t, "correct": j == 0}
+            for i, (c, ts) in enumerate(zip(CONTEXTS, CHOICES)) for j, t in enumerate(ts)]
+    suite = TextSuite(choices=datasets.Dataset.from_list(rows), prose=[], tasks=["toy"])
+    scores = score_text_suite(suite, lm, tok, batch_size=2)
+    ref = _reference(lm, _items(tok), tok.pad_token_id)
+    k, hits = 0, 0
+    for ts in CHOICES:
+        vals = ref[k:k + len(ts)]
+        hits += max(range(len(ts)), key=vals.__getitem__) == 0
+        k += len(ts)
+    assert scores["text/toy/acc"] == hits / len(CHOICES)
