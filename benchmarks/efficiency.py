@@ -220,16 +220,14 @@ def measure(point, device: torch.device, steps: int, autocast: str | None = None
 FUSION_YAMLS = Path(__file__).resolve().parent.parent / "experiments" / "fusion"
 
 
-def strategy_overrides(name: str) -> list[str]:
-    """``fusion.<key>=<value>`` overrides of the strategy's own experiment YAML
-    (``experiments/fusion/<name>.yaml``): its options as the experiments run it; none without one."""
+def strategy_override(name: str) -> str:
+    """The ``fusion=`` override of the strategy with the options of its own experiment YAML
+    (``experiments/fusion/<name>.yaml``, as the experiments run it); its defaults without one."""
     path = FUSION_YAMLS / f"{name}.yaml"
-    if not path.exists():
-        return []
-    fusion = OmegaConf.to_container(OmegaConf.load(path).get("fusion", {}))
-    if isinstance(fusion, str):
-        return []
-    return [f"fusion.{k}={json.dumps(v)}" for k, v in fusion.items() if k != "name"]
+    fusion = OmegaConf.to_container(OmegaConf.load(path).get("fusion", {})) if path.exists() else {}
+    if not isinstance(fusion, dict) or fusion.get("name", name) != name:
+        fusion = {}
+    return f"fusion={json.dumps({**fusion, 'name': name})}"
 
 
 def _g(x: float) -> str:
@@ -263,8 +261,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     peak = matmul_peak_flops(device) if device.type == "cuda" else None
     rows = []
     for name in strategies:
-        options = strategy_overrides(name) if args.options == "yaml" else []
-        point = load_config(args.config, ["grid={}", "stages=[]", *args.overrides, f"fusion={name}", *options])
+        fusion = strategy_override(name) if args.options == "yaml" else f"fusion={name}"
+        point = load_config(args.config, ["grid={}", "stages=[]", *args.overrides, fusion])
         row = {"benchmark": "efficiency", "strategy": name, "batch_size": point.trainer.batch_size,
                "options": args.options, "fusion": OmegaConf.to_container(point.fusion),
                "lm": point.lm.source, "vision": point.vision.source, "device_type": device.type,

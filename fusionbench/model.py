@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,7 @@ class VisionLanguageModel(nn.Module):
                                   vision.num_tokens)
             model = cls(vision, lm, tok, fusion)
         model.feature_cache = bool(cfg.vision.feature_cache)
+        model.cache_text_prefix = bool(cfg.trainer.cache_text_prefix)
         return model
 
     @property
@@ -193,10 +195,56 @@ class VisionLanguageModel(nn.Module):
         with self.fusion.conditioning(self, features, image_mask):
             yield kwargs
 
+    #: reuse the KV cache of a prompt prefix shared by a training batch (``trainer.cache_text_prefix``;
+    #: only for strategies with ``frozen_text_prefix``)
+    cache_text_prefix: bool = True
+
+    def shared_prefix_length(self, input_ids, attention_mask, labels) -> int:
+        """How many leading positions every sequence of the batch shares as the same unlabelled,
+        unpadded text (no image placeholder) whose next token is unlabelled too: the part whose
+        keys/values a strategy with ``frozen_text_prefix`` never changes. 0: none usable."""
+        if not (self.cache_text_prefix and self.fusion.frozen_text_prefix) or labels is None:
+            return 0
+        same = ((input_ids == input_ids[:1]).all(0) & (attention_mask == 1).all(0)
+                & (input_ids != IMAGE_TOKEN_ID).all(0) & (labels == IGNORE_INDEX).all(0))
+        n = int(same.long().cumprod(0).sum())
+        n = min(n - 1, input_ids.shape[1] - 2)  # the token after the prefix is not labelled; a suffix remains
+        return max(n, 0)
+
+    def _prefix_cache(self, prefix_ids: torch.Tensor, batch: int):
+        """A fresh KV cache of ``prefix_ids [P]`` for ``batch`` rows: the prefix runs once through
+        the strategy's text-only path (no gradient) and is kept until the prefix, device, dtype or
+        autocast state changes."""
+        dev = prefix_ids.device
+        key = (tuple(prefix_ids.tolist()), str(dev), torch.is_autocast_enabled(dev.type),
+               torch.get_autocast_dtype(dev.type), next(self.lm.parameters()).dtype)
+        cached = getattr(self, "_prefix_kv", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad(), self.fusion.text_only(self):
+                out = self.lm.get_decoder()(input_ids=prefix_ids[None], attention_mask=torch.ones_like(prefix_ids[None]),
+                                            use_cache=True)
+            cached = self._prefix_kv = (key, out.past_key_values)
+        cache = copy.deepcopy(cached[1])
+        cache.batch_repeat_interleave(batch)
+        return cache
+
     def forward(self, input_ids, attention_mask, pixel_values=None, labels=None) -> VLMOutput:
-        """Training forward: LM loss on labelled positions only (the output layer runs only there)."""
-        with self._lm_context(input_ids, attention_mask, pixel_values) as kwargs:
-            hidden = self.lm.get_decoder()(**kwargs, use_cache=False).last_hidden_state
+        """Training forward: LM loss on labelled positions only (the output layer runs only there).
+        A prompt prefix shared by the batch (e.g. the system prompt) runs once and its KV cache is
+        reused, for strategies whose text before the image never changes (``frozen_text_prefix``)."""
+        p = self.shared_prefix_length(input_ids, attention_mask, labels) if pixel_values is not None else 0
+        if p:
+            cache = self._prefix_cache(input_ids[0, :p], input_ids.shape[0])
+            with self._lm_context(input_ids[:, p:], attention_mask[:, p:], pixel_values) as kwargs:
+                t = input_ids.shape[1] - p
+                kwargs["attention_mask"] = attention_mask
+                position_ids = torch.arange(p, p + t, device=input_ids.device).expand(input_ids.shape[0], t)
+                hidden = self.lm.get_decoder()(**kwargs, past_key_values=cache, position_ids=position_ids,
+                                               use_cache=True).last_hidden_state
+            labels = labels[:, p:]
+        else:
+            with self._lm_context(input_ids, attention_mask, pixel_values) as kwargs:
+                hidden = self.lm.get_decoder()(**kwargs, use_cache=False).last_hidden_state
         aux = self.fusion.aux_losses()
         if labels is None:
             return VLMOutput(loss=None, lm_loss=None, aux_losses=aux)

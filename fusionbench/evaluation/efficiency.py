@@ -138,24 +138,30 @@ def _labels(batch: dict[str, Any]) -> torch.Tensor:
 @contextlib.contextmanager
 def preserved_state(model: torch.nn.Module) -> Iterator[None]:
     """Restores mode, ``.grad`` tensors, buffer values and the global RNG state on exit; the
-    vision feature cache is off inside."""
+    vision feature cache and the prompt-prefix KV cache are off inside."""
     modes = {m: m.training for m in model.modules()}
     params = list(model.parameters())
     grads = [p.grad for p in params]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
     # FLOPs are of the computation itself: the vision encoder runs (no feature cache)
+    # and so does the whole prompt (no prefix KV cache)
     cache = getattr(model, "feature_cache", None)
+    prefix = getattr(model, "cache_text_prefix", None)
     with torch.random.fork_rng(devices=devices):
         try:
             for p in params:
                 p.grad = None
             if cache is not None:
                 model.feature_cache = False
+            if prefix is not None:
+                model.cache_text_prefix = False
             yield
         finally:
             if cache is not None:
                 model.feature_cache = cache
+            if prefix is not None:
+                model.cache_text_prefix = prefix
             for p, g in zip(params, grads):
                 p.grad = g
             with torch.no_grad():

@@ -82,6 +82,11 @@ class FusionStrategy(nn.Module):
     registry_name: ClassVar[str] = ""
     #: does the LM's text path stay exactly the base LM's in text-only mode? (tested when True)
     text_invariant: ClassVar[bool] = True
+    #: are the text tokens before the first image token computed by frozen LM weights alone, with
+    #: no state of this strategy (so their keys/values never change while it trains)? Then a
+    #: training forward computes a prompt prefix shared by the whole batch once and reuses its KV
+    #: cache (``trainer.cache_text_prefix``; tested equal to the uncached forward when True)
+    frozen_text_prefix: ClassVar[bool] = False
 
     def __init__(self, options: Any, lm_hidden_size: int, vision_dim: int, vision_tokens: int):
         super().__init__()

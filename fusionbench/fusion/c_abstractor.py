@@ -101,6 +101,7 @@ def reg_stage(depth: int, in_ch: int, out_ch: int) -> nn.Sequential:
 class CAbstractor(FusionStrategy):
     """Honeybee C-Abstractor: conv blocks -> adaptive average pool -> conv blocks -> MLP;
     ``num_queries`` image tokens; LM frozen."""
+    frozen_text_prefix = True  # see FusionStrategy.frozen_text_prefix
 
     Options = CAbstractorOptions
     text_invariant = True

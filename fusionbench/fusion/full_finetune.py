@@ -11,6 +11,7 @@ from fusionbench.fusion.projector import MLPProjector
 class FullFinetune(MLPProjector):
     """LLaVA-1.5 MLP projector + every LM parameter trainable (tied embeddings count once);
     the vision encoder stays frozen."""
+    frozen_text_prefix = False  # see FusionStrategy.frozen_text_prefix
 
     text_invariant = False
 

@@ -79,6 +79,7 @@ def resolve_targets(lm: nn.Module, spec: Any) -> tuple[str | list[str], list[str
 class LoraFusion(MLPProjector):
     """MLP projector + peft LoRA on the LM's Linear / Conv1D layers (B = 0 at start: untrained,
     the LM is exactly the base LM). Trains the projector and every ``lora_A`` / ``lora_B``."""
+    frozen_text_prefix = False  # see FusionStrategy.frozen_text_prefix
 
     Options = LoraOptions
     text_invariant = False

@@ -12,6 +12,7 @@ from fusionbench.fusion.base import FusionOptions, FusionStrategy, register
 @register("linear")
 class LinearProjector(FusionStrategy):
     """LLaVA-1: one linear layer from vision features to LM embeddings, one image token per feature."""
+    frozen_text_prefix = True  # see FusionStrategy.frozen_text_prefix
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)

@@ -78,6 +78,7 @@ class QFormerBlock(nn.Module):
 @register("qformer")
 class QFormer(FusionStrategy):
     """BLIP-2 Q-Former connector: ``num_queries`` image tokens; LM frozen."""
+    frozen_text_prefix = True  # see FusionStrategy.frozen_text_prefix
 
     Options = QFormerOptions
     text_invariant = True
