@@ -384,3 +384,38 @@ def test_full_finetune_trains_every_lm_parameter_and_drifts():
     with pytest.raises(FusionBenchError, match="cannot be recovered"):
         with model.fusion.base_lm(model):
             pass
+
+
+def test_projections_sharing_an_input_share_one_gather_and_gradients_match_reference():
+    """q/k/v (or gate/up) read the same tensor: one gather for all of them, and the gradients of
+    the input and of every expert / base weight equal those of the dense reference."""
+    torch.manual_seed(0)
+    routing = TokenRouting()
+    layers = [VisualExpertLinear(torch.nn.Linear(16, d), routing) for d in (24, 8, 8)]
+    for layer in layers:
+        _perturb(layer.expert.parameters(), scale=0.5)
+        layer.base_layer.requires_grad_(True)
+    mask = torch.rand(3, 10) < 0.4
+    x0 = torch.randn(3, 10, 16)
+
+    def loss_of(forward):
+        x = x0.clone().requires_grad_(True)
+        for layer in layers:
+            layer.zero_grad(set_to_none=True)
+        loss = sum((forward(layer, x) * torch.linspace(-1, 1, layer.out_features)).pow(2).sum() for layer in layers)
+        loss.backward()
+        return x.grad, [p.grad.clone() for layer in layers for p in layer.parameters()]
+
+    gathers = []
+    original = routing.sorted_rows
+    routing.sorted_rows = lambda x, order: (gathers.append(x) if routing._sorted is None or routing._sorted[0] is not x
+                                            else None) or original(x, order)
+    routing.image_mask = mask
+    gx, gp = loss_of(lambda layer, x: layer(x))
+    assert len(gathers) == 1
+    routing.image_mask = None
+    rx, rp = loss_of(lambda layer, x: torch.where(mask.unsqueeze(-1), layer.expert(x), layer.base_layer(x)))
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-6)
+    assert len(gp) == len(rp) == 12
+    for a, b in zip(gp, rp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -35,7 +35,8 @@ class TokenRouting:
 
     def __init__(self) -> None:
         self._mask: torch.Tensor | None = None
-        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._plans: dict[int, tuple[torch.Tensor, torch.Tensor, int] | None] = {}
+        self._sorted: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def image_mask(self) -> torch.Tensor | None:
@@ -43,10 +44,11 @@ class TokenRouting:
 
     @image_mask.setter
     def image_mask(self, mask: torch.Tensor | None) -> None:
-        self._mask, self._rows = mask, {}
+        self._mask, self._plans, self._sorted = mask, {}, None
 
-    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(text_rows, image_rows)``: flat row indices of ``x [B, T, D]``, or None when every row
+    def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """``(order, inverse, n_text)`` for ``x [B, T, D]``: flat row indices with text rows first
+        and image rows after, the permutation back, and how many text rows; None when every row
         is text. Positions beyond the mask (cached generation: the new tokens) are text; a step
         shorter than the mask (a decode step after the prefill) is all text. Computed once per
         sequence length and shared by every projection of the LM call."""
@@ -57,12 +59,20 @@ class TokenRouting:
             raise FusionBenchError(f"visual_expert: input of shape {list(x.shape)} does not match the image "
                                    f"mask of shape {list(mask.shape)} (expected [batch, seq, features])")
         t = x.shape[1]
-        if t not in self._rows:
-            self._rows[t] = self._split(mask, t)
-        return self._rows[t]
+        if t not in self._plans:
+            self._plans[t] = self._split(mask, t)
+        return self._plans[t]
+
+    def sorted_rows(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """``x``'s rows in ``order`` (text rows, then image rows), gathered once per input tensor:
+        projections that read the same input (q/k/v, gate/up) share one gather, and its gradient
+        is scattered back once."""
+        if self._sorted is None or self._sorted[0] is not x:
+            self._sorted = (x, x.reshape(-1, x.shape[-1]).index_select(0, order))
+        return self._sorted[1]
 
     @staticmethod
-    def _split(mask: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _split(mask: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         tm = mask.shape[1]
         if t < tm:
             return None
@@ -72,13 +82,17 @@ class TokenRouting:
         image_rows = flat.nonzero().squeeze(1)
         if not image_rows.numel():
             return None
-        return (~flat).nonzero().squeeze(1), image_rows
+        text_rows = (~flat).nonzero().squeeze(1)
+        order = torch.cat([text_rows, image_rows])
+        return order, torch.argsort(order), text_rows.numel()
 
 
 class VisualExpertLinear(nn.Module):
     """PEFT-shaped wrapper of one projection: ``base_layer`` (the LM's frozen original) for text
-    rows, ``expert`` (a trainable copy) for image rows. Each weight runs only on its own rows:
-    gather, matmul, scatter back. Without routing state it *is* ``base_layer``."""
+    rows, ``expert`` (a trainable copy) for image rows. Each weight runs only on its own rows: the
+    rows are gathered text-first (once per input, shared by projections of the same input), each
+    part goes through its weight, one gather puts them back in place. Without routing state it
+    *is* ``base_layer``."""
 
     def __init__(self, base_layer: nn.Module, routing: TokenRouting):
         super().__init__()
@@ -87,16 +101,16 @@ class VisualExpertLinear(nn.Module):
         self._routing = routing  # a plain attribute: shared state, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self._routing.rows(x)
-        if rows is None:
+        plan = self._routing.plan(x)
+        if plan is None:
             return self.base_layer(x)
-        text_rows, image_rows = rows
-        b, t, d = x.shape
-        flat = x.reshape(b * t, d)
-        text_out = self.base_layer(flat.index_select(0, text_rows))
-        image_out = self.expert(flat.index_select(0, image_rows))
-        out = text_out.new_zeros(b * t, text_out.shape[-1], dtype=torch.promote_types(text_out.dtype, image_out.dtype))
-        out = out.index_copy(0, text_rows, text_out.to(out.dtype)).index_copy(0, image_rows, image_out.to(out.dtype))
+        order, inverse, n_text = plan
+        b, t, _ = x.shape
+        rows = self._routing.sorted_rows(x, order)
+        text_out = self.base_layer(rows[:n_text])
+        image_out = self.expert(rows[n_text:])
+        dtype = torch.promote_types(text_out.dtype, image_out.dtype)
+        out = torch.cat([text_out.to(dtype), image_out.to(dtype)]).index_select(0, inverse)
         return out.reshape(b, t, -1)
 
     def __getattr__(self, name: str) -> Any:
