@@ -73,6 +73,14 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
                    for row, cfg in zip(df.to_dict("records"), configs)]
     df["frozen_text"] = [_frozen_text(cfg["fusion"]) for cfg in configs]
     df.loc[~df["final"], "label"] = df.loc[~df["final"], "label"] + " [" + df.loc[~df["final"], "stage"] + "]"
+    # one label, several configurations in one table: tell them apart by the commit that produced
+    # each (runs of successive code versions whose resolved configs differ), else by config hash
+    groups = df.groupby(["table", "label"])
+    shared = groups["point_hash"].transform("nunique") > 1
+    by_sha = shared & (groups["git_sha"].transform("nunique") > 1)
+    by_hash = shared & ~by_sha
+    df.loc[by_sha, "label"] = df.loc[by_sha, "label"] + " @" + df.loc[by_sha, "git_sha"].astype(str).str[:7]
+    df.loc[by_hash, "label"] = df.loc[by_hash, "label"] + " #" + df.loc[by_hash, "point_hash"].astype(str).str[:6]
     return df
 
 
@@ -82,8 +90,9 @@ def _label(row: dict[str, Any], cfg: dict[str, Any]) -> str:
         values = json.loads(point)
         if list(values) == ["variant"]:
             return str(values["variant"])
-        if values:
-            return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
+        if values:  # a strategy name as the grid value reads as itself
+            return ", ".join(str(v) if k == "fusion" and isinstance(v, str) else f"{k.split('.')[-1]}={v}"
+                             for k, v in values.items())
     return str(row["strategy"])
 
 

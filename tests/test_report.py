@@ -42,6 +42,21 @@ def test_rerun_replaces_its_row_and_points_stay_apart(tmp_path):
     assert len(df) == 2 and df.point_hash.nunique() == 2
     s = summarise(df)
     assert len(s) == 2 and set(s.seeds) == {1}
+    # one label for two configurations: told apart (same commit: by config hash)
+    labels = sorted(s.label)
+    assert labels[0] != labels[1] and all(lab.startswith("linear #") for lab in labels)
+
+
+def test_labels_name_grid_strategies_and_code_versions():
+    from fusionbench.report import prepare
+
+    cfg = json.dumps({"fusion": {"name": "linear"}})
+    rows = [{"table": "quickstart", "config_hash": h, "point_hash": h, "stage": "main", "config": cfg,
+             "strategy": "linear", "grid_point": gp, "git_sha": sha}
+            for h, gp, sha in [("aaa", None, "1111111abc"), ("bbb", json.dumps({"fusion": "linear"}), "2222222abc"),
+                               ("ccc", json.dumps({"fusion": "mlp", "trainer.lr": 0.1}), "2222222abc")]]
+    labels = list(prepare(pd.DataFrame(rows))["label"])
+    assert labels == ["linear @1111111", "linear @2222222", "mlp, lr=0.1"]
 
 
 def test_pareto_front():
