@@ -25,9 +25,14 @@ on one training batch of the config (``trainer.batch_size`` items):
   every device alike, so it is per strategy even in one process (unlike the process-wide,
   monotone ``ru_maxrss``). On CUDA also ``cuda_max_memory_allocated_bytes`` (the caching
   allocator's peak over the same step, after ``reset_peak_memory_stats``);
-* on CUDA only: ``achieved_flops_per_s`` = ``eff/flops_train_step / step_s`` and ``mfu`` = that over
-  ``matmul_peak_flops_per_s``, a bf16 matmul peak measured on this device at start (8192^3 matmuls
-  in a loop, CUDA events). The training step FLOPs exclude the optimizer (not matmuls).
+* ``flops_step_as_run``: FLOPs of one training step as it runs (torch's FLOP counter; the prompt-prefix
+  KV cache and the feature cache skip work that ``eff/flops_train_step`` counts);
+  ``achieved_flops_per_s`` = ``flops_step_as_run / step_s`` and ``mfu`` = that over
+  ``matmul_peak_flops_per_s``, a matmul peak measured on this device at start (CUDA: bf16 8192^3
+  matmuls in a loop, CUDA events; CPU: fp32 2048^3). The training step FLOPs exclude the optimizer
+  (not matmuls);
+* with ``--profile``: ``profile_matmul_s`` / ``profile_matmul_share`` (matmul self time in one
+  profiled step), ``matmul_flops_per_s`` (the matmuls' own rate) and ``profile_top`` (top ops).
 
 Measures ``linear`` first and appends each strategy's row with provenance to ``--out`` as soon as it
 is measured; prints a table at the end.
@@ -47,6 +52,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._pytree import tree_flatten
 
 if __package__ in (None, ""):  # run as a script: the repository root on the path
@@ -102,10 +108,21 @@ def storage_bytes(*objects: Any) -> int:
     return sum(seen.values())
 
 
-def matmul_peak_flops(device: torch.device, size: int = 8192, iters: int = 20) -> float:
-    """Measured bf16 matmul FLOP/s on a CUDA device (best of three timed loops)."""
+def matmul_peak_flops(device: torch.device, size: int | None = None, iters: int | None = None) -> float:
+    """Measured matmul FLOP/s of the device in its training dtype (best of three timed loops):
+    bf16 8192^3 on CUDA, fp32 2048^3 on CPU (this machine's reference for ``mfu``)."""
     if device.type != "cuda":
-        raise ValueError("the matmul peak is measured on CUDA devices only")
+        size, iters = size or 2048, iters or 4
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b
+        best = 0.0
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(iters):
+                a @ b
+            best = max(best, 2 * size ** 3 * iters / (time.perf_counter() - t))
+        return best
+    size, iters = size or 8192, iters or 20
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     for _ in range(3):
@@ -129,8 +146,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def profile_step(step, matmul_flops: float, top: int = 8) -> dict[str, Any]:
+    """One step under ``torch.profiler``: where its time goes. ``profile_matmul_s``: self time of
+    the matmul ops (mm, addmm, bmm, baddbmm); ``matmul_flops_per_s``: their FLOPs over it (how
+    close the matmuls run to the device's peak); ``profile_top``: the ``top`` ops by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+    events = prof.key_averages()
+    cuda = torch.cuda.is_available()
+
+    def self_s(e) -> float:
+        return (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6
+
+    total = sum(self_s(e) for e in events)
+    mm = sum(self_s(e) for e in events if e.key.split("::")[-1] in MATMUL_OPS)
+    ranked = sorted(events, key=self_s, reverse=True)[:top]
+    return {"profile_total_s": total, "profile_matmul_s": mm, "profile_matmul_share": mm / total if total else None,
+            "matmul_flops_per_s": matmul_flops / mm if mm else None,
+            "profile_top": {e.key: round(self_s(e), 4) for e in ranked}}
+
+
 def measure(point, device: torch.device, steps: int, autocast: str | None = None,
-            compile_layers: bool = False) -> dict[str, Any]:
+            compile_layers: bool = False, profile: bool = False) -> dict[str, Any]:
     """One strategy: FLOPs, memory of one step, median step time."""
     from fusionbench.assets.lm import load_lm
     from fusionbench.assets.vision import load_vision
@@ -201,6 +244,15 @@ def measure(point, device: torch.device, steps: int, autocast: str | None = None
     fwd_s, bwd_s, opt_s = (statistics.median(p[i] for p in parts) for i in range(3))
     tokens = int(batch["attention_mask"].sum())
     b = int(batch["input_ids"].shape[0])
+    # FLOPs of the step as it runs (prompt-prefix KV cache and feature cache as configured), which
+    # is what the hardware does; eff/flops_train_step counts the whole prompt and the encoder
+    with FlopCounterMode(display=False) as counter:
+        step()
+    counts = counter.get_flop_counts().get("Global", {})
+    row["flops_step_as_run"] = counter.get_total_flops()
+    row["matmul_flops_step_as_run"] = sum(v for op, v in counts.items() if str(op).split(".")[1] in MATMUL_OPS)
+    if profile:
+        row.update(profile_step(step, row["matmul_flops_step_as_run"]))
     row.update({
         "step_s": step_s, "fwd_s": fwd_s, "bwd_s": bwd_s, "opt_s": opt_s, "steps_timed": steps,
         "optimizer_impl": point.trainer.optimizer_impl, "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
@@ -245,6 +297,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
                     help="mixed precision for the forward (bf16 on a GPU)")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of the decoder blocks")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more step under torch.profiler per strategy: matmul time share and FLOP/s, top ops")
     ap.add_argument("--options", default="yaml", choices=["yaml", "registry"],
                     help="strategy options: yaml = experiments/fusion/<strategy>.yaml's fusion block (the "
                          "configurations the experiments run; default), registry = the strategy's defaults")
@@ -258,7 +312,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     # linear first (the ratio's reference), so each row is complete and written as soon as measured
     strategies = sorted(strategies, key=lambda name: name != "linear")
     prov = provenance()
-    peak = matmul_peak_flops(device) if device.type == "cuda" else None
+    peak = matmul_peak_flops(device)
     rows = []
     for name in strategies:
         fusion = strategy_override(name) if args.options == "yaml" else f"fusion={name}"
@@ -266,11 +320,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         row = {"benchmark": "efficiency", "strategy": name, "batch_size": point.trainer.batch_size,
                "options": args.options, "fusion": OmegaConf.to_container(point.fusion),
                "lm": point.lm.source, "vision": point.vision.source, "device_type": device.type,
-               **measure(point, device, args.steps, args.autocast, args.compile)}
-        if peak is not None:
-            row["matmul_peak_flops_per_s"] = peak
-            row["achieved_flops_per_s"] = row["eff/flops_train_step"] / row["step_s"]
-            row["mfu"] = row["achieved_flops_per_s"] / peak
+               **measure(point, device, args.steps, args.autocast, args.compile, args.profile)}
+        row["matmul_peak_flops_per_s"] = peak
+        row["achieved_flops_per_s"] = row["flops_step_as_run"] / row["step_s"]
+        row["mfu"] = row["achieved_flops_per_s"] / peak
         base = next((r["step_s"] for r in [*rows, row] if r["strategy"] == "linear"), None)
         row["ratio_to_linear"] = row["step_s"] / base if base else None
         rows.append(row)
@@ -281,14 +334,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               flush=True)
     print("\nGFLOP; per-token and per-image values in MFLOP; memory in MiB")
     print(f"{'strategy':<14} {'trainable':>11} {'step_s':>7} {'x linear':>8} {'tok/s':>7} {'peak mem':>8} "
-          f"{'fwd':>7} {'train':>7} {'/text tok':>9} {'/img tok':>9} {'/image':>9}" + ("  mfu" if peak else ""))
+          f"{'fwd':>7} {'train':>7} {'/text tok':>9} {'/img tok':>9} {'/image':>9}  mfu")
     for r in rows:
         per_tok = r.get("eff/flops_fwd_per_image_token")
         print(f"{r['strategy']:<14} {int(r['eff/params_trainable']):>11,} {r['step_s']:7.3f} "
               f"{r['ratio_to_linear'] or float('nan'):8.2f} {r['tokens_per_s']:7.1f} "
               f"{r['peak_mem_bytes'] / 2**20:8.0f} {_g(r['eff/flops_fwd']):>7} {_g(r['eff/flops_train_step']):>7} "
               f"{r['eff/flops_fwd_per_text_token'] / 1e6:9.1f} {'-' if per_tok is None else f'{per_tok / 1e6:9.1f}':>9} "
-              f"{r['eff/flops_fwd_per_image'] / 1e6:9.1f}" + (f"  {r['mfu']:.3f}" if peak else ""))
+              f"{r['eff/flops_fwd_per_image'] / 1e6:9.1f}  {r['mfu']:.3f}")
     return rows
 
 

@@ -176,11 +176,31 @@ def test_benchmark_runs_two_strategies_and_writes_rows(tmp_path):
         assert r["peak_mem_bytes"] == r["mem_static_bytes"] + r["mem_step_peak_bytes"]
         assert r["mem_step_peak_bytes"] > 0 and r["mem_static_bytes"] >= 4 * r["eff/params_total"]
         assert r["eff/flops_train_step"] > r["eff/flops_fwd"] > 0
-        assert "mfu" not in r  # CPU: no MFU
+        # MFU against this device's measured matmul peak (CPU: fp32), from the FLOPs as run
+        assert 0 < r["mfu"] < 1 and r["matmul_peak_flops_per_s"] > 0
+        assert r["achieved_flops_per_s"] == pytest.approx(r["flops_step_as_run"] / r["step_s"])
+        assert 0 < r["matmul_flops_step_as_run"] <= r["flops_step_as_run"]
     assert written[0]["ratio_to_linear"] == 1.0
+    assert "profile_top" not in written[0]
     # strategy options come from experiments/fusion/<strategy>.yaml (as the experiments run them)
     assert written[1]["options"] == "yaml" and written[1]["fusion"]["num_latents"] == 16
     assert written[1]["fusion"]["cross_attention_every"] == 4
     assert written[0]["optimizer_impl"] == "fused" and written[0]["opt_s"] >= 0
     assert written[0]["fwd_s"] + written[0]["bwd_s"] + written[0]["opt_s"] <= written[0]["step_s"] * 1.01
     assert "eff/flops_fwd_per_image_token" in written[0] and "eff/flops_fwd_per_image_token" not in written[1]
+
+
+def test_benchmark_profile_and_prefix_cache_in_flops_as_run(tmp_path):
+    """--profile says where the step's time goes; the FLOPs as run drop when the prompt-prefix KV
+    cache skips the shared system prompt (and the feature cache the encoder), and stay below
+    eff/flops_train_step, which labels every text position (the output layer runs everywhere)."""
+    bench = _benchmark()
+    rows = bench.main([str(TINY), "--steps", "1", "--strategies", "linear", "--device", "cpu", "--profile"])
+    r = rows[0]
+    assert 0 < r["profile_matmul_s"] <= r["profile_total_s"] and 0 < r["profile_matmul_share"] <= 1
+    assert r["matmul_flops_per_s"] > 0 and len(r["profile_top"]) == 8
+    assert r["flops_step_as_run"] < r["eff/flops_train_step"]
+    off = bench.main([str(TINY), "trainer.cache_text_prefix=false", "vision.feature_cache=false", "--steps", "1",
+                      "--strategies", "linear", "--device", "cpu"])[0]
+    assert r["flops_step_as_run"] < off["flops_step_as_run"] < off["eff/flops_train_step"]
+    assert off["eff/flops_train_step"] == r["eff/flops_train_step"]  # counting ignores both caches
