@@ -181,6 +181,7 @@ def test_benchmark_runs_two_strategies_and_writes_rows(tmp_path):
         assert r["achieved_flops_per_s"] == pytest.approx(r["flops_step_as_run"] / r["step_s"])
         assert 0 < r["matmul_flops_step_as_run"] <= r["flops_step_as_run"]
     assert written[0]["ratio_to_linear"] == 1.0
+    assert written[0]["ratio_to_linear_min"] == 1.0 and 0 < written[1]["step_min_s"] <= written[1]["step_s"]
     assert "profile_top" not in written[0]
     # strategy options come from experiments/fusion/<strategy>.yaml (as the experiments run them)
     assert written[1]["options"] == "yaml" and written[1]["fusion"]["num_latents"] == 16
