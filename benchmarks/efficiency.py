@@ -14,7 +14,10 @@ on one training batch of the config (``trainer.batch_size`` items):
   over ``--steps`` timed steps after one warm-up step, with the optimizer training builds
   (``trainer.optimizer_impl``); ``fwd_s`` / ``bwd_s`` / ``opt_s``: medians of its three parts;
   ``ratio_to_linear``: ``step_s`` over ``linear``'s; ``step_min_s`` / ``ratio_to_linear_min``: the
-  same with the fastest timed step (robust on a shared machine, where noise only adds time); ``tokens_per_s``: attention-mask positions of
+  same with the fastest timed step (robust on a shared machine, where noise only adds time);
+  ``paired_ratio_to_linear``: each timed step runs right after one step of the ``linear`` model
+  (kept alive), the median of the per-pair ratios — the comparison least affected by the machine's
+  speed drifting while strategies are measured one after another (``--unpaired``: off); ``tokens_per_s``: attention-mask positions of
   the batch (text and image placeholders) per second; ``images_per_s``;
 * peak memory of a steady-state training step (after the warm-up step, so AdamW's state exists):
   ``peak_mem_bytes`` = ``mem_static_bytes`` (distinct tensor storages live before the step:
@@ -174,8 +177,12 @@ def profile_step(step, matmul_flops: float, top: int = 8) -> dict[str, Any]:
 
 
 def measure(point, device: torch.device, steps: int, autocast: str | None = None,
-            compile_layers: bool = False, profile: bool = False) -> dict[str, Any]:
-    """One strategy: FLOPs, memory of one step, median step time."""
+            compile_layers: bool = False, profile: bool = False, reference=None,
+            keep: list | None = None) -> dict[str, Any]:
+    """One strategy: FLOPs, memory of one step, median step time. With ``reference`` (the
+    ``linear`` step), each timed step follows one reference step: ``paired_ratio_to_linear`` is the
+    median of their ratios, immune to the machine's speed drifting between strategies. ``keep``
+    (a list) receives this strategy's step function, to serve as the reference."""
     from fusionbench.assets.lm import load_lm
     from fusionbench.assets.vision import load_vision
     from fusionbench.training.datamodule import FusionDataModule
@@ -235,12 +242,22 @@ def measure(point, device: torch.device, steps: int, autocast: str | None = None
     if device.type == "cuda":
         row["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
 
-    times, parts = [], []
+    times, parts, paired = [], [], []
     for _ in range(steps):
+        if reference is not None:
+            _sync(device)
+            t = time.perf_counter()
+            reference()
+            _sync(device)
+            ref_s = time.perf_counter() - t
         _sync(device)
         t = time.perf_counter()
         parts.append(step())
         times.append(time.perf_counter() - t)
+        if reference is not None:
+            paired.append(times[-1] / ref_s)
+    if paired:
+        row["paired_ratio_to_linear"] = statistics.median(paired)
     step_s = statistics.median(times)
     step_min_s = min(times)  # noise on a shared machine only adds time: the fastest step is the most robust
     fwd_s, bwd_s, opt_s = (statistics.median(p[i] for p in parts) for i in range(3))
@@ -264,7 +281,10 @@ def measure(point, device: torch.device, steps: int, autocast: str | None = None
         "mem_static_bytes": static, "mem_step_peak_bytes": live.peak, "peak_mem_bytes": static + live.peak,
         "peak_mem_method": "live_tensor_storages", **eff,
     })
-    del model, opt, batch, data, vision, lm
+    if keep is not None:
+        keep.append(step)  # its closure keeps this model, batch and optimizer alive
+    else:
+        del model, opt, batch, data, vision, lm, step
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -299,6 +319,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
                     help="mixed precision for the forward (bf16 on a GPU)")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of the decoder blocks")
+    ap.add_argument("--unpaired", action="store_true",
+                    help="do not interleave each strategy's timed steps with linear steps (saves time, "
+                         "loses the drift-free paired_ratio_to_linear)")
     ap.add_argument("--profile", action="store_true",
                     help="one more step under torch.profiler per strategy: matmul time share and FLOP/s, top ops")
     ap.add_argument("--options", default="yaml", choices=["yaml", "registry"],
@@ -316,13 +339,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     prov = provenance()
     peak = matmul_peak_flops(device)
     rows = []
+    reference: list = []  # linear's step function, kept alive to pair every strategy's steps with
     for name in strategies:
         fusion = strategy_override(name) if args.options == "yaml" else f"fusion={name}"
         point = load_config(args.config, ["grid={}", "stages=[]", *args.overrides, fusion])
         row = {"benchmark": "efficiency", "strategy": name, "batch_size": point.trainer.batch_size,
                "options": args.options, "fusion": OmegaConf.to_container(point.fusion),
                "lm": point.lm.source, "vision": point.vision.source, "device_type": device.type,
-               **measure(point, device, args.steps, args.autocast, args.compile, args.profile)}
+               **measure(point, device, args.steps, args.autocast, args.compile, args.profile,
+                         reference=reference[0] if reference else None,
+                         keep=reference if name == "linear" and not args.unpaired else None)}
+        if name == "linear" and not args.unpaired:
+            row["paired_ratio_to_linear"] = 1.0
         row["matmul_peak_flops_per_s"] = peak
         row["achieved_flops_per_s"] = row["flops_step_as_run"] / row["step_s"]
         row["mfu"] = row["achieved_flops_per_s"] / peak
@@ -341,7 +369,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for r in rows:
         per_tok = r.get("eff/flops_fwd_per_image_token")
         print(f"{r['strategy']:<14} {int(r['eff/params_trainable']):>11,} {r['step_s']:7.3f} "
-              f"{r['ratio_to_linear'] or float('nan'):8.2f} {r['tokens_per_s']:7.1f} "
+              f"{r.get('paired_ratio_to_linear') or r['ratio_to_linear'] or float('nan'):8.2f} {r['tokens_per_s']:7.1f} "
               f"{r['peak_mem_bytes'] / 2**20:8.0f} {_g(r['eff/flops_fwd']):>7} {_g(r['eff/flops_train_step']):>7} "
               f"{r['eff/flops_fwd_per_text_token'] / 1e6:9.1f} {'-' if per_tok is None else f'{per_tok / 1e6:9.1f}':>9} "
               f"{r['eff/flops_fwd_per_image'] / 1e6:9.1f}  {r['mfu']:.3f}")

@@ -182,6 +182,8 @@ def test_benchmark_runs_two_strategies_and_writes_rows(tmp_path):
         assert 0 < r["matmul_flops_step_as_run"] <= r["flops_step_as_run"]
     assert written[0]["ratio_to_linear"] == 1.0
     assert written[0]["ratio_to_linear_min"] == 1.0 and 0 < written[1]["step_min_s"] <= written[1]["step_s"]
+    # flamingo's steps were interleaved with linear's (drift-free ratio)
+    assert written[0]["paired_ratio_to_linear"] == 1.0 and written[1]["paired_ratio_to_linear"] > 0
     assert "profile_top" not in written[0]
     # strategy options come from experiments/fusion/<strategy>.yaml (as the experiments run them)
     assert written[1]["options"] == "yaml" and written[1]["fusion"]["num_latents"] == 16
