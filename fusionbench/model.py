@@ -39,7 +39,7 @@ def lm_head(lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 def lm_logits_at(lm: nn.Module, input_ids, attention_mask, positions) -> torch.Tensor:
     """A bare causal LM's logits at ``positions [B, T]`` only: ``[N, V]``. The same computation
     as :meth:`VisionLanguageModel.logits` with ``positions`` in text-only mode."""
-    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden, _ = text_hidden(lm, input_ids, attention_mask)
     return lm_head(lm, hidden[positions])
 
 
