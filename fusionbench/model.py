@@ -220,10 +220,9 @@ class VisionLanguageModel(nn.Module):
                torch.get_autocast_dtype(dev.type), next(self.lm.parameters()).dtype)
         cached = getattr(self, "_prefix_kv", None)
         if cached is None or cached[0] != key:
-            with torch.no_grad(), self.fusion.text_only(self):
-                out = self.lm.get_decoder()(input_ids=prefix_ids[None], attention_mask=torch.ones_like(prefix_ids[None]),
-                                            use_cache=True)
-            cached = self._prefix_kv = (key, out.past_key_values)
+            with torch.no_grad():
+                _, kv = text_hidden(self, prefix_ids[None], torch.ones_like(prefix_ids[None]), use_cache=True)
+            cached = self._prefix_kv = (key, kv)
         cache = copy.deepcopy(cached[1])
         cache.batch_repeat_interleave(batch)
         return cache

@@ -146,22 +146,17 @@ def preserved_state(model: torch.nn.Module) -> Iterator[None]:
     devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
     # FLOPs are of the computation itself: the vision encoder runs (no feature cache)
     # and so does the whole prompt (no prefix KV cache)
-    cache = getattr(model, "feature_cache", None)
-    prefix = getattr(model, "cache_text_prefix", None)
+    switches = {name: getattr(model, name) for name in ("feature_cache", "cache_text_prefix") if hasattr(model, name)}
     with torch.random.fork_rng(devices=devices):
         try:
             for p in params:
                 p.grad = None
-            if cache is not None:
-                model.feature_cache = False
-            if prefix is not None:
-                model.cache_text_prefix = False
+            for name in switches:
+                setattr(model, name, False)
             yield
         finally:
-            if cache is not None:
-                model.feature_cache = cache
-            if prefix is not None:
-                model.cache_text_prefix = prefix
+            for name, value in switches.items():
+                setattr(model, name, value)
             for p, g in zip(params, grads):
                 p.grad = g
             with torch.no_grad():

@@ -14,8 +14,7 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     parameters, CPU and CUDA; falls back to foreach for parameters on other devices) or
     ``foreach``."""
     params = list(params)
-    impl = getattr(cfg, "optimizer_impl", "fused")
-    fused = impl == "fused" and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    fused = cfg.optimizer_impl == "fused" and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                              **({"fused": True} if fused else {"foreach": True}))
 
