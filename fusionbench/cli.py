@@ -49,7 +49,7 @@ def _cmd_assets(args) -> None:
 def _cmd_report(args) -> None:
     from fusionbench.report import report
 
-    for path in report(args.results, args.paper):
+    for path in report(args.results or ["results"], args.paper):
         print(path)
 
 
@@ -82,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("assets", help="list the backbones and data files, and prepare them")
     p.add_argument("--prepare", nargs="*", metavar="ASSET", help="prepare these (no name: all embedded defaults)")
     p = sub.add_parser("report", help="figures and LaTeX tables in paper/ from the tables in results/")
-    p.add_argument("--results", default="results", help="folder of *.jsonl result tables")
-    p.add_argument("--paper", default="paper", help="output folder (figures/, tables/)")
+    p.add_argument("--results", action="append", default=None, metavar="DIR",
+                   help="folder of *.jsonl result tables (default: results, the committed reference "
+                        "rows); repeat to report several together, e.g. --results results --results "
+                        "results/local (your runs, labelled '(local)')")
+    p.add_argument("--paper", default="paper", help="output folder (figures/, tables/); paper/ holds the "
+                                                    "committed ones, paper/local/ is git-ignored")
     sub.add_parser("list", help="list registered fusion strategies and datasets")
     args = parser.parse_args(argv)
     try:

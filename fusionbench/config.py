@@ -182,8 +182,10 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=list)
     #: where run directories (checkpoints, logs) go
     output_dir: str = "runs"
-    #: the results table this run appends its row to
-    results_file: str = "results/runs.jsonl"
+    #: the results table this run appends its row to. ``results/*.jsonl`` are the committed
+    #: reference tables (the paper's study configs name theirs); ``results/local/`` is git-ignored,
+    #: for a user's own runs (``fusionbench report --results results/local``)
+    results_file: str = "results/local/runs.jsonl"
 
 
 _SCHEMA = OmegaConf.structured(ExperimentConfig)

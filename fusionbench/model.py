@@ -13,6 +13,7 @@ from torch import nn
 
 from fusionbench.errors import FusionBenchError
 from fusionbench.fusion import FUSIONS, FusionStrategy, fusion_options
+from fusionbench.fusion._lm import cache_kwarg, output_cache
 
 #: placeholder id for image positions in ``input_ids`` (never a real vocabulary id)
 IMAGE_TOKEN_ID = -200
@@ -49,13 +50,16 @@ def text_hidden(model: nn.Module, input_ids, attention_mask, position_ids=None, 
     LM or a :class:`VisionLanguageModel` (its strategy's text-only path): the one computation both
     are scored by (``position_ids`` / ``past_key_values`` for scoring continuations on a cached
     context)."""
-    kw = {"position_ids": position_ids, "past_key_values": past_key_values, "use_cache": use_cache}
+    kw = {"position_ids": position_ids, "use_cache": use_cache}
     if isinstance(model, VisionLanguageModel):
         with model._lm_context(input_ids, attention_mask, None) as kwargs:
-            out = model.lm.get_decoder()(**kwargs, **kw)
+            decoder = model.lm.get_decoder()
+            out = decoder(**kwargs, **kw, **{cache_kwarg(decoder): past_key_values})
     else:
-        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kw)
-    return out.last_hidden_state, (out.past_key_values if use_cache else None)
+        decoder = model.get_decoder()
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, **kw,
+                      **{cache_kwarg(decoder): past_key_values})
+    return out.last_hidden_state, (output_cache(out) if use_cache else None)
 
 
 class VisionLanguageModel(nn.Module):
@@ -238,8 +242,9 @@ class VisionLanguageModel(nn.Module):
                 t = input_ids.shape[1] - p
                 kwargs["attention_mask"] = attention_mask
                 position_ids = torch.arange(p, p + t, device=input_ids.device).expand(input_ids.shape[0], t)
-                hidden = self.lm.get_decoder()(**kwargs, past_key_values=cache, position_ids=position_ids,
-                                               use_cache=True).last_hidden_state
+                decoder = self.lm.get_decoder()
+                hidden = decoder(**kwargs, **{cache_kwarg(decoder): cache}, position_ids=position_ids,
+                                 use_cache=True).last_hidden_state
             labels = labels[:, p:]
         else:
             with self._lm_context(input_ids, attention_mask, pixel_values) as kwargs:

@@ -34,14 +34,22 @@ MAIN_TABLE = "main"
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def load_all(results_dir: str | Path) -> pd.DataFrame:
-    """Every run row of ``results_dir/*.jsonl`` (benchmark tables, which have no ``stage``, are
-    left out), one column ``table`` naming the file."""
-    files = sorted(Path(results_dir).glob("*.jsonl"))
-    frames = [read_results(f).assign(table=f.stem) for f in files]
+def load_all(results_dirs: str | Path | list[str | Path]) -> pd.DataFrame:
+    """Every run row of ``<dir>/*.jsonl`` for each of ``results_dirs`` (not recursive: the
+    committed ``results/`` does not read the git-ignored ``results/local/``; benchmark tables, which
+    have no ``stage``, are left out), a column ``table`` naming the file and ``origin`` the folder.
+    A table of the same name in several folders is one table; the rows of every folder after the
+    first are labelled with their folder's name (``linear (local)``), so a user's runs sit beside
+    the committed reference rows without replacing them."""
+    dirs = [Path(d) for d in ([results_dirs] if isinstance(results_dirs, (str, Path)) else results_dirs)]
+    frames = []
+    for i, d in enumerate(dirs):
+        for f in sorted(d.glob("*.jsonl")):
+            frames.append(read_results(f).assign(table=f.stem, origin=d.name if i else ""))
     frames = [f for f in frames if len(f) and "stage" in f and "strategy" in f]
     if not frames:
-        raise FusionBenchError(f"no result rows in {results_dir}/*.jsonl; run `fusionbench run CONFIG` first")
+        where = ", ".join(f"{d}/*.jsonl" for d in dirs)
+        raise FusionBenchError(f"no result rows in {where}; run `fusionbench run CONFIG` first")
     return prepare(pd.concat(frames, ignore_index=True))
 
 
@@ -56,23 +64,29 @@ def _point_hash(config: str) -> str:
 def prepare(df: pd.DataFrame) -> pd.DataFrame:
     """Adds ``point_hash`` where old rows lack it, ``label`` (what the point is), ``final`` (the
     point's last stage), ``frozen_text`` (the strategy declares its text path unchanged); keeps the
-    newest row per (table, config hash, stage, source)."""
+    newest row per (table, origin, config hash, stage, source)."""
     df = df.copy()
     if "source" not in df:
         df["source"] = "run"
     df["source"] = df["source"].fillna("run")
     if "point_hash" not in df:
         df["point_hash"] = None
+    if "origin" not in df:
+        df["origin"] = ""
+    df["origin"] = df["origin"].fillna("")
     df["point_hash"] = df["point_hash"].astype(object)
     missing = df["point_hash"].isna()
     df.loc[missing, "point_hash"] = [_point_hash(c) for c in df.loc[missing, "config"]]
-    df = df.drop_duplicates(subset=["table", "config_hash", "stage", "source"], keep="last").reset_index(drop=True)
+    df = df.drop_duplicates(subset=["table", "origin", "config_hash", "stage", "source"],
+                            keep="last").reset_index(drop=True)
     configs = [json.loads(c) for c in df["config"]]
     df["label"] = [_label(row, cfg) for row, cfg in zip(df.to_dict("records"), configs)]
     df["final"] = [row["stage"] == ([s["name"] for s in cfg.get("stages") or []] or ["main"])[-1]
                    for row, cfg in zip(df.to_dict("records"), configs)]
     df["frozen_text"] = [_frozen_text(cfg["fusion"]) for cfg in configs]
     df.loc[~df["final"], "label"] = df.loc[~df["final"], "label"] + " [" + df.loc[~df["final"], "stage"] + "]"
+    other = df["origin"] != ""
+    df.loc[other, "label"] = df.loc[other, "label"] + " (" + df.loc[other, "origin"] + ")"
     # one label, several configurations in one table: tell them apart by the commit that produced
     # each (runs of successive code versions whose resolved configs differ), else by config hash
     groups = df.groupby(["table", "label"])
@@ -138,13 +152,13 @@ def _metric_columns(df: pd.DataFrame) -> list[str]:
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """One line per (table, point, stage, source): mean over seeds of every metric, and for each its
+    """One line per (table, origin, point, stage, source): mean over seeds of every metric, and for each its
     95% confidence-interval half-width as ``<metric>_ci95``; ``seeds`` counts them."""
     if "label" not in df:
         df = prepare(df)
     cols = _metric_columns(df)
     lines = []
-    keys = ["table", "point_hash", "stage", "source"]
+    keys = ["table", "origin", "point_hash", "stage", "source"]
     for _, group in df.groupby(keys, sort=False):
         first = group.iloc[0]
         line = {k: first[k] for k in (*keys, "label", "strategy", "final", "frozen_text")}
@@ -546,8 +560,23 @@ def numbers(s: pd.DataFrame, df: pd.DataFrame, out: Path) -> list[Path]:
 
 
 # -- entry point -----------------------------------------------------------------------------------
-def report(results_dir: str | Path = "results", paper_dir: str | Path = "paper") -> list[Path]:
-    df = load_all(results_dir)
+def report(results_dir: str | Path | list[str | Path] = "results", paper_dir: str | Path = "paper") -> list[Path]:
+    """Figures and tables of ``paper_dir`` from the tables of ``results_dir`` (one folder, or
+    several read together: see :func:`load_all`)."""
+    dirs = [results_dir] if isinstance(results_dir, (str, Path)) else list(results_dir)
+    df = load_all(dirs)
+
+    def shown(d) -> str:  # a folder as the caption names it: relative to the first one's parent
+        first, here = Path(dirs[0]).resolve(), Path(d).resolve()
+        try:
+            return (Path(first.name) / here.relative_to(first)).as_posix()
+        except ValueError:
+            return here.name
+
+    def caption(table: str) -> str:
+        files = [f"{shown(d)}/{table}.jsonl" for d in dirs if (Path(d) / f"{table}.jsonl").exists()]
+        return f"{' + '.join(files)}: mean $\\pm$ 95% CI over seeds"
+
     runs = df[df["source"] == "run"]
     summary = summarise(runs if len(runs) else df)
     paper = Path(paper_dir)
@@ -559,7 +588,7 @@ def report(results_dir: str | Path = "results", paper_dir: str | Path = "paper")
     for fn in (fig_pareto, fig_mm_by_qtype, fig_spatial_relations, fig_forgetting, fig_forgetting_curves,
                fig_probe_curves, fig_efficiency):
         written += fn(s, figs)
-    written += write_table(s, tabs, "main", f"results/{main}.jsonl: mean $\\pm$ 95% CI over seeds")
+    written += write_table(s, tabs, "main", caption(main))
     written += efficiency_table(s, tabs)
     written += numbers(s, df[df["source"] == "run"] if len(runs) else df, tabs)
     for table in tables:
@@ -567,5 +596,5 @@ def report(results_dir: str | Path = "results", paper_dir: str | Path = "paper")
             continue
         t = summary[summary["table"] == table].reset_index(drop=True)
         written += fig_table(t, figs, table)
-        written += write_table(t, tabs, table, f"results/{table}.jsonl: mean $\\pm$ 95% CI over seeds")
+        written += write_table(t, tabs, table, caption(table))
     return written

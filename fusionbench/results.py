@@ -13,7 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-PACKAGES = ("torch", "transformers", "peft", "lightning", "datasets", "omegaconf", "fusionbench")
+PACKAGES = ("torch", "transformers", "peft", "lightning", "datasets", "omegaconf", "fusionbench",
+            "accelerate", "gguf", "lm_eval", "tokenizers", "safetensors", "numpy", "pandas", "scipy")
 
 
 @functools.cache
@@ -50,6 +51,8 @@ def device_name() -> str:
 def provenance() -> dict[str, Any]:
     import torch
 
+    from fusionbench.environment import lock_provenance
+
     versions = {}
     for pkg in PACKAGES:
         try:
@@ -57,7 +60,7 @@ def provenance() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[f"version_{pkg}"] = None
     return {"git_sha": git_sha(), "device": device_name(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), **versions}
+            "python": platform.python_version(), **versions, **lock_provenance()}
 
 
 def append_row(path: str | Path, row: dict[str, Any]) -> None:

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv with the whole stack, CPU torch pinned. Idempotent; safe to re-run.
+# Creates .venv with exactly the locked environment (requirements.lock, CPU torch) plus fusionbench
+# itself (editable). Idempotent; safe to re-run. FUSIONBENCH_UNLOCKED=1 instead installs the newest
+# releases pyproject.toml allows (what `make test-latest` tests against; never used for results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${FUSIONBENCH_VENV:-.venv}
@@ -7,12 +9,19 @@ if ! command -v uv >/dev/null 2>&1; then
   python3 -m pip install -q uv
 fi
 [ -x "$VENV/bin/python" ] || uv venv -q -p 3.11 "$VENV" 2>/dev/null || uv venv -q "$VENV"
-# torch==2.13.0 CPU: a local wheel where one exists, else PyTorch's CPU index.
-TORCH_WHL=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n1 || true)
-if [ -n "$TORCH_WHL" ]; then
-  TORCH_SPEC=("$TORCH_WHL")
+# torch==2.13.0 CPU: the local wheel where it exists, else PyTorch's CPU index.
+if ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
+  SRC=(--find-links /opt/wheels)
 else
-  TORCH_SPEC=("torch==2.13.0" "--index-strategy" "unsafe-best-match" "--extra-index-url" "https://download.pytorch.org/whl/cpu")
+  SRC=(--index-strategy unsafe-best-match --extra-index-url https://download.pytorch.org/whl/cpu)
 fi
-uv pip install -q -p "$VENV/bin/python" "${TORCH_SPEC[@]}" -e ".[dev]"
-echo "fusionbench installed in $VENV"
+if [ "${FUSIONBENCH_UNLOCKED:-0}" = 1 ]; then
+  TORCH_WHL=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n1 || true)
+  uv pip install -q -p "$VENV/bin/python" --upgrade "${SRC[@]}" ${TORCH_WHL:+"$TORCH_WHL"} -e ".[dev]"
+  echo "fusionbench installed in $VENV with the newest allowed releases (unlocked)"
+else
+  # exactly the lock's packages and versions (hash-checked); anything else in the venv is removed
+  uv pip sync -q -p "$VENV/bin/python" "${SRC[@]}" --require-hashes requirements.lock
+  uv pip install -q -p "$VENV/bin/python" --no-deps -e .
+  echo "fusionbench installed in $VENV from requirements.lock"
+fi

@@ -8,6 +8,7 @@ from PIL import Image
 from fusionbench.assets.lm import load_lm
 from fusionbench.data.format import Collator
 from fusionbench.errors import FusionBenchError
+from fusionbench.fusion._lm import cache_kwarg, output_cache, passed_cache
 from fusionbench.model import IGNORE_INDEX
 from tests.helpers import image_batch, text_batch, tiny_cfg, tiny_model
 
@@ -140,7 +141,7 @@ def test_prefix_cache_has_every_layer_with_the_prefix_length(arch, pooling):
     batch, _ = image_batch(model)
     features = model.encode_images(batch["pixel_values"])
     kwargs = model.fusion.lm_kwargs(model, features, batch["attention_mask"])
-    cache = kwargs["past_key_values"]
+    cache = passed_cache(kwargs)
     t = model.lm.config.get_text_config()
     kv_heads = getattr(t, "num_key_value_heads", None) or t.num_attention_heads
     assert len(cache.layers) == t.num_hidden_layers
@@ -202,7 +203,7 @@ def test_prefix_peft_task_prefix_changes_text_and_base_lm_recovers_it():
     assert any(n.startswith("lm.prompt_encoder.") for n in model.trainable_parameter_names())
     batch, _ = image_batch(model)
     features = model.encode_images(batch["pixel_values"])
-    assert model.fusion.lm_kwargs(model, features, batch["attention_mask"])["past_key_values"].get_seq_length() == 7
+    assert passed_cache(model.fusion.lm_kwargs(model, features, batch["attention_mask"])).get_seq_length() == 7
     _check_forward_backward_and_generate(model)
     _train_a_little(model, text=True)  # the task prefix also trains from text-only batches
     ids, mask = text_batch(model)
@@ -226,6 +227,31 @@ def test_prefix_peft_task_prefix_changes_text_and_base_lm_recovers_it():
                              return_dict_in_generate=True)
         last = model.logits(p["input_ids"], p["attention_mask"])[:, -1]
     assert torch.allclose(gen.logits[0], last, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_prefix_task_prefix_is_added_once_whichever_keyword_the_cache_comes_by(name):
+    """transformers 5.24 renamed the decoder's KV-cache keyword ``past_key_values`` -> ``cache``.
+    ``generate`` passes its cache (which already holds the task prefix) under the new name; the
+    text-only hook must see it under either name, else it adds the prefix a second time and the
+    mask/positions no longer match the cache (the 126 vs 129 rotary error)."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    model = tiny_model("{name: prefix, prefix_length: 4, task_prefix_tokens: 3}")
+    decoder = model.lm.get_decoder()
+    assert cache_kwarg(decoder) in inspect.signature(type(decoder).forward).parameters
+    ids, mask = text_batch(model)
+    with model.fusion.text_only(model):
+        assert model.fusion._text_prefix_hook(decoder, (), {"input_ids": ids, "attention_mask": mask,
+                                                            name: DynamicCache()}) is None
+        _, kwargs = model.fusion._text_prefix_hook(decoder, (), {"input_ids": ids, "attention_mask": mask})
+    assert set(kwargs) >= {cache_kwarg(decoder), "attention_mask", "position_ids"}
+    assert passed_cache(kwargs).get_seq_length() == 3 and kwargs["attention_mask"].shape[1] == ids.shape[1] + 3
+    with torch.no_grad():  # the cache a forward returns is found under either transformers version
+        out = decoder(input_ids=ids, attention_mask=mask, use_cache=True)
+    assert output_cache(out).get_seq_length() == ids.shape[1]
 
 
 def test_prefix_bad_options_are_clear_errors():

@@ -200,7 +200,7 @@ def test_experiment_yamls_load_with_valid_fusion_options():
     for name in ("qformer", "flamingo"):
         cfg = load_config(EXPERIMENTS / f"{name}.yaml")
         assert cfg.name == name and cfg.fusion.name == name
-        assert cfg.results_file == "results/strategies.jsonl"
+        assert cfg.results_file == "results/local/strategies.jsonl"
         fusion_options(cfg.fusion)
 
 

@@ -82,3 +82,38 @@ def test_paper_uses_only_what_the_report_writes_and_committed_tables_are_reprodu
     assert used and used <= defined, f"undefined in numbers.tex: {sorted(used - defined)}"
     for target in re.findall(r"\\(?:input|includegraphics(?:\[[^\]]*\])?)\{([^}]+)\}", tex):
         assert (out / target).exists(), target
+
+
+def test_local_rows_are_reported_beside_the_committed_ones_never_instead(tmp_path):
+    """A user's runs (results/local/, git-ignored) never enter the committed report; asked for
+    together, they sit beside the committed rows of the same point, labelled, not merged or replaced."""
+    committed, local = tmp_path / "results", tmp_path / "results" / "local"
+    assert _run(tmp_path, "fusion=linear") == 0
+    assert main(["run", str(TINY), f"output_dir={tmp_path / 'runs2'}", f"results_file={local / 'runs.jsonl'}",
+                 "fusion=linear"]) == 0  # the same config and seed, run again by "a user"
+    assert len(load_all(committed)) == 1 and set(load_all(committed)["label"]) == {"linear"}
+    both = load_all([committed, local])
+    assert sorted(both["label"]) == ["linear", "linear (local)"]
+    s = summarise(both)
+    assert len(s) == 2 and set(s.seeds) == {1}
+    assert main(["report", "--results", str(committed), "--results", str(local), "--paper", str(tmp_path / "p")]) == 0
+    assert "linear (local)" in (tmp_path / "p" / "tables" / "main.md").read_text()
+    assert "% results/runs.jsonl + results/local/runs.jsonl:" in (tmp_path / "p" / "tables" / "main.tex").read_text()
+    report(committed, tmp_path / "p1")
+    assert "(local)" not in (tmp_path / "p1" / "tables" / "main.md").read_text()
+
+
+def test_user_runs_write_to_a_git_ignored_results_folder():
+    """The README's quickstart, the per-strategy configs and the default write to results/local/,
+    which git ignores: running them never changes the committed tables or dirties a checkout."""
+    import subprocess
+
+    from fusionbench.config import load_config
+
+    paths = [load_config(ROOT / "experiments" / "quickstart.yaml").results_file]
+    paths += [load_config(p).results_file for p in sorted((ROOT / "experiments" / "fusion").glob("*.yaml"))]
+    paths.append(load_config(TINY).results_file)
+    assert all(p.startswith("results/local/") for p in paths), paths
+    ignored = subprocess.run(["git", "check-ignore", *sorted(set(paths)), "paper/local/tables/main.md"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert sorted(ignored.stdout.split()) == sorted(set(paths) | {"paper/local/tables/main.md"})

@@ -2,6 +2,10 @@
 strategy that injects modules needs no per-family code."""
 from __future__ import annotations
 
+import functools
+import inspect
+from typing import Any
+
 from torch import nn
 
 from fusionbench.errors import FusionBenchError
@@ -16,6 +20,36 @@ def decoder_layers(lm: nn.Module) -> tuple[str, nn.ModuleList]:
     if not found:
         raise FusionBenchError(f"cannot find the {n} decoder layers of {type(lm).__name__}")
     return min(found, key=lambda item: item[0].count("."))  # the outermost match
+
+
+#: the names transformers has given the KV-cache keyword of a forward: ``cache`` from 5.24 on,
+#: ``past_key_values`` before (5.24 still maps the old name, with a warning, until 5.40)
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_cache_kwarg(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return next((name for name in CACHE_KWARGS if name in params), "past_key_values")
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The keyword this HF model's (or decoder's) ``forward`` takes a KV cache by, for this
+    transformers version. ``generate`` passes its model kwargs through to that forward, so a cache
+    handed to ``generate`` goes under the same name."""
+    return _forward_cache_kwarg(type(module))
+
+
+def passed_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache in a forward / generate call's ``kwargs``, under either name (or None)."""
+    return next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache an HF model output returned (``out.cache`` from transformers 5.24 on,
+    ``out.past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def layer_indices(spec, num_layers: int, what: str) -> list[int]:

@@ -1,5 +1,5 @@
 """Deep prefix fusion (the p-tuning / prefix-tuning analogy CogVLM draws): image features become
-per-layer key/value prefixes for every LM layer, passed as ``past_key_values``. Images occupy no
+per-layer key/value prefixes for every LM layer, passed as the LM's KV cache. Images occupy no
 input tokens; the LM is frozen, and text without an image runs the base LM unchanged.
 
 Optionally a learned, image-independent task prefix through peft (``PrefixTuningConfig``): it is
@@ -18,7 +18,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from fusionbench.errors import FusionBenchError
-from fusionbench.fusion._lm import decoder_layers
+from fusionbench.fusion._lm import cache_kwarg, decoder_layers, passed_cache
 from fusionbench.fusion.base import FusionOptions, FusionStrategy, register
 
 POOLINGS = ("tokens", "pooled")
@@ -173,21 +173,26 @@ class PrefixFusion(FusionStrategy):
         return cache
 
     @staticmethod
-    def _extend(cache: DynamicCache, attention_mask: torch.Tensor) -> dict[str, Any]:
+    def _extend(cache: DynamicCache, attention_mask: torch.Tensor, model: nn.Module) -> dict[str, Any]:
+        """LM kwargs for ``model``'s forward (or ``generate``): the prefix cache under the keyword
+        this transformers version uses, the attention mask extended over it, positions after it."""
         p = cache.get_seq_length()
         ext = torch.cat([attention_mask.new_ones(attention_mask.shape[0], p), attention_mask], 1)
-        return {"past_key_values": cache, "attention_mask": ext, "position_ids": prefix_positions(ext, p)}
+        return {cache_kwarg(model): cache, "attention_mask": ext, "position_ids": prefix_positions(ext, p)}
 
     def lm_kwargs(self, vlm, features, attention_mask):
         if features is None:
             return {}
         if attention_mask is None:
             raise FusionBenchError("prefix fusion needs an attention_mask (it is extended by the prefix)")
-        return self._extend(self.prefix_cache(vlm.lm, features.shape[0], features), attention_mask)
+        return self._extend(self.prefix_cache(vlm.lm, features.shape[0], features), attention_mask,
+                            vlm.lm.get_decoder())
 
     def _text_prefix_hook(self, module, args, kwargs):
-        """Text-only calls into the decoder without a cache get the task prefix (forward pass)."""
-        if not self._text_prefix_active or kwargs.get("past_key_values") is not None:
+        """Text-only calls into the decoder without a cache get the task prefix (forward pass). A
+        call that already carries a cache (``generate``'s, which holds the prefix) is left alone,
+        whichever keyword the cache came by."""
+        if not self._text_prefix_active or passed_cache(kwargs) is not None:
             return None
         x = kwargs.get("inputs_embeds")
         if x is None:
@@ -195,7 +200,7 @@ class PrefixFusion(FusionStrategy):
         mask = kwargs.get("attention_mask")
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
-        kwargs.update(self._extend(self.prefix_cache(self._peft_lm(), x.shape[0], None), mask))
+        kwargs.update(self._extend(self.prefix_cache(self._peft_lm(), x.shape[0], None), mask, module))
         return args, kwargs
 
     # -- LM calls -------------------------------------------------------------------------------
@@ -211,12 +216,13 @@ class PrefixFusion(FusionStrategy):
 
         def generate(*args, **kwargs):
             embeds = kwargs.get("inputs_embeds")
-            if kwargs.get("past_key_values") is None and self._text_prefix_active and embeds is not None:
+            if passed_cache(kwargs) is None and self._text_prefix_active and embeds is not None:
                 mask = kwargs.get("attention_mask")
                 if mask is None:
                     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-                kwargs.update(self._extend(self.prefix_cache(vlm.lm, embeds.shape[0], None), mask))
-            cache = kwargs.get("past_key_values")
+                kwargs.update(self._extend(self.prefix_cache(vlm.lm, embeds.shape[0], None), mask,
+                                           vlm.lm.get_decoder()))
+            cache = passed_cache(kwargs)
             if cache is not None and embeds is not None:
                 stand_in = embeds.new_zeros(embeds.shape[0], cache.get_seq_length(), embeds.shape[2])
                 kwargs["inputs_embeds"] = torch.cat([stand_in, embeds], 1)

@@ -1,0 +1,50 @@
+"""The locked environment: the lock covers what pyproject.toml asks for within its ranges, the
+installed packages are the lock's (what `make test` / CI install), and rows say so."""
+import os
+import tomllib
+
+import pytest
+from packaging.requirements import Requirement
+
+from fusionbench.environment import LOCK_FILE, installed, lock_deviations, normalize, read_lock
+from fusionbench.results import provenance
+from tests.helpers import ROOT
+
+UNLOCKED = os.environ.get("FUSIONBENCH_UNLOCKED") == "1"  # `make test-latest`: newest allowed releases
+
+
+def _requirements():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+
+
+def test_lock_pins_every_requirement_within_its_range():
+    pins = read_lock(ROOT / "requirements.lock")
+    assert len(pins) > 50  # the whole tree, not just the direct dependencies
+    for req in _requirements():
+        name = normalize(req.name)
+        assert name in pins, f"{req.name} is in pyproject.toml but not in requirements.lock: run scripts/lock.sh"
+        version = pins[name]
+        assert req.specifier.contains(version, prereleases=True), \
+            f"requirements.lock pins {name}=={version}, outside pyproject.toml's {req.specifier}: run scripts/lock.sh"
+    assert pins["torch"].startswith("2.13.0")  # the CPU build on local disk, never a CUDA build
+
+
+def test_lock_reader_and_deviations(tmp_path):
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("# comment\nLM_Eval==0.4.13 \\\n    --hash=sha256:00\n    # via x\nnumpy==0.0.1\n"
+                    "no-such-package-fb==1.0 ; python_version >= '3'\n")
+    assert read_lock(lock) == {"lm-eval": "0.4.13", "numpy": "0.0.1", "no-such-package-fb": "1.0"}
+    dev = lock_deviations(lock)
+    assert any(d.startswith("numpy: locked 0.0.1, installed ") for d in dev)
+    assert "no-such-package-fb: locked 1.0, not installed" in dev
+    assert not any(d.startswith("lm-eval:") for d in dev) or installed().get("lm-eval") != "0.4.13"
+
+
+@pytest.mark.skipif(UNLOCKED, reason="make test-latest runs the suite against the newest allowed releases")
+def test_installed_packages_are_the_locked_ones():
+    assert LOCK_FILE == ROOT / "requirements.lock"
+    assert lock_deviations() == [], "the environment differs from requirements.lock: run scripts/setup.sh"
+    row = provenance()
+    assert row["env_matches_lock"] is True and len(row["env_lock"]) == 12
+    assert row["version_transformers"] == read_lock()["transformers"]
