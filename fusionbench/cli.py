@@ -1,4 +1,4 @@
-"""Command line: ``fusionbench {run,sweep,train,eval,assets,report,list}``."""
+"""Command line: ``fusionbench {run,sweep,train,eval,assets,report,text-tasks,list}``."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +53,29 @@ def _cmd_report(args) -> None:
         print(path)
 
 
+def _cmd_text_tasks(args) -> None:
+    import json
+
+    from omegaconf import OmegaConf
+
+    from fusionbench.assets.lm import load_lm
+    from fusionbench.config import LMConfig
+    from fusionbench.evaluation.task_selection import CANDIDATES, MARGIN, MIN_ITEMS, score_candidates
+    from fusionbench.results import append_row, git_sha, provenance
+
+    git_sha()
+    lm_cfg = OmegaConf.merge(OmegaConf.structured(LMConfig), {"source": args.lm})
+    lm, tok = load_lm(lm_cfg, seed=0)
+    rows = score_candidates(lm, tok, args.tasks or list(CANDIDATES), args.formats, n_items=args.n,
+                            log=lambda m: print(m, flush=True))
+    for row in rows:
+        append_row(args.out, {"benchmark": "text_task_selection", "lm": args.lm, "rule":
+                              f"n >= {MIN_ITEMS}, acc >= chance + {MARGIN}, acc > acc_first", **row,
+                              **provenance(), "args": json.dumps(vars(args), default=str)})
+    kept = [(r["task"], r["format"]) for r in rows if r.get("keep")]
+    print(f"{len(kept)} kept: {kept}; rows appended to {args.out}")
+
+
 def _cmd_list(args) -> None:
     from fusionbench.data import DATASETS
     from fusionbench.fusion import FUSIONS
@@ -88,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
                         "results/local (your runs, labelled '(local)')")
     p.add_argument("--paper", default="paper", help="output folder (figures/, tables/); paper/ holds the "
                                                     "committed ones, paper/local/ is git-ignored")
+    p = sub.add_parser("text-tasks", help="score the base LM on candidate BIG-bench tasks and formats; keep those "
+                                          "that can detect forgetting (fusionbench.evaluation.task_selection)")
+    p.add_argument("--lm", default="smollm2", help="lm.source of the base LM")
+    p.add_argument("--tasks", nargs="*", default=None, help="BIG-bench tasks (default: the built-in candidates)")
+    p.add_argument("--formats", nargs="*", default=["bigbench", "plain"], help="prompt formats to try")
+    p.add_argument("--n", type=int, default=200, help="items per task (at most)")
+    p.add_argument("--out", default="results/local/text_task_selection.jsonl", help="table to append to")
     sub.add_parser("list", help="list registered fusion strategies and datasets")
     args = parser.parse_args(argv)
     try:
@@ -103,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_assets(args)
         elif args.cmd == "report":
             _cmd_report(args)
+        elif args.cmd == "text-tasks":
+            _cmd_text_tasks(args)
         elif args.cmd == "list":
             _cmd_list(args)
     except FusionBenchError as e:

@@ -59,7 +59,14 @@ class DataConfig:
     #: registered dataset name (``fusionbench.data.DATASETS``): scenes, cifar_grid, ...
     name: str = "scenes"
     train_size: int = 2000
+    #: val: model selection and curves; test: the reported numbers (the same items for every
+    #: strategy and seed: built from ``data.seed``, not the run's seed)
     val_size: int = 200
+    test_size: int = 300
+    #: what the *training* images are: ``real``, ``shuffled`` (each training question paired with
+    #: another example's image, a fixed derangement) or ``blank`` (one grey image): the trained blind
+    #: baselines, which learn whatever the questions alone predict. Evaluation always uses real images.
+    images: str = "real"
     #: side of the generated images in pixels
     image_size: int = 64
     seed: int = 0
@@ -108,9 +115,13 @@ class TrainConfig:
     #: compute-matched training: when > 0, max_steps is replaced by how many steps fit this many
     #: training FLOPs (forward + backward, counted on a real batch with torch's FLOP counter)
     flops_budget: float = 0.0
-    #: validation loss every N steps (0: once, at the end); batches per validation
+    #: validation loss (and choice accuracy on ``eval.val_items`` val items) every N steps (0: once,
+    #: at the end); batches per validation loss
     val_every_n_steps: int = 0
     limit_val_batches: int = 4
+    #: Lightning logger of the run directory: ``csv`` (default), ``tensorboard``, ``mlflow`` (local
+    #: file store under the run directory) or ``wandb`` (offline), each needing its package
+    logger: str = "csv"
 
 
 @dataclass
@@ -123,6 +134,9 @@ class TextEvalConfig:
     ppl_chunks: int = 16
     ppl_chunk_tokens: int = 128
     seed: int = 1234
+    #: prompt format of the multiple-choice items: "bigbench" (choices listed, as BIG-bench) or
+    #: "plain" (cloze: "Question: ... Answer:"); chosen by measurement (fusionbench text-tasks)
+    format: str = "bigbench"
     #: "suite": fusionbench's own scorer (fast on CPU); "lm_eval": the same kind of tasks as local
     #: lm-evaluation-harness task configs through lm-eval (standard metrics and stderr), where any
     #: lm-eval task name also works if its dataset is reachable
@@ -131,7 +145,15 @@ class TextEvalConfig:
 
 @dataclass
 class EvalConfig:
-    #: multimodal items scored by exact match of generated answers (from the val split)
+    #: the evaluators to run, in order (fusionbench.evaluation.EVALUATORS; one file each in
+    #: fusionbench/evaluation/metrics/); each also honours its own switch below
+    metrics: list[str] = field(default_factory=lambda: ["choice", "generation", "captions", "probes",
+                                                        "efficiency", "text"])
+    #: primary multimodal metric: choice scoring of every test item (fusionbench.evaluation.choice)
+    choice: bool = True
+    #: with it, the image controls: shuffled images (a derangement), no image, image gain + 95% CI
+    controls: bool = True
+    #: secondary: the first N test items scored by exact match of generated answers (0: off)
     mm_items: int = 200
     max_new_tokens: int = 4
     batch_size: int = 16
@@ -147,11 +169,16 @@ class EvalConfig:
     probes: bool = False
     probe_train: int = 128
     probe_test: int = 64
-    #: caption metrics (CIDEr, BLEU-4, ROUGE-L via pycocoevalcap) on the val split's captions, with
+    #: caption metrics (CIDEr, BLEU-4, ROUGE-L via pycocoevalcap) on the test split's captions, with
     #: a text-only baseline; train on ``data.name: scenes_captions`` for captions worth scoring
     captions: bool = False
     caption_items: int = 100
     caption_max_new_tokens: int = 48
+    #: val items scored by choice accuracy at every validation (the convergence curve; 0: off)
+    val_items: int = 96
+    #: a run has plateaued when its val LM loss improved by less than this fraction over the last
+    #: third of its validation points (``converged`` in the row; needs >= 3 points)
+    plateau_tol: float = 0.02
     #: forgetting curve: score a fixed slice of the text suite every N training steps (0: off)
     curve_every_n_steps: int = 0
     #: the slice: items per task and prose chunks
@@ -180,6 +207,10 @@ class ExperimentConfig:
     #: run every point once per seed (``seed`` is then ignored); ``fusionbench report`` aggregates
     #: the seeds into a mean and a 95% confidence interval
     seeds: list[int] = field(default_factory=list)
+    #: pre-registered contrasts the report tests on this experiment's rows:
+    #: ``[{name, a, b, metric (default mm/choice/acc), expect: greater|less}]``, ``a``/``b`` naming
+    #: points by their report label (a strategy, or a grid variant's label)
+    contrasts: list[Any] = field(default_factory=list)
     #: where run directories (checkpoints, logs) go
     output_dir: str = "runs"
     #: the results table this run appends its row to. ``results/*.jsonl`` are the committed
@@ -189,6 +220,8 @@ class ExperimentConfig:
 
 
 _SCHEMA = OmegaConf.structured(ExperimentConfig)
+#: trainer.logger values (fusionbench.runner.make_logger) and the packages one of which each needs
+LOGGERS = {"csv": (), "tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -299,6 +332,27 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
                 fusion_options(OmegaConf.merge(cfg.fusion, stage.fusion))
     if cfg.eval.text.backend not in ("suite", "lm_eval"):
         raise FusionBenchError(f"eval.text.backend must be 'suite' or 'lm_eval', got {cfg.eval.text.backend!r}")
+    if cfg.data.images not in ("real", "shuffled", "blank"):
+        raise FusionBenchError(f"data.images must be 'real', 'shuffled' or 'blank', got {cfg.data.images!r}")
+    for i, c in enumerate(cfg.contrasts):
+        c = OmegaConf.to_container(c) if OmegaConf.is_config(c) else c
+        if not isinstance(c, dict) or not {"a", "b"} <= set(c) or set(c) - {"name", "a", "b", "metric", "expect"}:
+            raise FusionBenchError(f"contrasts[{i}] must be a mapping with a, b and optionally name, metric, "
+                                   f"expect (greater|less), got {c!r}")
+        if c.get("expect", "greater") not in ("greater", "less"):
+            raise FusionBenchError(f"contrasts[{i}].expect must be 'greater' or 'less', got {c['expect']!r}")
+    from fusionbench.evaluation import EVALUATORS
+
+    for name in cfg.eval.metrics:
+        EVALUATORS.get(name)  # unknown name: one clear error naming the known ones
+    if cfg.trainer.logger not in LOGGERS:
+        raise FusionBenchError(f"trainer.logger must be one of {', '.join(LOGGERS)}, got {cfg.trainer.logger!r}")
+    import importlib.util
+
+    needs = LOGGERS[cfg.trainer.logger]
+    if needs and not any(importlib.util.find_spec(p) for p in needs):
+        raise FusionBenchError(f"trainer.logger={cfg.trainer.logger} needs the package {needs[0]!r}, which is not "
+                               f"installed (pip install {needs[0]}); or use trainer.logger=csv")
     if cfg.trainer.max_length < 8:
         raise FusionBenchError("trainer.max_length must be at least 8")
     if cfg.trainer.optimizer_impl not in ("fused", "foreach"):
@@ -373,6 +427,7 @@ def expand_grid(cfg: DictConfig) -> list[DictConfig]:
 #: vs foreach AdamW; ``trainer.cache_text_prefix``: a shared prompt prefix's KV computed once),
 #: last-bit rounding apart, like the thread count or the attention kernel.
 HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"vision.feature_cache": True, "trainer.compile": False, "trainer.num_nodes": 1,
+                                          "trainer.logger": "csv",
                                           "trainer.optimizer_impl": "fused", "trainer.cache_text_prefix": True}
 
 
@@ -386,7 +441,7 @@ def config_hash(cfg: DictConfig, drop: tuple[str, ...] = ()) -> str:
             node = node.get(p, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict) and node.get(leaf, object()) == default:
             node.pop(leaf)
-    for key in ("output_dir", "results_file", "grid", "seeds"):
+    for key in ("output_dir", "results_file", "grid", "seeds", "contrasts"):
         data.pop(key, None)
     for key in drop:
         data.pop(key, None)

@@ -234,7 +234,9 @@ def fig_pareto(s: pd.DataFrame, out: Path) -> list[Path]:
     axes_cols = [c for c in (("forgetting/mc_avg", "MC forgetting (base − after) / base"), _forgetting_axis(s))
                  if c and c[0] in s and s[c[0]].notna().any()]
     axes_cols = list(dict.fromkeys(axes_cols))
-    if "mm/acc" not in s or not axes_cols:
+    pre, ylabel = _acc(s)
+    acc = f"{pre}acc"
+    if acc not in s or not axes_cols:
         return []
     plt = _plt()
     fig, axes = plt.subplots(1, len(axes_cols), figsize=(4.6 * len(axes_cols), 3.8), squeeze=False,
@@ -242,21 +244,32 @@ def fig_pareto(s: pd.DataFrame, out: Path) -> list[Path]:
     for ax, (col, name) in zip(axes[0], axes_cols):
         for i, r in enumerate(s.itertuples()):
             row = s.loc[r.Index]
-            ax.errorbar(row[col], row["mm/acc"], xerr=_nan0(row.get(f"{col}_se")),
-                        yerr=_nan0(row.get("mm/acc_se")), linestyle="none", markersize=6, capsize=2,
+            ax.errorbar(row[col], row[acc], xerr=_nan0(row.get(f"{col}_ci95")),
+                        yerr=_nan0(row.get(f"{acc}_ci95")), linestyle="none", markersize=6, capsize=2,
                         label=row["label"], **_style(i))
-        front = _pareto_front(s[col].to_numpy(), s["mm/acc"].to_numpy())
+        front = _pareto_front(s[col].to_numpy(), s[acc].to_numpy())
         if len(front) > 1:
-            ax.plot(s[col].to_numpy()[front], s["mm/acc"].to_numpy()[front], color="0.5", lw=1, ls="--", zorder=0,
+            ax.plot(s[col].to_numpy()[front], s[acc].to_numpy()[front], color="0.5", lw=1, ls="--", zorder=0,
                     label="Pareto front")
-        if "mm/acc_majority" in s:
-            ax.axhline(s["mm/acc_majority"].mean(), color="k", lw=0.8, ls=":", label="majority answer")
+        floor = f"{pre}chance" if pre.startswith("mm/choice") else "mm/acc_majority"
+        if floor in s and s[floor].notna().any():
+            ax.axhline(s[floor].mean(), color="k", lw=0.8, ls=":",
+                       label="chance" if floor.endswith("chance") else "majority answer")
         ax.axvline(0, color="k", lw=0.5)
         ax.set_ylim(0, 1)
         ax.set_xlabel(name)
-        ax.set_ylabel("multimodal exact-match accuracy")
+        ax.set_ylabel(f"multimodal {ylabel}")
         ax.grid(alpha=0.3)
-    return _finish(fig, axes[0][0], "Accuracy vs forgetting (mean ± s.e. over seeds); left/up is better", out, "pareto")
+    return _finish(fig, axes[0][0], "Accuracy vs forgetting (mean, 95% CI over seeds); left/up is better", out, "pareto")
+
+
+def _acc(s: pd.DataFrame, qtype: str = "") -> tuple[str, str]:
+    """``(column prefix, axis label)`` of the multimodal accuracy to plot: choice scoring on the
+    test split where the rows have it (primary), else exact match of generated answers."""
+    q = f"{qtype}/" if qtype else ""
+    if f"mm/choice/{q}acc" in s and s[f"mm/choice/{q}acc"].notna().any():
+        return f"mm/choice/{q}", "choice accuracy (test split)"
+    return f"mm/{q}", "exact-match accuracy"
 
 
 def _nan0(v) -> float:
@@ -271,9 +284,10 @@ def _pareto_front(x: np.ndarray, y: np.ndarray) -> list[int]:
 
 
 def fig_mm_by_qtype(s: pd.DataFrame, out: Path, name: str = "mm_by_qtype") -> list[Path]:
-    types = [q for q in QTYPES if f"mm/{q}/acc" in s and s[f"mm/{q}/acc"].notna().any()]
+    types = [q for q in QTYPES if f"{_acc(s, q)[0]}acc" in s and s[f"{_acc(s, q)[0]}acc"].notna().any()]
     if not types:
         return []
+    ylabel = _acc(s, types[0])[1]
     plt = _plt()
     labels = list(s["label"])
     fig, ax = plt.subplots(figsize=(max(5.0, 0.75 * len(labels) + 2), 3.6), layout="constrained")
@@ -281,19 +295,23 @@ def fig_mm_by_qtype(s: pd.DataFrame, out: Path, name: str = "mm_by_qtype") -> li
     colors = {"attribute": "#9ecae1", "count": "#c6dbef", "spatial": "#d62728"}
     for j, q in enumerate(types):
         xs = np.arange(len(labels)) + (j - (len(types) - 1) / 2) * width
-        ax.bar(xs, s[f"mm/{q}/acc"], width, yerr=s.get(f"mm/{q}/acc_se", None), capsize=1.5,
+        pre = _acc(s, q)[0]
+        ax.bar(xs, s[f"{pre}acc"], width, yerr=s.get(f"{pre}acc_ci95", None), capsize=1.5,
                label=q + (" (highlighted)" if q == "spatial" else ""), color=colors.get(q, f"C{j}"),
                edgecolor="k" if q == "spatial" else "none", linewidth=0.8, error_kw={"lw": 0.7})
-        if f"mm/{q}/acc_majority" in s:
-            ax.scatter(xs, s[f"mm/{q}/acc_majority"], marker="_", s=120, color="k", zorder=3,
-                       label="majority-answer baseline" if j == 0 else None)
-        if f"mm/{q}/acc_text_only" in s:
-            ax.scatter(xs, s[f"mm/{q}/acc_text_only"], marker="x", s=14, color="0.35", zorder=3, linewidths=0.8,
-                       label="same model, no image" if j == 0 else None)
+        floor, controls = ((f"{pre}chance", f"{pre}acc_shuffled") if pre.startswith("mm/choice")
+                           else (f"{pre}acc_majority", f"{pre}acc_text_only"))
+        if floor in s:
+            ax.scatter(xs, s[floor], marker="_", s=120, color="k", zorder=3,
+                       label=("chance" if floor.endswith("chance") else "majority-answer baseline") if j == 0 else None)
+        if controls in s:
+            ax.scatter(xs, s[controls], marker="x", s=14, color="0.35", zorder=3, linewidths=0.8,
+                       label=("same model, shuffled images" if controls.endswith("shuffled")
+                              else "same model, no image") if j == 0 else None)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.05)
-    ax.set_title("Multimodal accuracy by question type (mean ± s.e. over seeds)")
+    ax.set_title("Multimodal accuracy by question type (mean, 95% CI over seeds)")
     ax.legend(ncol=3, loc="upper left", fontsize=7)
     return _save(fig, out, name)
 
@@ -322,7 +340,9 @@ def fig_spatial_relations(s: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def fig_forgetting(s: pd.DataFrame, out: Path) -> list[Path]:
-    metrics = [(c, t) for c, t in (("forgetting/mc_avg", "MC forgetting (base − after) / base"),
+    metrics = [(c, t) for c, t in (("text/kl", "token KL(base ‖ trained), Austen"),
+                                   ("forgetting/mc_acc_drop", "MC accuracy drop (base − after, points)"),
+                                   ("forgetting/mc_avg", "MC forgetting (base − after) / base"),
                                    ("forgetting/austen/delta_log_ppl", "Δ log-perplexity, Austen (after − base)"),
                                    ("forgetting/austen/delta_bits_per_byte", "Δ bits/byte, Austen (after − base)"))
                if c in s and s[c].notna().any()]
@@ -335,14 +355,14 @@ def fig_forgetting(s: pd.DataFrame, out: Path) -> list[Path]:
     for ax, (col, title) in zip(axes[:, 0], metrics):
         values = s[col]
         colors = ["#2ca02c" if f else "#ff7f0e" for f in s["frozen_text"]]
-        bars = ax.bar(range(len(labels)), values.fillna(0.0), yerr=s.get(f"{col}_se"), color=colors, capsize=2,
+        bars = ax.bar(range(len(labels)), values.fillna(0.0), yerr=s.get(f"{col}_ci95"), color=colors, capsize=2,
                       error_kw={"lw": 0.7})
         # exact values on the bars: a zero bar (frozen LM) is otherwise invisible
         ax.bar_label(bars, labels=["0" if v == 0 else f"{v:+.2g}" for v in values.fillna(0.0)], fontsize=7,
                      padding=2)
         ax.axhline(0, color="k", lw=0.8)
         reach = float(np.nanmax(np.abs(values.to_numpy(float)) + np.nan_to_num(
-            s.get(f"{col}_se", pd.Series(0.0, index=s.index)).to_numpy(float)))) if len(values) else 0.0
+            s.get(f"{col}_ci95", pd.Series(0.0, index=s.index)).to_numpy(float)))) if len(values) else 0.0
         reach = reach if reach > 0 else 0.01  # all exactly zero: a readable axis around 0
         ax.set_ylim(-1.35 * reach, 1.35 * reach)
         ax.set_title(title)
@@ -352,7 +372,7 @@ def fig_forgetting(s: pd.DataFrame, out: Path) -> list[Path]:
 
     fig.legend(handles=[Patch(color="#2ca02c", label="text path declared frozen"),
                         Patch(color="#ff7f0e", label="LM weights train")], loc="outside lower center", ncol=2)
-    fig.suptitle("NLP forgetting: text-only scores after vs before multimodal training (mean ± s.e. over seeds)")
+    fig.suptitle("NLP forgetting: text-only scores after vs before multimodal training (mean, 95% CI over seeds)")
     return _save(fig, out, "forgetting")
 
 
@@ -414,19 +434,21 @@ def fig_efficiency(s: pd.DataFrame, out: Path) -> list[Path]:
     xs = [(c, t) for c, t in (("params_trainable", "trainable parameters"),
                               ("eff/flops_train_step", "training FLOPs per step (batch 8)"))
           if c in s and s[c].notna().any()]
-    if "mm/acc" not in s or not xs:
+    pre, ylabel = _acc(s)
+    acc = f"{pre}acc"
+    if acc not in s or not xs:
         return []
     plt = _plt()
     fig, axes = plt.subplots(1, len(xs), figsize=(4.2 * len(xs) + 1.6, 3.4), squeeze=False, layout="constrained")
     for ax, (col, title) in zip(axes[0], xs):
         for i, (_, r) in enumerate(s.iterrows()):
-            ax.errorbar(r[col], r["mm/acc"], yerr=_nan0(r.get("mm/acc_se")), linestyle="none", capsize=2,
+            ax.errorbar(r[col], r[acc], yerr=_nan0(r.get(f"{acc}_ci95")), linestyle="none", capsize=2,
                         markersize=6, label=r["label"], **_style(i))
         ax.set_xscale("log")
         ax.set_xlabel(title + " (log scale)")
-        ax.set_ylabel("multimodal exact-match accuracy")
+        ax.set_ylabel(f"multimodal {ylabel}")
         ax.grid(alpha=0.3, which="both")
-    return _finish(fig, axes[0][0], "Accuracy vs cost (mean ± s.e. over seeds)", out, "efficiency")
+    return _finish(fig, axes[0][0], "Accuracy vs cost (mean, 95% CI over seeds)", out, "efficiency")
 
 
 def fig_table(s: pd.DataFrame, out: Path, name: str) -> list[Path]:
@@ -443,9 +465,16 @@ def _cell(m: float, h: float, digits: int = 3, latex: bool = True) -> str:
     return f"{m:.{digits}f}" + (f"{pm}{h:.{digits}f}" if pd.notna(h) else "")
 
 
-MAIN_COLUMNS = {"mm/acc": "MM acc", "mm/attribute/acc": "attribute", "mm/count/acc": "count",
-                "mm/spatial/acc": "spatial", "forgetting/mc_avg": "MC forgetting",
-                "forgetting/austen/delta_log_ppl": "Δ log-ppl", "forgetting/austen/delta_bits_per_byte": "Δ bits/byte"}
+MAIN_COLUMNS = {
+    # choice scoring on the balanced test split (primary), its controls and chance
+    "mm/choice/acc": "choice acc", "mm/choice/acc_shuffled": "shuffled images", "mm/choice/image_gain": "image gain",
+    "mm/choice/chance": "chance", "mm/choice/attribute/acc": "attribute (choice)",
+    "mm/choice/count/acc": "count (choice)", "mm/choice/spatial/acc": "spatial (choice)",
+    # generation + exact match (secondary; the only multimodal metric of rows before choice scoring)
+    "mm/acc": "MM acc", "mm/attribute/acc": "attribute", "mm/count/acc": "count",
+    "mm/spatial/acc": "spatial", "forgetting/mc_avg": "MC forgetting",
+    "forgetting/mc_acc_drop": "MC acc drop", "text/kl": "token KL",
+    "forgetting/austen/delta_log_ppl": "Δ log-ppl", "forgetting/austen/delta_bits_per_byte": "Δ bits/byte"}
 
 
 def table_frame(s: pd.DataFrame, latex: bool = True) -> pd.DataFrame:
@@ -506,6 +535,108 @@ def efficiency_table(s: pd.DataFrame, out: Path) -> list[Path]:
     tex.write_text(_latex(t, "parameters and FLOPs (torch FLOP counter, one batch of 8)"))
     md.write_text(_markdown(t))
     return [tex, md]
+
+
+# -- pre-registered contrasts ---------------------------------------------------------------------------
+def declared_contrasts(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """The ``contrasts`` of the experiment configs behind ``df``'s rows (each once, in order)."""
+    seen, out = set(), []
+    for config in df["config"]:
+        for c in json.loads(config).get("contrasts") or []:
+            key = json.dumps(c, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+    return out
+
+
+def _per_seed(rows: pd.DataFrame, metric: str) -> tuple[dict[int, np.ndarray], str]:
+    """Per seed the per-item values of ``metric`` (the row's ``.../items`` string for an accuracy
+    of choice scoring) or, for metrics without items, the row's value as a single item."""
+    items_col = metric[: -len("acc")] + "items" if metric.endswith("/acc") else None
+    out, unit = {}, "items"
+    for _, r in rows.iterrows():
+        if items_col and items_col in r and isinstance(r[items_col], str) and r[items_col]:
+            out[int(r["seed"])] = np.array([int(ch) for ch in r[items_col]])
+        elif metric in r and pd.notna(r[metric]):
+            out[int(r["seed"])] = np.array([float(r[metric])])
+            unit = "seeds"
+    return out, unit
+
+
+def comparisons(df: pd.DataFrame) -> pd.DataFrame:
+    """One line per declared contrast ``{name, a, b, metric, expect}`` (``a``/``b``: report labels,
+    ``expect``: ``greater`` (default) or ``less``, the direction the hypothesis predicts for a - b):
+    the paired difference over the seeds both have (items within seeds, then seeds, bootstrapped),
+    its 95% interval, p, the minimum detectable effect at this n and the verdict; ``n/a`` with the
+    reason when a side has no rows, the metric is missing, or the two were scored on other items."""
+    from fusionbench.stats import paired_contrast, verdict
+
+    final = df[df["final"] & (df["source"] == "run")]
+    lines = []
+    for c in declared_contrasts(df):
+        line = {"contrast": c.get("name", f"{c.get('a')} - {c.get('b')}"), "a": c.get("a"), "b": c.get("b"),
+                "metric": c.get("metric", "mm/choice/acc"), "expect": c.get("expect", "greater")}
+        side = {k: final[final["label"] == line[k]] for k in ("a", "b")}
+        missing = [line[k] for k in ("a", "b") if side[k].empty]
+        if missing:
+            lines.append({**line, "verdict": "n/a", "why": f"no rows of {', '.join(map(str, missing))}"})
+            continue
+        hashes = {k: set(side[k].get("mm/choice/test_hash", pd.Series(dtype=object)).dropna()) for k in ("a", "b")}
+        if hashes["a"] and hashes["b"] and hashes["a"] != hashes["b"]:
+            lines.append({**line, "verdict": "n/a", "why": "the two sides were scored on different test items"})
+            continue
+        (a, unit), (b, _) = _per_seed(side["a"], line["metric"]), _per_seed(side["b"], line["metric"])
+        if not (set(a) & set(b)):
+            lines.append({**line, "verdict": "n/a", "why": f"no seed with {line['metric']} on both sides"})
+            continue
+        try:
+            r = paired_contrast(a, b)
+        except ValueError as e:
+            lines.append({**line, "verdict": "n/a", "why": str(e)})
+            continue
+        lines.append({**line, **r, "unit": unit, "verdict": verdict(r["ci_lo"], r["ci_hi"], line["expect"]), "why": ""})
+    return pd.DataFrame(lines)
+
+
+def comparisons_table(cmp: pd.DataFrame, out: Path, name: str = "comparisons") -> list[Path]:
+    """``<name>.tex`` / ``.md``: each contrast's difference with its 95% interval, p, the
+    minimum detectable effect (80% power) and the verdict."""
+    rows = []
+    for _, r in cmp.iterrows():
+        ok = r["verdict"] != "n/a"
+        rows.append({"contrast": r["contrast"], "a - b": f"{r['a']} - {r['b']}", "metric": r["metric"],
+                     "difference [95% CI]": f"{r['diff']:+.3f} [{r['ci_lo']:+.3f}, {r['ci_hi']:+.3f}]" if ok else "n/a",
+                     "p": f"{r['p']:.3g}" if ok else "",
+                     "MDE": f"{r['mde']:.3f}" if ok else "",
+                     "n": f"{int(r['seeds'])} seeds x {int(r['items'])} items" if ok else "",
+                     "verdict": r["verdict"] if ok else f"n/a: {r['why']}"})
+    t = pd.DataFrame(rows, columns=["contrast", "a - b", "metric", "difference [95% CI]", "p", "MDE", "n", "verdict"])
+    out.mkdir(parents=True, exist_ok=True)
+    tex, md = out / f"{name}.tex", out / f"{name}.md"
+    tex.write_text(_latex(t, "pre-registered contrasts: paired difference, 95% bootstrap CI (items within seeds, "
+                            "then seeds), two-sided p, minimum detectable effect at 80% power"))
+    md.write_text(_markdown(t))
+    return [tex, md]
+
+
+def comparison_numbers(cmp: pd.DataFrame, out: Path) -> list[Path]:
+    """``comparisons.tex``'s numbers as macros (``comparison_numbers.tex``): per contrast
+    ``\\fbCmp<Name>Diff``, ``...Lo``, ``...Hi``, ``...P``, ``...Verdict`` (n/a: only the verdict)."""
+    lines, seen = [], set()
+    for _, r in cmp.iterrows():
+        tag = "Cmp" + _macro(str(r["contrast"]))
+        while tag in seen:  # macro names keep letters only: keep two contrasts apart
+            tag += "X"
+        seen.add(tag)
+        if r["verdict"] != "n/a":
+            for k, v in (("Diff", r["diff"]), ("Lo", r["ci_lo"]), ("Hi", r["ci_hi"]), ("P", r["p"]), ("Mde", r["mde"])):
+                lines.append(f"\\newcommand{{\\fb{tag}{k}}}{{{v:+.3f}}}\n" if k != "P" else f"\\newcommand{{\\fb{tag}{k}}}{{{v:.3g}}}\n")
+        lines.append(f"\\newcommand{{\\fb{tag}Verdict}}{{{_escape(r['verdict'])}}}\n")
+    out.mkdir(parents=True, exist_ok=True)
+    tex = out / "comparison_numbers.tex"
+    tex.write_text("% generated by `fusionbench report` from results/; do not edit\n" + "".join(lines))
+    return [tex]
 
 
 def _macro(name: str) -> str:
@@ -591,6 +722,13 @@ def report(results_dir: str | Path | list[str | Path] = "results", paper_dir: st
     written += write_table(s, tabs, "main", caption(main))
     written += efficiency_table(s, tabs)
     written += numbers(s, df[df["source"] == "run"] if len(runs) else df, tabs)
+    for table in tables:  # pre-registered contrasts: comparisons.* (main table), <table>_comparisons.*
+        rows = df[df["table"] == table]
+        if declared_contrasts(rows):
+            cmp = comparisons(rows)
+            written += comparisons_table(cmp, tabs, "comparisons" if table == main else f"{table}_comparisons")
+            if table == main:
+                written += comparison_numbers(cmp, tabs)
     for table in tables:
         if table == main:
             continue

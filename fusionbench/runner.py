@@ -40,7 +40,7 @@ def text_model_fn(forward):
 class Prepared:
     """Everything a run needs, built and validated before any training compute."""
 
-    def __init__(self, cfg: DictConfig, text_suite: bool = True):
+    def __init__(self, cfg: DictConfig, text_suite: bool = True, evaluate: bool = True):
         from fusionbench.assets.lm import load_lm
         from fusionbench.assets.vision import load_vision
 
@@ -57,6 +57,13 @@ class Prepared:
             from fusionbench.evaluation.text_suite import load_text_suite
             self.suite = load_text_suite(cfg.eval.text)
         self.base_text = self._base_text_scores(self.suite) if text_suite else {}  # bare LM, before fusion
+        # the bare base LM kept beside the model: token KL(base || trained) on the prose needs both
+        # distributions (frozen-text strategies measure exactly 0, the others what they moved)
+        self.reference = None
+        if self.suite is not None and self.suite.prose:
+            import copy
+
+            self.reference = copy.deepcopy(self.lm).eval().requires_grad_(False)
         self.curve_suite, self.curve_base = None, {}
         if self.suite is not None and cfg.eval.curve_every_n_steps > 0:
             e = cfg.eval
@@ -68,6 +75,16 @@ class Prepared:
         self.data.setup("fit")
         if cfg.eval.captions and "caption" not in self.data.val_ds.column_names:
             raise FusionBenchError(f"eval.captions needs captions; dataset {cfg.data.name!r} has none")
+        if evaluate and "choice" in cfg.eval.metrics and cfg.eval.choice:
+            # the test split is built (and checked) before any training compute; a dataset of
+            # captions only has nothing to choice-score
+            short = self.data.test_ds.filter(lambda t: t != "caption", input_columns="qtype")
+            if len(short) == 1:
+                raise FusionBenchError("choice scoring needs at least 2 test items, data.test_size gives 1")
+            if len(short):
+                from fusionbench.evaluation.choice import item_choices
+
+                item_choices(short)
 
     def _base_text_scores(self, suite, part: str = "full") -> dict[str, float]:
         from fusionbench.evaluation.text_suite import SUITE_VERSION
@@ -94,7 +111,8 @@ class Prepared:
         return scores
 
 
-def text_scores(cfg: DictConfig, model, tokenizer, suite=None, backend: str | None = None) -> dict[str, float]:
+def text_scores(cfg: DictConfig, model, tokenizer, suite=None, backend: str | None = None,
+                reference=None) -> dict[str, float]:
     """Text-only scores of a bare HF LM (the base) or of a VisionLanguageModel's text-only path,
     by the configured backend; base and trained model go through the same computation."""
     t = cfg.eval.text
@@ -111,7 +129,7 @@ def text_scores(cfg: DictConfig, model, tokenizer, suite=None, backend: str | No
         return scores
     from fusionbench.evaluation.text_suite import score_text_suite
 
-    return score_text_suite(suite, model, tokenizer, batch_size=cfg.eval.batch_size)
+    return score_text_suite(suite, model, tokenizer, batch_size=cfg.eval.batch_size, reference=reference)
 
 
 def stage_plan(cfg: DictConfig) -> list[DictConfig]:
@@ -162,6 +180,24 @@ def compile_decoder_layers(model: VisionLanguageModel) -> int:
     return len(layers)
 
 
+def make_logger(kind: str, run_dir: Path, stage: str):
+    """The Lightning logger ``trainer.logger`` names, writing under the run directory."""
+    loggers = L.pytorch.loggers
+    try:
+        if kind == "csv":
+            return loggers.CSVLogger(run_dir, name="logs", version=stage)
+        if kind == "tensorboard":
+            return loggers.TensorBoardLogger(run_dir, name="tb", version=stage)
+        if kind == "mlflow":
+            return loggers.MLFlowLogger(experiment_name=run_dir.parent.name, run_name=f"{run_dir.name}-{stage}",
+                                        tracking_uri=f"file:{(run_dir / 'mlruns').resolve()}")
+        if kind == "wandb":
+            return loggers.WandbLogger(name=f"{run_dir.name}-{stage}", save_dir=str(run_dir), offline=True)
+    except (ImportError, ModuleNotFoundError) as e:
+        raise FusionBenchError(f"trainer.logger={kind} needs its package ({e}); install it or use trainer.logger=csv") from None
+    raise FusionBenchError(f"unknown trainer.logger {kind!r}")
+
+
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.output_dir) / cfg.name / f"{cfg.fusion.name}-{config_hash(cfg)}-s{cfg.seed}"
 
@@ -203,7 +239,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
     and stages in ``done_stages`` (rows already in the results) are not evaluated again. With a
     multi-process Lightning strategy (``ddp``) every rank trains, rank 0 alone evaluates and writes."""
     plan = stage_plan(cfg)
-    prep = Prepared(cfg, text_suite=evaluate and cfg.eval.text_suite)  # everything that can fail on bad input fails here, before training
+    prep = Prepared(cfg, text_suite=evaluate and cfg.eval.text_suite, evaluate=evaluate)  # everything that can fail on bad input fails here, before training
     model, data, tok = prep.model, prep.data, prep.tokenizer
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -251,8 +287,16 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                 from fusionbench.training.callbacks import ForgettingCurve
 
                 curve = ForgettingCurve(prep.curve_suite, prep.curve_base, tok, cfg.eval.curve_every_n_steps,
-                                        cfg.eval.batch_size)
+                                        cfg.eval.batch_size, reference=prep.reference)
                 callbacks.append(curve)
+            val_curve = None
+            if cfg.eval.val_items > 0:
+                from fusionbench.training.callbacks import ValidationCurve
+
+                short_val = data.val_ds.filter(lambda t: t != "caption", input_columns="qtype")
+                val_curve = ValidationCurve(short_val.select(range(min(cfg.eval.val_items, len(short_val)))),
+                                            prep.vision.preprocess, cfg.eval.batch_size, seed=cfg.data.seed)
+                callbacks.append(val_curve)
             if tcfg.checkpoint:
                 callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
                     dirpath=ckpt_dir, save_top_k=0, save_last=True,
@@ -261,7 +305,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                                 num_nodes=tcfg.num_nodes,
                                 strategy=tcfg.strategy, precision=tcfg.precision,
                                 gradient_clip_val=tcfg.grad_clip or None,
-                                logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs", version=stage.name),
+                                logger=make_logger(tcfg.logger, run_dir, stage.name),
                                 callbacks=callbacks, log_every_n_steps=tcfg.log_every_n_steps,
                                 val_check_interval=tcfg.val_every_n_steps or tcfg.max_steps,
                                 check_val_every_n_epoch=None, limit_val_batches=tcfg.limit_val_batches,
@@ -280,6 +324,12 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                 trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the stage's final weights, whatever the schedule
             final_loss = trainer.callback_metrics.get("train/loss")
             extra["train_loss_final"] = float(final_loss) if final_loss is not None else None
+            if val_curve is not None and val_curve.points:
+                from fusionbench.training.callbacks import plateaued
+
+                extra["val_curve"] = json.dumps(val_curve.points)
+                extra["converged"] = plateaued(val_curve.points, tol=cfg.eval.plateau_tol)
+                extra.update({f"{k}_final": v for k, v in val_curve.points[-1].items() if k != "step"})
         train_s = time.time() - t0
         if not evaluate or not is_zero:
             log(f"stage {stage.name}: trained in {train_s:.0f}s; checkpoint in {run_dir / 'checkpoints'}")
@@ -301,41 +351,11 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
 
 def evaluate_model(cfg: DictConfig, prep: Prepared, model: VisionLanguageModel, data: FusionDataModule,
                    majority: dict[str, str]) -> dict[str, Any]:
-    """The evaluation block of a run (also ``fusionbench eval``): multimodal accuracy per question
-    type with majority and text-only baselines; the text suite after training, beside the base LM's
-    scores, and forgetting."""
-    from fusionbench.evaluation.multimodal import evaluate_multimodal
+    """The evaluation block of a run (also ``fusionbench eval``): every evaluator ``eval.metrics``
+    lists (fusionbench.evaluation), in order."""
+    from fusionbench.evaluation import EvalContext, evaluate
 
-    metrics: dict[str, Any] = {}
-    short = data.val_ds.filter(lambda t: t != "caption", input_columns="qtype")  # exact match: short answers
-    if len(short):
-        metrics.update(evaluate_multimodal(model, short, data.collator(with_answer=False),
-                                           data.collator(with_answer=False, with_image=False), majority,
-                                           cfg.eval.mm_items, cfg.eval.batch_size, cfg.eval.max_new_tokens))
-    if cfg.eval.captions:
-        from fusionbench.evaluation.captions import evaluate_captions
-
-        metrics.update(evaluate_captions(model, data.val_ds, prep.vision.preprocess, cfg.eval.caption_items,
-                                         cfg.eval.batch_size, cfg.eval.caption_max_new_tokens))
-    if cfg.eval.probes:
-        from fusionbench.evaluation.probes import depth_probes
-
-        metrics.update(depth_probes(model, n_train=cfg.eval.probe_train, n_test=cfg.eval.probe_test, seed=cfg.seed))
-    if cfg.eval.efficiency:
-        from fusionbench.evaluation.efficiency import efficiency
-
-        n = min(cfg.eval.efficiency_items, len(data.val_ds))
-        metrics.update(efficiency(model, data.collator()([data.val_ds[i] for i in range(n)])))
-    if prep.text_eval:
-        if cfg.eval.text.backend == "lm_eval":
-            from fusionbench.evaluation.lm_eval_adapter import forgetting_lm_eval as forgetting
-        else:
-            from fusionbench.evaluation.text_suite import forgetting
-        after = text_scores(cfg, model, prep.tokenizer, prep.suite)
-        metrics.update({f"base/{k}": v for k, v in prep.base_text.items()})
-        metrics.update(after)
-        metrics.update(forgetting(prep.base_text, after))
-    return metrics
+    return evaluate(EvalContext(cfg, prep, model, data, majority), list(cfg.eval.metrics))
 
 
 def result_row(cfg: DictConfig, stage: DictConfig, model: VisionLanguageModel, run_dir: Path,
@@ -396,11 +416,12 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, stage:
 def _summary(row: dict[str, Any]) -> None:
     keys = [k for k in row if k.startswith("mm/") and k.count("/") == 2 and k.endswith("/acc")]
     parts = [f"{k[3:-4]}={row[k]:.3f} (maj {row.get(k + '_majority', float('nan')):.3f})" for k in sorted(keys)]
-    fg = row.get("forgetting/mc_avg")
+    fg = row.get("forgetting/mc_acc_drop")
     cap = f" CIDEr={row['cap/cider']:.3f} (text-only {row['cap/cider_text_only']:.3f})" if "cap/cider" in row else ""
     acc = f" acc={row['mm/acc']:.3f}" if "mm/acc" in row else ""
     log(f"{row['strategy']}/{row['stage']}:{acc}{cap} " + " ".join(parts)
-        + (f" forgetting(mc_avg)={fg:+.4f}" if fg is not None else "")
+        + (f" mc_acc_drop={fg:+.4f}" if fg is not None else "")
+        + (f" kl={row['text/kl']:.2e}" if "text/kl" in row else "")
         + (f" train {row['train_s']:.0f}s" if "train_s" in row else "") + f" eval {row['eval_s']:.0f}s")
 
 

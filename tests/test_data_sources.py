@@ -41,7 +41,7 @@ def text_rows(ds):
 
 
 def check_schema(ds, image_size, qtypes=QTYPES):
-    assert ds.column_names == COLUMNS
+    assert ds.column_names[:len(COLUMNS)] == COLUMNS and set(ds.column_names[len(COLUMNS):]) <= {"template", "choices"}
     assert isinstance(ds.features["image"], datasets.Image)
     for c in COLUMNS[1:]:
         assert ds.features[c] == datasets.Value("string")
@@ -115,7 +115,8 @@ def test_scenes_qtypes_filter(cache):
     ({"qtypes": ["colour"]}, "train", "colour"),
     ({"qtypes": ["count", "colour"]}, "train", "colour"),
     ({"options": {"questions_per_imag": 2}}, "train", "questions_per_imag"),
-    ({}, "test", "split"),
+    ({}, "holdout", "split"),
+    ({"test_size": 0}, "test", "empty"),
 ])
 def test_scenes_bad_input(cache, kwargs, split, match):
     with pytest.raises(FusionBenchError, match=match):
@@ -328,10 +329,13 @@ def test_cifar_grid_splits_disjoint_per_class():
     cfg = DataConfig(train_size=200, val_size=200)
     train_pool = set(cg.split_pool(labels, "train", 0.2).tolist())
     val_pool = set(cg.split_pool(labels, "val", 0.2).tolist())
-    assert not train_pool & val_pool and len(train_pool | val_pool) == len(labels)
-    for k in range(10):  # the tail of every class goes to val
+    test_pool = set(cg.split_pool(labels, "test", 0.2).tolist())
+    assert not train_pool & val_pool and not train_pool & test_pool and not val_pool & test_pool
+    assert len(train_pool | val_pool | test_pool) == len(labels)
+    for k in range(10):  # the tail of every class goes to test, the part before it to val
         idx = np.flatnonzero(labels == k)
-        assert set(idx[-5:].tolist()) <= val_pool and set(idx[:20].tolist()) <= train_pool
+        assert set(idx[-5:].tolist()) <= test_pool and set(idx[-10:-5].tolist()) <= val_pool
+        assert set(idx[:15].tolist()) <= train_pool
     for split, pool in (("train", train_pool), ("val", val_pool)):
         used = {i for row in cg.build_grids(images, labels, cfg, split)
                 for _, i in decode_grid(row["image"]).values()}

@@ -117,3 +117,45 @@ def test_user_runs_write_to_a_git_ignored_results_folder():
     ignored = subprocess.run(["git", "check-ignore", *sorted(set(paths)), "paper/local/tables/main.md"], cwd=ROOT,
                              capture_output=True, text=True)
     assert sorted(ignored.stdout.split()) == sorted(set(paths) | {"paper/local/tables/main.md"})
+
+
+def _contrast_rows(contrasts, items_by_label):
+    cfg = json.dumps({"fusion": {"name": "mlp"}, "contrasts": contrasts})
+    rows = []
+    for label, per_seed in items_by_label.items():
+        for seed, items in per_seed.items():
+            rows.append({"table": "main", "config_hash": f"{label}{seed}", "point_hash": label, "stage": "main",
+                         "config": cfg, "strategy": label, "grid_point": json.dumps({"variant": label}),
+                         "git_sha": "1111111", "seed": seed, "mm/choice/items": items,
+                         "mm/choice/acc": items.count("1") / len(items), "mm/choice/test_hash": "t1"})
+    return rows
+
+
+def test_comparisons_table_paired_contrasts_and_n_a(tmp_path):
+    from fusionbench.report import comparisons, comparisons_table, prepare
+
+    contrasts = [{"name": "mlp beats blind", "a": "mlp", "b": "blind"},
+                 {"name": "same", "a": "mlp", "b": "mlp2", "expect": "greater"},
+                 {"name": "ghost", "a": "visual_expert", "b": "mlp"}]
+    good, bad = "1" * 80 + "0" * 20, "1" * 40 + "0" * 60
+    rows = _contrast_rows(contrasts, {"mlp": {0: good, 1: good}, "blind": {0: bad, 1: bad}, "mlp2": {0: good, 1: good}})
+    cmp = comparisons(prepare(pd.DataFrame(rows))).set_index("contrast")
+    r = cmp.loc["mlp beats blind"]
+    assert r["diff"] == pytest.approx(0.4) and r["ci_lo"] > 0 and r["verdict"] == "supported" and r["seeds"] == 2
+    assert cmp.loc["same", "diff"] == 0 and cmp.loc["same", "verdict"] == "inconclusive"
+    assert cmp.loc["ghost", "verdict"] == "n/a" and "visual_expert" in cmp.loc["ghost", "why"]
+    tex, md = comparisons_table(cmp.reset_index(), tmp_path)
+    text = md.read_text()
+    assert "supported" in text and "n/a: no rows of visual_expert" in text and "+0.400 [" in text
+    # scored on other items: no comparison
+    rows2 = _contrast_rows(contrasts[:1], {"mlp": {0: good}, "blind": {0: bad}})
+    rows2[1]["mm/choice/test_hash"] = "t2"
+    assert comparisons(prepare(pd.DataFrame(rows2))).iloc[0]["verdict"] == "n/a"
+
+
+def test_contrasts_are_validated_before_compute(tmp_path, capsys):
+    assert _run(tmp_path, "contrasts=[{a: mlp}]") == 2
+    assert "contrasts[0]" in capsys.readouterr().err
+    assert _run(tmp_path, "contrasts=[{a: mlp, b: linear, expect: bigger}]") == 2
+    assert "expect" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -80,13 +80,18 @@ def test_forgetting_is_exactly_zero_for_frozen_lm_projectors(strategy):
     base = score_text_suite(suite, base_lm, tok, batch_size=5)
     model = tiny_model(strategy)
     train_a_few_steps(model)
-    after = score_text_suite(suite, model, tok, batch_size=5)
+    after = score_text_suite(suite, model, tok, batch_size=5, reference=base_lm)
     fg = forgetting(base, after)
-    assert set(fg) == {"forgetting/toy", "forgetting/mc_avg", "forgetting/austen/delta_log_ppl"}
+    assert set(fg) == {"forgetting/toy/acc_drop", "forgetting/toy/acc_drop_ci_lo", "forgetting/toy/acc_drop_ci_hi",
+                       "forgetting/mc_acc_drop", "forgetting/austen/delta_log_ppl",
+                       "forgetting/austen/delta_log_ppl_ci_lo", "forgetting/austen/delta_log_ppl_ci_hi"}
+    assert fg["forgetting/toy/acc_drop"] == base["text/toy/acc"] - after["text/toy/acc"]  # absolute points
     if strategy == "full_finetune":
-        assert fg["forgetting/austen/delta_log_ppl"] != 0.0
-    else:
-        assert after == base and all(v == 0.0 for v in fg.values())
+        assert fg["forgetting/austen/delta_log_ppl"] != 0.0 and after["text/kl"] > 0
+    else:  # the token KL to the base LM is exactly 0, not merely small
+        assert after["text/kl"] == 0.0 and after["text/kl_ci_hi"] == 0.0
+        assert {k: v for k, v in after.items() if not k.startswith("text/kl") and "chunk_kl" not in k} == base
+        assert all(v == 0.0 for v in fg.values())
 
 
 def test_positions_logits_match_full_logits():
@@ -180,7 +185,7 @@ def test_eval_command_re_evaluates_a_trained_run(tmp_path, capsys):
     assert _run(tmp_path, "fusion=mlp") == 0
     [trained] = read_results(tmp_path / "res.jsonl").to_dict("records")
     out = tmp_path / "eval.jsonl"
-    assert main(["eval", trained["run_dir"], "eval.mm_items=8", "--results-file", str(out)]) == 0
+    assert main(["eval", trained["run_dir"], "eval.mm_items=24", "--results-file", str(out)]) == 0
     [row] = read_results(out).to_dict("records")
     assert row["source"] == "eval" and row["checkpoint"].endswith("checkpoints/main/last.ckpt")
     assert row["config_hash"] == trained["config_hash"]
@@ -234,3 +239,46 @@ def test_regional_compile_gives_the_same_loss_and_gradients():
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         if p.grad is not None:
             assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_plateau_criterion():
+    from fusionbench.training.callbacks import plateaued
+
+    pts = lambda *v: [{"step": i, "val/lm_loss": x} for i, x in enumerate(v)]  # noqa: E731
+    assert plateaued(pts(3.0, 2.0)) is None  # too few points to tell
+    assert plateaued(pts(3.0, 2.0, 1.5, 1.0, 0.8, 0.6)) is False  # still falling fast
+    assert plateaued(pts(3.0, 1.0, 0.9, 0.9, 0.895, 0.894)) is True  # < 2% over the last third
+    assert plateaued(pts(3.0, 1.0, 0.9, 0.9, 0.895, 0.894), tol=0.001) is False
+
+
+def test_validation_curve_in_the_logger_and_the_row(tmp_path):
+    assert _run(tmp_path, "fusion=mlp", "trainer.val_every_n_steps=1", "trainer.limit_val_batches=1",
+                "eval.val_items=8") == 0
+    [row] = read_results(tmp_path / "res.jsonl").to_dict("records")
+    curve = json.loads(row["val_curve"])
+    assert [p["step"] for p in curve] == [1, 2, 3]
+    assert all(0 <= p["val/choice_acc"] <= 1 and p["val/lm_loss"] > 0 for p in curve)
+    assert row["converged"] in (True, False) and row["val/choice_acc_final"] == curve[-1]["val/choice_acc"]
+    logged = next((tmp_path / "runs").glob("**/logs/main/metrics.csv")).read_text()
+    assert "val/choice_acc" in logged.splitlines()[0]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.metrics=[choice, chioce]"], "unknown evaluator 'chioce'. Did you mean 'choice'?"),
+    (["trainer.logger=tensorboard"], "trainer.logger=tensorboard needs the package 'tensorboard'"),
+    (["trainer.logger=neptune"], "trainer.logger must be one of"),
+    (["data.images=hidden"], "data.images must be"),
+    (["data.test_size=1"], "at least 2 test items"),
+    (["data.test_size=0"], "the test split would be empty"),
+])
+def test_bad_evaluation_input_is_one_clear_error(tmp_path, capsys, overrides, message):
+    assert _run(tmp_path, *overrides) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not list(tmp_path.glob("runs/**/*.ckpt"))  # failed before training started
+
+
+def test_evaluators_are_picked_by_eval_metrics(tmp_path):
+    assert _run(tmp_path, "fusion=linear", "eval.metrics=[choice]") == 0
+    [row] = read_results(tmp_path / "res.jsonl").to_dict("records")
+    assert "mm/choice/acc" in row and "mm/acc" not in row and "eff/flops_fwd" not in row

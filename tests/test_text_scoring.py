@@ -70,3 +70,47 @@ def test_suite_scores_from_shared_contexts():
         hits += max(range(len(ts)), key=vals.__getitem__) == 0
         k += len(ts)
     assert scores["text/toy/acc"] == hits / len(CHOICES)
+
+
+def test_choices_are_shuffled_per_item_and_formats_differ():
+    """BIG-bench shuffles the listed choices; in the file's order timedial lists the gold answer
+    last, which made "always pick the last/first" a strategy. The order is fixed per (seed, item)."""
+    import numpy as np
+
+    from fusionbench.evaluation.text_suite import _format
+
+    task = {"task_prefix": "", "examples": []}
+    ex = {"input": "Pick the right one.", "target_scores": {"a": 0, "b": 0, "c": 1}}
+    gold_at = {int(np.argmax(_format(task, ex, np.random.default_rng(i))[2])) for i in range(30)}
+    assert gold_at == {0, 1, 2}
+    assert _format(task, ex, np.random.default_rng(3))[0] == _format(task, ex, np.random.default_rng(3))[0]
+    plain, conts, ok = _format(task, ex, None, "plain")
+    assert plain == "Question: Pick the right one.\nAnswer:" and conts == [" a", " b", " c"] and ok == [False, False, True]
+    assert "choice: a" in _format(task, ex, None, "bigbench")[0]
+
+
+def test_suite_reports_position_bias_baseline_chance_and_char_normalised_acc():
+    cfg = tiny_cfg()
+    lm, tok = load_lm(cfg.lm, seed=0)
+    rows = [{"task": "t", "item": i, "context": f"Q{i}:", "continuation": c, "correct": k == (i % 2)}
+            for i in range(6) for k, c in enumerate([" aa", " b"])]
+    suite = TextSuite(choices=datasets.Dataset.from_list(rows), prose=[], tasks=["t"])
+    s = score_text_suite(suite, lm, tok, batch_size=4)
+    assert s["text/t/acc_first"] == 0.5 and s["text/t/chance"] == 0.5  # gold first in items 0, 2, 4
+    assert len(s["text/t/items"]) == 6 and s["text/t/items"].count("1") / 6 == s["text/t/acc"]
+
+
+def test_task_selection_rule_and_bad_formats():
+    from fusionbench.errors import FusionBenchError
+    from fusionbench.evaluation.task_selection import score_candidates
+
+    cfg = tiny_cfg()
+    lm, tok = load_lm(cfg.lm, seed=0)
+    rows = score_candidates(lm, tok, ["general_knowledge", "no_such_task_fb"], ["plain"], n_items=6,
+                            log=lambda m: None)
+    gk, missing = rows
+    assert gk["n"] == 6 and not gk["keep"] and "n=6 < 200" in gk["why"]
+    assert gk["acc_minus_chance_ci_lo"] <= gk["acc"] - gk["chance"] <= gk["acc_minus_chance_ci_hi"]
+    assert not missing["keep"] and "not loadable" in missing["why"]
+    with pytest.raises(FusionBenchError, match="unknown text format"):
+        score_candidates(lm, tok, ["general_knowledge"], ["fancy"])

@@ -2,10 +2,17 @@
 
 * **Multiple choice**: BIG-bench tasks from the ``bigbench==1.0.0`` sdist, formatted as BIG-bench
   formats them (task prefix, ``"\\nQ: "`` input, ``"\\n  choice: ..."`` lines where the task
-  appends choices, ``"\\nA: "``) and scored by the summed log-likelihood of each choice as the
-  continuation; accuracy is the share of items whose best-scored choice is a correct one.
-* **Perplexity**: fixed chunks of held-out public-domain prose (Jane Austen's *Persuasion*, from
-  Debian ``r-cran-janeaustenr``), mean token negative log-likelihood -> ``log_ppl``.
+  appends choices, in an order shuffled per item with a fixed seed, as BIG-bench does; ``"\\nA: "``)
+  and scored by the summed log-likelihood of each choice as the continuation; accuracy is the share
+  of items whose best-scored choice is a correct one. Beside it: ``acc_first`` (always the first
+  listed choice: the position-bias baseline), ``chance`` and ``items`` (per-item 0/1, for paired
+  intervals of the accuracy change).
+* **Perplexity and KL**: fixed chunks of public-domain prose (Jane Austen's *Persuasion*, from
+  Debian ``r-cran-janeaustenr``; very likely in the LM's pretraining data, so it measures how well
+  the LM keeps text it has seen, not generalisation), each tokenised with the LM's own BOS
+  convention and scored whole: mean token negative log-likelihood -> ``log_ppl``; with a reference
+  (the base LM) also the mean token ``KL(base || model)`` -> ``text/kl``. Per-chunk values travel
+  with the scores, for paired intervals over chunks.
 
 Items are drawn once per ``(TextEvalConfig)`` with its own seed, so the base LM and every trained
 model are scored on exactly the same sequences in the same batches: a strategy that leaves the
@@ -31,7 +38,7 @@ from fusionbench.assets.pypi import pypi_files
 from fusionbench.errors import FusionBenchError
 
 #: bump when item selection, formatting or scoring changes (base-LM score caches key on it)
-SUITE_VERSION = "text-suite-v3"  # v3: each context scored once for all its choices
+SUITE_VERSION = "text-suite-v4"  # v4: shuffled choices, BOS, whole chunks, per-item/chunk values, KL
 BIGBENCH = "bigbench==1.0.0"
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 AUSTEN_HELD_OUT = "persuasion"
@@ -63,35 +70,67 @@ class TextSuite:
 
 
 def _bigbench_tasks(tasks: list[str]) -> dict[str, dict]:
+    """The JSON of each BIG-bench task (``name`` or ``name/subtask``), read from the sdist; a task
+    without a JSON file (a programmatic one) or without multiple-choice examples is one clear error."""
+    from fusionbench.errors import AssetUnavailable
+
     globs = {t: f"*/bigbench/benchmark_tasks/{t}/task.json" for t in tasks}
-    paths = pypi_files(BIGBENCH, list(globs.values()), sdist=True)
-    return {t: json.loads(paths[g].read_text()) for t, g in globs.items()}
+    try:
+        paths = pypi_files(BIGBENCH, list(globs.values()), sdist=True)
+    except AssetUnavailable as e:
+        if "no member matching" in str(e):
+            raise FusionBenchError(f"eval.text.tasks: {e} (only BIG-bench JSON tasks are supported; e.g. "
+                                   f"{', '.join(KNOWN_TASKS)})") from None
+        raise
+    out = {t: json.loads(paths[g].read_text()) for t, g in globs.items()}
+    for t, task in out.items():
+        if not any("target_scores" in e for e in task.get("examples", [])):
+            raise FusionBenchError(f"BIG-bench task {t!r} has no multiple-choice examples (target_scores)")
+    return out
 
 
-def _format(task: dict, example: dict) -> tuple[str, list[str], list[bool]]:
+#: prompt formats of the multiple-choice items (``eval.text.format``): ``bigbench`` as BIG-bench
+#: writes them (task prefix, ``Q:``, the choices listed where the task appends them, ``A:``);
+#: ``plain`` a cloze prompt (``Question: ...`` / ``Answer:``) with the choices not listed
+FORMATS = ("bigbench", "plain")
+
+
+def _format(task: dict, example: dict, rng: np.random.Generator | None = None,
+            fmt: str = "bigbench") -> tuple[str, list[str], list[bool]]:
+    """One example in format ``fmt``; ``rng``: the order its choices are listed and scored in
+    (None: the file's order, in which e.g. timedial always lists the gold answer last)."""
     targets = example["target_scores"]
     names = list(targets)
-    prompt = task.get("task_prefix", "") + task.get("example_input_prefix", "\nQ: ") + example["input"]
-    if task.get("append_choices_to_input", True):
-        prompt += "".join(f"\n  choice: {c}" for c in names)
-    prompt += task.get("example_output_prefix", "\nA: ").rstrip(" ")
+    if rng is not None:
+        names = [names[i] for i in rng.permutation(len(names))]
+    if fmt == "plain":
+        prompt = f"Question: {example['input'].strip()}\nAnswer:"
+    else:
+        prompt = task.get("task_prefix", "") + task.get("example_input_prefix", "\nQ: ") + example["input"]
+        if task.get("append_choices_to_input", True):
+            prompt += "".join(f"\n  choice: {c}" for c in names)
+        prompt += task.get("example_output_prefix", "\nA: ").rstrip(" ")
     return prompt, [" " + c.strip() for c in names], [bool(targets[c]) for c in names]
 
 
 def load_text_suite(cfg) -> TextSuite:
     """Draw the suite's items (``cfg.tasks``, ``cfg.n_per_task`` each) and prose chunks."""
-    unknown = [t for t in cfg.tasks if t not in KNOWN_TASKS]
-    if unknown:
-        raise FusionBenchError(f"eval.text.tasks: unknown task(s) {unknown}; known: {', '.join(KNOWN_TASKS)}")
+    if cfg.get("format", "bigbench") not in FORMATS:
+        raise FusionBenchError(f"eval.text.format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    bad = [t for t in cfg.tasks if not str(t).replace("/", "").replace("_", "").isalnum()]
+    if bad:
+        raise FusionBenchError(f"eval.text.tasks: {bad} are not BIG-bench task names (e.g. {', '.join(KNOWN_TASKS[:2])})")
     if cfg.n_per_task < 1 and cfg.tasks:
         raise FusionBenchError("eval.text.n_per_task must be at least 1")
     rows = []
     rng = np.random.default_rng(cfg.seed)
     for name, task in _bigbench_tasks(list(cfg.tasks)).items():
-        examples = [e for e in task["examples"] if sum(bool(v) for v in e["target_scores"].values()) >= 1]
+        examples = [e for e in task["examples"]
+                    if "target_scores" in e and sum(bool(v) for v in e["target_scores"].values()) >= 1]
         pick = rng.permutation(len(examples))[: cfg.n_per_task]
         for item in sorted(pick.tolist()):
-            context, conts, correct = _format(task, examples[item])
+            order_rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), zlib.crc32(name.encode()), item]))
+            context, conts, correct = _format(task, examples[item], order_rng, cfg.get("format", "bigbench"))
             for cont, ok in zip(conts, correct):
                 rows.append({"task": name, "item": item, "context": context, "continuation": cont, "correct": ok})
     choices = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
@@ -182,6 +221,33 @@ def _target_logprobs(model, seqs: list[list[int]], starts: list[int], pad: int,
 
 
 @torch.no_grad()
+def _prose_kl(model, reference, seqs: list[list[int]], pad: int, batch_size: int,
+              rows_per_slice: int = 512) -> list[float]:
+    """Per sequence the mean over its scored tokens (all after the first) of
+    ``KL(reference || model)`` between the next-token distributions; the output layers run on
+    slices of ``rows_per_slice`` positions (a 49k vocabulary is 200 kB a row)."""
+    hidden_m, head_m = _decoder(model)
+    hidden_r, head_r = _decoder(reference)
+    out = []
+    for b in range(0, len(seqs), batch_size):
+        chunk = seqs[b:b + batch_size]
+        ids, mask = _pad(chunk, pad)
+        positions = torch.zeros_like(mask, dtype=torch.bool)
+        for i, s in enumerate(chunk):
+            positions[i, :len(s) - 1] = True
+        hm, _ = hidden_m(ids, mask)
+        hr, _ = hidden_r(ids, mask)
+        hm, hr = hm[positions], hr[positions]
+        kl = torch.empty(len(hm))
+        for s0 in range(0, len(hm), rows_per_slice):
+            lq = F.log_softmax(head_m(hm[s0:s0 + rows_per_slice]).float(), dim=-1)
+            lp = F.log_softmax(head_r(hr[s0:s0 + rows_per_slice]).float(), dim=-1)
+            kl[s0:s0 + rows_per_slice] = (lp.exp() * (lp - lq)).sum(-1)
+        out += [float(x.mean()) for x in torch.split(kl, positions.sum(1).tolist())]
+    return out
+
+
+@torch.no_grad()
 def _choice_logprobs(model, items: list[tuple[list[int], list[list[int]]]], pad: int,
                      batch_size: int) -> list[list[float]]:
     """Summed log p(continuation | context) of every choice of every item ``(context ids,
@@ -231,21 +297,27 @@ def _choice_logprobs(model, items: list[tuple[list[int], list[list[int]]]], pad:
 
 
 def score_text_suite(suite: TextSuite, model, tokenizer, batch_size: int = 16,
-                     max_length: int = 512) -> dict[str, float]:
+                     max_length: int = 512, reference=None) -> dict[str, float | str]:
     """Scores of one model on text-only input: a bare HF causal LM (the base) or a
     VisionLanguageModel's text-only path (the same computation either way):
 
     * ``text/<task>/acc``: the choice with the highest summed log-likelihood is correct;
-    * ``text/<task>/acc_norm``: the same with log-likelihood per byte of the choice (lm-eval's
+      ``text/<task>/items``: the same per item (``"0110..."``, item order);
+    * ``text/<task>/acc_norm``: the same with log-likelihood per character of the choice (lm-eval's
       ``acc_norm``; summed log-likelihood favours short choices);
+    * ``text/<task>/acc_first`` (the first listed choice, a position-bias baseline) and
+      ``text/<task>/chance`` (mean of #correct / #choices);
     * ``text/mc_avg`` / ``text/mc_avg_norm``: their means over tasks;
-    * ``text/austen/log_ppl`` (mean token NLL) and ``text/austen/ppl``.
+    * ``text/austen/log_ppl`` (mean token NLL over every scored token), ``text/austen/ppl``,
+      ``text/austen/tokens`` and ``text/austen/chunk_nll`` (per-chunk mean NLL, JSON);
+    * with ``reference`` (the base LM): ``text/kl``, the mean token KL(reference || model), and
+      ``text/austen/chunk_kl`` (per chunk, JSON).
 
     Each item's context runs once for all its choices (:func:`_choice_logprobs`); a context that
     would not fit ``max_length`` with its longest choice is cut from the left.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores: dict[str, float] = {}
+    scores: dict[str, float | str] = {}
     if len(suite.choices):
         groups: dict[tuple[str, int], list[int]] = {}
         for i, key in enumerate(zip(suite.choices["task"], suite.choices["item"])):
@@ -270,37 +342,80 @@ def score_text_suite(suite: TextSuite, model, tokenizer, batch_size: int = 16,
         for idx, values in zip(order, _choice_logprobs(model, items, pad, batch_size)):
             for i, v in zip(idx, values):
                 lls[i] = v
-        nbytes = [len(c.encode()) for c in continuations]
-        for suffix, values in (("acc", lls), ("acc_norm", [ll / n for ll, n in zip(lls, nbytes)])):
+        nchars = [len(c) for c in continuations]
+        correct = suite.choices["correct"]
+        for suffix, values in (("acc", lls), ("acc_norm", [ll / n for ll, n in zip(lls, nchars)])):
             best: dict[tuple[str, int], tuple[float, bool]] = {}
-            for task, item, ok, v in zip(suite.choices["task"], suite.choices["item"], suite.choices["correct"], values):
+            for task, item, ok, v in zip(suite.choices["task"], suite.choices["item"], correct, values):
                 if (task, item) not in best or v > best[(task, item)][0]:
                     best[(task, item)] = (v, ok)
             for task in suite.tasks:
                 hits = [ok for (t, _), (_, ok) in best.items() if t == task]
                 scores[f"text/{task}/{suffix}"] = sum(hits) / len(hits)
+                if suffix == "acc":
+                    scores[f"text/{task}/items"] = "".join(str(int(ok)) for (t, _), (_, ok) in best.items() if t == task)
             avg = "text/mc_avg" + ("_norm" if suffix == "acc_norm" else "")
             scores[avg] = sum(scores[f"text/{t}/{suffix}"] for t in suite.tasks) / len(suite.tasks)
+        for task in suite.tasks:
+            keys = [k for k in groups if k[0] == task]
+            scores[f"text/{task}/acc_first"] = sum(bool(correct[groups[k][0]]) for k in keys) / len(keys)
+            scores[f"text/{task}/chance"] = sum(sum(bool(correct[i]) for i in groups[k]) / len(groups[k])
+                                                for k in keys) / len(keys)
     if suite.prose:
-        seqs = [tokenizer(p, add_special_tokens=False).input_ids[:min(suite.prose_tokens, max_length)] for p in suite.prose]
+        # the LM's own convention: a BOS token where its tokenizer adds one (Llama, Gemma), none
+        # where it does not (GPT-2, SmolLM2); the first token is context, every later one is scored
+        seqs = [tokenizer(p).input_ids[:min(suite.prose_tokens, max_length)] for p in suite.prose]
+        if any(len(s) < 2 for s in seqs):
+            raise FusionBenchError("a prose chunk has fewer than 2 tokens")
         lls = _target_logprobs(model, seqs, [1] * len(seqs), pad, batch_size)
-        n_tokens = sum(len(s) - 1 for s in seqs)
-        log_ppl = -sum(lls) / n_tokens
+        n = [len(s) - 1 for s in seqs]
+        log_ppl = -sum(lls) / sum(n)
         scores["text/austen/log_ppl"] = log_ppl
         scores["text/austen/ppl"] = math.exp(log_ppl)
+        scores["text/austen/tokens"] = float(sum(n))
+        scores["text/austen/chunk_nll"] = json.dumps([-ll / k for ll, k in zip(lls, n)])
+        if reference is not None:
+            kl = _prose_kl(model, reference, seqs, pad, batch_size)
+            scores["text/kl"] = sum(k * c for k, c in zip(kl, n)) / sum(n)
+            scores["text/austen/chunk_kl"] = json.dumps(kl)
+            from fusionbench.stats import bootstrap_diff
+
+            ci = bootstrap_diff(kl)
+            scores["text/kl_ci_lo"], scores["text/kl_ci_hi"] = ci["ci_lo"], ci["ci_hi"]
     return scores
 
 
 def forgetting(base: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """``forgetting/<task> = (base - after) / base`` per task and averaged (``forgetting/mc_avg``);
-    ``forgetting/austen/delta_log_ppl = after - base`` (positive: the LM got worse)."""
-    out = {}
+    """Absolute changes from the base LM to the trained model, with paired 95% bootstrap intervals
+    (over items, over prose chunks):
+
+    * ``forgetting/<task>/acc_drop = base - after`` (accuracy points; positive: the LM got worse),
+      ``..._ci_lo`` / ``..._ci_hi``; ``forgetting/mc_acc_drop``: their mean over tasks;
+    * ``forgetting/austen/delta_log_ppl = after - base`` (nats per token; positive: worse),
+      with its interval over chunks.
+
+    (Rows before text-suite-v4 had ``forgetting/<task>`` and ``forgetting/mc_avg`` as relative
+    changes ``(base - after) / base``.)"""
+    from fusionbench.stats import bootstrap_diff
+
+    out: dict[str, float] = {}
     tasks = [k[len("text/"):-len("/acc")] for k in base if k.startswith("text/") and k.endswith("/acc")]
     for t in tasks:
-        b, a = base[f"text/{t}/acc"], after[f"text/{t}/acc"]
-        out[f"forgetting/{t}"] = (b - a) / b if b else 0.0
+        key = f"forgetting/{t}/acc_drop"
+        out[key] = base[f"text/{t}/acc"] - after[f"text/{t}/acc"]
+        b, a = base.get(f"text/{t}/items"), after.get(f"text/{t}/items")
+        if isinstance(b, str) and isinstance(a, str) and len(a) == len(b) and b:
+            ci = bootstrap_diff([int(x) for x in b], [int(x) for x in a])
+            out[f"{key}_ci_lo"], out[f"{key}_ci_hi"] = ci["ci_lo"], ci["ci_hi"]
     if tasks:
-        out["forgetting/mc_avg"] = sum(out[f"forgetting/{t}"] for t in tasks) / len(tasks)
-    if "text/austen/log_ppl" in base:
+        out["forgetting/mc_acc_drop"] = sum(out[f"forgetting/{t}/acc_drop"] for t in tasks) / len(tasks)
+    if "text/austen/log_ppl" in base and "text/austen/log_ppl" in after:
         out["forgetting/austen/delta_log_ppl"] = after["text/austen/log_ppl"] - base["text/austen/log_ppl"]
+        b, a = base.get("text/austen/chunk_nll"), after.get("text/austen/chunk_nll")
+        if isinstance(b, str) and isinstance(a, str):
+            b, a = json.loads(b), json.loads(a)
+            if len(a) == len(b) and len(b) > 1:
+                ci = bootstrap_diff(a, b)
+                out["forgetting/austen/delta_log_ppl_ci_lo"] = ci["ci_lo"]
+                out["forgetting/austen/delta_log_ppl_ci_hi"] = ci["ci_hi"]
     return out

@@ -11,10 +11,12 @@ class ForgettingCurve(L.Callback):
     """Scores a fixed slice of the text suite on the model's text-only path every
     ``every_n_steps`` optimizer steps (and at step 0, before any update), logs
     ``curve/<metric>`` to the Lightning loggers, and keeps the points for the results row:
-    forgetting as it develops, not only at the end."""
+    forgetting as it develops, not only at the end (with ``reference``, the base LM, also the token
+    KL on the slice's prose: the sensitive curve)."""
 
-    def __init__(self, suite: TextSuite, base: dict[str, float], tokenizer, every_n_steps: int, batch_size: int):
-        self.suite, self.base, self.tokenizer = suite, base, tokenizer
+    def __init__(self, suite: TextSuite, base: dict[str, float], tokenizer, every_n_steps: int, batch_size: int,
+                 reference=None):
+        self.suite, self.base, self.tokenizer, self.reference = suite, base, tokenizer, reference
         self.every, self.batch_size = every_n_steps, batch_size
         self.points: list[dict[str, float]] = []
 
@@ -24,9 +26,10 @@ class ForgettingCurve(L.Callback):
         model.eval()
         with torch.no_grad():
             after = score_text_suite(self.suite, model, self.tokenizer,
-                                     batch_size=self.batch_size)
+                                     batch_size=self.batch_size, reference=self.reference)
         model.train(was_training)
-        point = {"step": trainer.global_step, **after, **forgetting(self.base, after)}
+        point = {"step": trainer.global_step, **{k: v for k, v in after.items() if not isinstance(v, str)},
+                 **forgetting(self.base, after)}
         self.points.append(point)
         for logger in trainer.loggers:
             logger.log_metrics({f"curve/{k}": v for k, v in point.items() if k != "step"}, step=trainer.global_step)
@@ -38,3 +41,46 @@ class ForgettingCurve(L.Callback):
         step = trainer.global_step
         if step % self.every == 0 and (not self.points or self.points[-1]["step"] != step):
             self._score(trainer, pl_module)
+
+
+class ValidationCurve(L.Callback):
+    """At every validation (``trainer.val_every_n_steps``; at least once, at the end): the val LM
+    loss Lightning computed and the choice accuracy on a fixed slice of the val split, logged as
+    ``val/choice_acc`` to the Lightning loggers and kept for the results row (``val_curve``), with
+    a plateau verdict (:func:`plateaued`): was the run still learning when it stopped?"""
+
+    def __init__(self, val_items, preprocess, batch_size: int, seed: int = 0):
+        self.items, self.preprocess, self.batch_size, self.seed = val_items, preprocess, batch_size, seed
+        self.points: list[dict[str, float]] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        from fusionbench.evaluation.choice import evaluate_choice
+
+        point = {"step": trainer.global_step}
+        loss = trainer.callback_metrics.get("val/lm_loss")
+        if loss is not None:
+            point["val/lm_loss"] = float(loss)
+        if self.items is not None and len(self.items) >= 2:
+            with torch.no_grad():
+                m = evaluate_choice(pl_module.model, self.items, self.preprocess, self.batch_size, seed=self.seed,
+                                    controls=False)
+            point["val/choice_acc"] = m["mm/choice/acc"]
+            for logger in trainer.loggers:
+                logger.log_metrics({"val/choice_acc": point["val/choice_acc"]}, step=trainer.global_step)
+        if not self.points or self.points[-1]["step"] != point["step"]:
+            self.points.append(point)
+
+
+def plateaued(points: list[dict[str, float]], key: str = "val/lm_loss", tol: float = 0.02) -> bool | None:
+    """The stated convergence criterion: over the last third of the validation points (at least
+    3 points in all), the val LM loss improved by less than ``tol`` relative to its value at the
+    start of that third. None when there are too few points to tell (set
+    ``trainer.val_every_n_steps``)."""
+    values = [p[key] for p in points if key in p]
+    if len(values) < 3:
+        return None
+    tail = values[-max(2, len(values) // 3 + 1):]
+    start = tail[0]
+    return bool(start - min(tail) <= tol * abs(start))

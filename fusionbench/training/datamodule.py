@@ -21,21 +21,37 @@ def build_split(cfg: DataConfig, split: str):
 
 
 class FusionDataModule(L.LightningDataModule):
-    """Train / val splits of one registered dataset, collated for one model."""
+    """Train / val / test splits of one registered dataset, collated for one model. Training
+    images follow ``data.images`` (real, or a blind baseline's shuffled / blank ones); val and
+    test keep their real images."""
 
     def __init__(self, data: DataConfig, train: TrainConfig, tokenizer, preprocess, num_image_tokens: int, seed: int = 0):
         super().__init__()
         self.data_cfg, self.train_cfg = data, train
         self.tokenizer, self.preprocess, self.num_image_tokens, self.seed = tokenizer, preprocess, num_image_tokens, seed
         self.train_ds = self.val_ds = None
+        self._test_ds = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_ds is not None:
             return
-        self.train_ds = build_split(self.data_cfg, "train")
+        from fusionbench.data.controls import blind_images
+
+        train = build_split(self.data_cfg, "train")
         self.val_ds = build_split(self.data_cfg, "val")
-        for name, ds in (("train", self.train_ds), ("val", self.val_ds)):
+        for name, ds in (("train", train), ("val", self.val_ds)):
             check_lengths(self.tokenizer, ds, self.num_image_tokens, self.train_cfg.max_length, f"{self.data_cfg.name}/{name}")
+        self.train_ds = blind_images(train, self.data_cfg.images, self.data_cfg.seed)
+
+    @property
+    def test_ds(self):
+        """The test split (built on first use: only evaluation needs it); the same items for every
+        strategy and seed of a data config."""
+        if self._test_ds is None:
+            ds = build_split(self.data_cfg, "test")
+            check_lengths(self.tokenizer, ds, self.num_image_tokens, self.train_cfg.max_length, f"{self.data_cfg.name}/test")
+            self._test_ds = ds
+        return self._test_ds
 
     def collator(self, with_answer: bool = True, with_image: bool = True) -> Collator:
         return Collator(self.tokenizer, self.preprocess, self.num_image_tokens, self.train_cfg.max_length,

@@ -7,9 +7,9 @@ sdist as ``*/cifar10_classification/base64/task.json`` (base64 PNGs). It is fetc
 registry and without the archive in the cache, :class:`~fusionbench.errors.AssetUnavailable`
 says so.
 
-The 10000 images are split disjointly, per class (the bigbench copy is sorted by class): train
-draws from the first ``1 - val_fraction`` of each class's images, val from the last
-``val_fraction`` (``options.val_fraction``, default 0.2), so the splits never share a picture. Each grid tiles 4 images of 4 distinct classes (64x64 at 32 px each) and is
+The 10000 images are split disjointly, per class (the bigbench copy is sorted by class): test
+draws from the last ``val_fraction`` of each class's images, val from the ``val_fraction`` before
+that (``options.val_fraction``, default 0.2), train from the rest, so the splits never share a picture. Each grid tiles 4 images of 4 distinct classes (64x64 at 32 px each) and is
 resized to ``cfg.image_size``. Answers are CIFAR class names (``airplane automobile bird cat deer
 dog frog horse ship truck``), "yes"/"no", "top"/"bottom"/"left"/"right" or a digit.
 
@@ -63,7 +63,7 @@ from fusionbench.data.sources.scenes import (article, cache_key, cached_dataset,
 from fusionbench.errors import FusionBenchError
 
 NAME = "cifar_grid"
-VERSION = "cifar_grid-v1"
+VERSION = "cifar_grid-v2"  # v2: a test pool (the last val_fraction of each class)
 REQUIREMENT = "bigbench==1.0.0"
 MEMBER = "*/cifar10_classification/base64/task.json"
 CACHE_FILE = "cifar10_test_v1.npz"
@@ -117,15 +117,17 @@ def _decode_task(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 def split_pool(labels: np.ndarray, split: str, val_fraction: float) -> np.ndarray:
     """Indices of the source images a split draws from: of every class's images (in source
-    order), train takes the first ``1 - val_fraction``, val the rest. Per class, because the
-    bigbench copy of the test set is sorted by class (a plain head/tail cut would leave val with
-    ships and trucks only)."""
+    order), test takes the last ``val_fraction``, val the ``val_fraction`` before that, train the
+    rest. Per class, because the bigbench copy of the test set is sorted by class (a plain
+    head/tail cut would leave val with ships and trucks only)."""
     labels = np.asarray(labels)
     parts = []
     for k in np.unique(labels):
         idx = np.flatnonzero(labels == k)
-        n_val = int(round(len(idx) * val_fraction))
-        parts.append(idx[:len(idx) - n_val] if split == "train" else idx[len(idx) - n_val:])
+        n = int(round(len(idx) * val_fraction))
+        cut = {"train": slice(0, len(idx) - 2 * n), "val": slice(len(idx) - 2 * n, len(idx) - n),
+               "test": slice(len(idx) - n, len(idx))}[split]
+        parts.append(idx[cut])
     return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -240,8 +242,9 @@ def generate_grids(images: np.ndarray, labels: np.ndarray, cfg: Any,
     per_image, val_fraction = int(opts["questions_per_image"]), float(opts["val_fraction"])
     if per_image < 1:
         raise FusionBenchError(f"{NAME}: data.options.questions_per_image must be at least 1")
-    if not 0.0 < val_fraction < 1.0:
-        raise FusionBenchError(f"{NAME}: data.options.val_fraction must be in (0, 1), not {val_fraction}")
+    if not 0.0 < val_fraction < 0.5:
+        raise FusionBenchError(f"{NAME}: data.options.val_fraction must be in (0, 0.5) (val and test take "
+                               f"it each), not {val_fraction}")
     images = np.asarray(images)
     labels = np.asarray(labels).astype(np.int64)
     if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2] \

@@ -31,15 +31,23 @@ Question templates (a few wordings each; answers are one lowercase word or a dig
     (object not in the middle column) and "... in the top or the bottom half ..." -> "top"/"bottom"
     (object not in the middle row); relation ``position``.
 
-Question types are balanced exactly (a shuffled round-robin over ``cfg.qtypes`` or all three),
-templates are equally frequent within a type (a scene a drawn template does not apply to is
-redrawn). Options:
+Every row names its ``template`` (``color_of_shape``, ``count_shape``, ``compare_h``, ...: see
+:func:`templates`) and carries the template's closed answer set as ``choices`` (the candidates
+choice scoring ranks). **Balanced**: question types are equally frequent (a shuffled round-robin
+over ``cfg.qtypes`` or all three), templates take turns within a type, and the gold answers of each
+template take turns over its answer set (:func:`answer_plan`), so within every template the gold
+answer is uniform (within one item) and a question-blind guesser scores chance by construction.
+A scene is drawn until the planned template has an instance with the planned answer (rejection:
+the picture distribution is the natural one given the answer). With ``questions_per_image`` > 1
+only an image's first question is planned exactly; the others take the least-used answer their
+template offers on that scene (near-balanced). Options:
 ``questions_per_image`` (default 1: every row has its own image) and ``max_objects`` (1-9,
 default 4). The caption lists every object with its place, e.g. "A red circle at the top left
 and a blue square on the right."
 
-Train and val use different random streams derived from ``cfg.seed``; in addition every scene
-is assigned to one split by a hash of its full layout, so the two splits never share an image.
+Train, val and test use different random streams derived from ``cfg.seed`` (the data seed, not the
+run's: every strategy and run seed sees the same items); in addition every scene is assigned to one
+split by a hash of its full layout, so no two splits share an image.
 
 This module also holds the small helpers the other procedural sources share (split sizes,
 question-type plans, the on-disk cache): :func:`split_size`, :func:`wanted_qtypes`,
@@ -65,9 +73,9 @@ from fusionbench.assets.paths import cache_dir
 from fusionbench.data import register_dataset
 from fusionbench.errors import FusionBenchError
 
-VERSION = "scenes-v1"
+VERSION = "scenes-v2"  # v2: test split, answers balanced per template, template + choices columns
 QTYPES = ("attribute", "count", "spatial")
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 #: name -> RGB; chosen to stay apart in hue at 64 px on a light background
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -84,7 +92,8 @@ GRID = 3
 JITTERS = (-0.1, -0.05, 0.0, 0.05, 0.1)
 SCALES = (0.55, 0.62, 0.7)
 BACKGROUNDS = tuple(range(226, 247, 4))  # grey levels
-VAL_BUCKET = 10  # a layout goes to val iff its hash % VAL_BUCKET == 0
+#: a layout goes to val iff its hash % SPLIT_BUCKETS == 0, to test iff it is 1, else to train
+SPLIT_BUCKETS = 10
 
 FEATURES = datasets.Features({
     "image": datasets.Image(),
@@ -94,6 +103,10 @@ FEATURES = datasets.Features({
     "relation": datasets.Value("string"),
     "caption": datasets.Value("string"),
 })
+#: ``scenes`` rows also name their question template and carry its answer set (the candidates of
+#: choice scoring)
+QA_FEATURES = datasets.Features({**FEATURES, "template": datasets.Value("string"),
+                                 "choices": datasets.Sequence(datasets.Value("string"))})
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -111,8 +124,8 @@ def plain(value: Any) -> Any:
 
 def split_size(cfg: Any, split: str, name: str) -> int:
     if split not in SPLITS:
-        raise FusionBenchError(f"dataset {name!r}: unknown split {split!r} (use 'train' or 'val')")
-    size = int(cfg.train_size if split == "train" else cfg.val_size)
+        raise FusionBenchError(f"dataset {name!r}: unknown split {split!r} (use 'train', 'val' or 'test')")
+    size = int({"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}[split])
     if size <= 0:
         raise FusionBenchError(
             f"dataset {name!r}: data.{split}_size is {size}, so the {split} split would be empty; "
@@ -162,10 +175,10 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def records_to_dataset(records: list[dict[str, Any]]) -> datasets.Dataset:
-    columns = {k: [r[k] for r in records] for k in FEATURES}
+def records_to_dataset(records: list[dict[str, Any]], features: datasets.Features = FEATURES) -> datasets.Dataset:
+    columns = {k: [r[k] for r in records] for k in features}
     columns["image"] = [{"bytes": b, "path": None} for b in columns["image"]]
-    return datasets.Dataset.from_dict(columns, features=FEATURES)
+    return datasets.Dataset.from_dict(columns, features=features)
 
 
 def cached_dataset(name: str, key: dict[str, Any], build: Callable[[], datasets.Dataset]) -> datasets.Dataset:
@@ -240,8 +253,8 @@ class Scene:
         return json.dumps([self.background, objs])
 
     def split_bucket(self) -> str:
-        h = int(hashlib.sha1(self.signature().encode()).hexdigest()[:12], 16)
-        return "val" if h % VAL_BUCKET == 0 else "train"
+        h = int(hashlib.sha1(self.signature().encode()).hexdigest()[:12], 16) % SPLIT_BUCKETS
+        return "val" if h == 0 else "test" if h == 1 else "train"
 
 
 def make_scene(rng: np.random.Generator, image_size: int, n_objects: Optional[int] = None,
@@ -322,6 +335,9 @@ _EXTREMES = {"leftmost": lambda o: o.col, "rightmost": lambda o: -o.col,
              "topmost": lambda o: o.row, "bottommost": lambda o: -o.row}
 
 Question = tuple[str, str, str]  # question, answer, relation
+#: one way a template applies to a scene: (format fields, answer, relation); a field whose value is
+#: a tuple is a choice of wordings, drawn when the question is written
+Instance = tuple[dict[str, Any], str, str]
 
 
 def _pick(rng: np.random.Generator, items: Any) -> Any:
@@ -329,144 +345,177 @@ def _pick(rng: np.random.Generator, items: Any) -> Any:
     return items[int(rng.integers(0, len(items)))]
 
 
-def _ask_attr(rng: np.random.Generator, o: SceneObject) -> tuple[str, str]:
-    """("color"|"shape", answer) for reporting an attribute of ``o``."""
-    return ("color", o.color) if rng.random() < 0.5 else ("shape", o.shape)
+def _unique_by(scene: Scene, attr: str) -> list[SceneObject]:
+    return [o for o in scene.objects if sum(getattr(p, attr) == getattr(o, attr) for p in scene.objects) == 1]
 
 
-def _q_color_of_shape(scene: Scene, rng: np.random.Generator) -> Optional[Question]:
-    unique = [o for o in scene.objects if sum(p.shape == o.shape for p in scene.objects) == 1]
-    if not unique:
-        return None
-    o = _pick(rng, unique)
-    t = _pick(rng, ("What color is the {s}?", "What is the color of the {s}?",
-                    "Which color does the {s} have?"))
-    return t.format(s=o.shape), o.color, ""
+def _i_color_of_shape(scene: Scene) -> list[Instance]:
+    return [({"s": o.shape}, o.color, "") for o in _unique_by(scene, "shape")]
 
 
-def _q_shape_of_color(scene: Scene, rng: np.random.Generator) -> Optional[Question]:
-    unique = [o for o in scene.objects if sum(p.color == o.color for p in scene.objects) == 1]
-    if not unique:
-        return None
-    o = _pick(rng, unique)
-    t = _pick(rng, ("What shape is the {c} object?", "What is the shape of the {c} object?",
-                    "Which shape is {c}?"))
-    return t.format(c=o.color), o.shape, ""
+def _i_shape_of_color(scene: Scene) -> list[Instance]:
+    return [({"c": o.color}, o.shape, "") for o in _unique_by(scene, "color")]
 
 
-def _q_count_all(scene: Scene, rng: np.random.Generator) -> Optional[Question]:
-    t = _pick(rng, ("How many objects are there?", "How many shapes are in the image?",
-                    "How many objects can you see?"))
-    return t, str(len(scene.objects)), ""
+def _i_count_all(scene: Scene) -> list[Instance]:
+    return [({}, str(len(scene.objects)), "")]
 
 
-def _q_count_color(scene: Scene, rng: np.random.Generator) -> Optional[Question]:
-    present = sorted({o.color for o in scene.objects})
-    c = _pick(rng, present) if rng.random() < 0.75 else _pick(rng, COLORS)
-    t = _pick(rng, ("How many {c} objects are there?", "How many {c} shapes are in the image?"))
-    return t.format(c=c), str(sum(o.color == c for o in scene.objects)), ""
+def _i_count_color(scene: Scene) -> list[Instance]:
+    return [({"c": c}, str(sum(o.color == c for o in scene.objects)), "") for c in COLORS]
 
 
-def _q_count_shape(scene: Scene, rng: np.random.Generator) -> Optional[Question]:
-    present = sorted({o.shape for o in scene.objects})
-    s = _pick(rng, present) if rng.random() < 0.75 else _pick(rng, SHAPES)
-    t = _pick(rng, ("How many {s}s are there?", "How many {s}s are in the image?"))
-    return t.format(s=s), str(sum(o.shape == s for o in scene.objects)), ""
+def _i_count_shape(scene: Scene) -> list[Instance]:
+    return [({"s": s}, str(sum(o.shape == s for o in scene.objects)), "") for s in SHAPES]
 
 
-def _q_relate(scene: Scene, rng: np.random.Generator) -> Optional[Question]:
-    options = []
-    for ref in scene.objects:
-        for rel, (_, pred) in _RELATIONS.items():
-            hits = [o for o in scene.objects if o is not ref and pred(o, ref)]
+def _i_relate(attr: str) -> Callable[[Scene], list[Instance]]:
+    def instances(scene: Scene) -> list[Instance]:
+        out = []
+        for ref in scene.objects:
+            for rel, (phrases, pred) in _RELATIONS.items():
+                hits = [o for o in scene.objects if o is not ref and pred(o, ref)]
+                if len(hits) == 1:
+                    out.append(({"p": phrases, "r": ref.name}, getattr(hits[0], attr), rel))
+        return out
+    return instances
+
+
+def _i_compare_h(scene: Scene) -> list[Instance]:
+    return [({"a": a.name, "b": b.name}, *(("left", "left_of") if a.col < b.col else ("right", "right_of")))
+            for a in scene.objects for b in scene.objects if a is not b and a.col != b.col]
+
+
+def _i_compare_v(scene: Scene) -> list[Instance]:
+    return [({"a": a.name, "b": b.name}, *(("above",) * 2 if a.row < b.row else ("below",) * 2))
+            for a in scene.objects for b in scene.objects if a is not b and a.row != b.row]
+
+
+def _i_extreme(attr: str) -> Callable[[Scene], list[Instance]]:
+    def instances(scene: Scene) -> list[Instance]:
+        if len(scene.objects) < 2:
+            return []
+        out = []
+        for rel, key in _EXTREMES.items():
+            best = min(key(o) for o in scene.objects)
+            hits = [o for o in scene.objects if key(o) == best]
             if len(hits) == 1:
-                options.append((ref, rel, hits[0]))
-    if not options:
-        return None
-    ref, rel, target = _pick(rng, options)
-    phrase = _pick(rng, _RELATIONS[rel][0])
-    attr, answer = _ask_attr(rng, target)
-    t = _pick(rng, ("What {a} is the object {p} the {r}?", "Which {a} is the object {p} the {r}?"))
-    return t.format(a=attr, p=phrase, r=ref.name), answer, rel
+                out.append(({"r": rel}, getattr(hits[0], attr), rel))
+        return out
+    return instances
 
 
-def _q_compare(scene: Scene, rng: np.random.Generator) -> Optional[Question]:
-    pairs = [(a, b, axis) for a in scene.objects for b in scene.objects if a is not b
-             for axis in ("h", "v") if (a.col != b.col if axis == "h" else a.row != b.row)]
-    if not pairs:
-        return None
-    a, b, axis = _pick(rng, pairs)
-    if axis == "h":
-        t = _pick(rng, ("Is the {a} left or right of the {b}?",
-                        "Is the {a} to the left or to the right of the {b}?"))
-        answer, rel = ("left", "left_of") if a.col < b.col else ("right", "right_of")
-    else:
-        t = _pick(rng, ("Is the {a} above or below the {b}?",
-                        "Is the {a} located above or below the {b}?"))
-        answer = rel = "above" if a.row < b.row else "below"
-    return t.format(a=a.name, b=b.name), answer, rel
+def _i_position_h(scene: Scene) -> list[Instance]:
+    return [({"a": o.name}, "left" if o.col == 0 else "right", "position") for o in scene.objects if o.col != 1]
 
 
-def _q_extreme(scene: Scene, rng: np.random.Generator) -> Optional[Question]:
-    if len(scene.objects) < 2:
-        return None
-    options = []
-    for rel, key in _EXTREMES.items():
-        best = min(key(o) for o in scene.objects)
-        hits = [o for o in scene.objects if key(o) == best]
-        if len(hits) == 1:
-            options.append((rel, hits[0]))
-    if not options:
-        return None
-    rel, o = _pick(rng, options)
-    attr, answer = _ask_attr(rng, o)
-    t = _pick(rng, ("What {a} is the {r} object?", "Which {a} does the {r} object have?"))
-    return t.format(a=attr, r=rel), answer, rel
+def _i_position_v(scene: Scene) -> list[Instance]:
+    return [({"a": o.name}, "top" if o.row == 0 else "bottom", "position") for o in scene.objects if o.row != 1]
 
 
-def _q_position(scene: Scene, rng: np.random.Generator) -> Optional[Question]:
-    options = [(o, "h") for o in scene.objects if o.col != 1] + \
-              [(o, "v") for o in scene.objects if o.row != 1]
-    if not options:
-        return None
-    o, axis = _pick(rng, options)
-    if axis == "h":
-        t = _pick(rng, ("Is the {a} on the left or the right side of the image?",
-                        "Is the {a} on the left or on the right?"))
-        answer = "left" if o.col == 0 else "right"
-    else:
-        t = _pick(rng, ("Is the {a} in the top or the bottom half of the image?",
-                        "Is the {a} at the top or at the bottom?"))
-        answer = "top" if o.row == 0 else "bottom"
-    return t.format(a=o.name), answer, "position"
+@dataclass(frozen=True)
+class Template:
+    """A question template: its wordings, the closed set of answers it can have (the candidates
+    choice scoring ranks, and the set its gold answers are balanced over) and every way it applies
+    to a scene."""
+    name: str
+    qtype: str
+    wordings: tuple[str, ...]
+    answers: tuple[str, ...]
+    instances: Callable[[Scene], list[Instance]]
+
+    def write(self, fields: dict[str, Any], rng: np.random.Generator) -> str:
+        chosen = {k: (_pick(rng, v) if isinstance(v, tuple) else v) for k, v in fields.items()}
+        return _pick(rng, self.wordings).format(**chosen)
 
 
-TEMPLATES: dict[str, tuple[Callable[[Scene, np.random.Generator], Optional[Question]], ...]] = {
-    "attribute": (_q_color_of_shape, _q_shape_of_color),
-    "count": (_q_count_all, _q_count_color, _q_count_shape),
-    "spatial": (_q_relate, _q_compare, _q_extreme, _q_position),
-}
+def templates(max_objects: int = 4) -> dict[str, tuple[Template, ...]]:
+    """The templates per question type, with answer sets for scenes of up to ``max_objects``."""
+    colors, shapes = tuple(COLORS), SHAPES
+    counts = lambda lo, hi: tuple(str(i) for i in range(lo, hi + 1))  # noqa: E731
+    return {
+        "attribute": (
+            Template("color_of_shape", "attribute", ("What color is the {s}?", "What is the color of the {s}?",
+                                                     "Which color does the {s} have?"), colors, _i_color_of_shape),
+            Template("shape_of_color", "attribute", ("What shape is the {c} object?",
+                                                     "What is the shape of the {c} object?", "Which shape is {c}?"),
+                     shapes, _i_shape_of_color),
+        ),
+        "count": (
+            Template("count_all", "count", ("How many objects are there?", "How many shapes are in the image?",
+                                            "How many objects can you see?"), counts(1, max_objects), _i_count_all),
+            Template("count_color", "count", ("How many {c} objects are there?", "How many {c} shapes are in the image?"),
+                     counts(0, min(max_objects, len(shapes))), _i_count_color),
+            Template("count_shape", "count", ("How many {s}s are there?", "How many {s}s are in the image?"),
+                     counts(0, min(max_objects, len(colors))), _i_count_shape),
+        ),
+        "spatial": (
+            Template("relate_color", "spatial", ("What color is the object {p} the {r}?",
+                                                 "Which color is the object {p} the {r}?"), colors, _i_relate("color")),
+            Template("relate_shape", "spatial", ("What shape is the object {p} the {r}?",
+                                                 "Which shape is the object {p} the {r}?"), shapes, _i_relate("shape")),
+            Template("compare_h", "spatial", ("Is the {a} left or right of the {b}?",
+                                              "Is the {a} to the left or to the right of the {b}?"),
+                     ("left", "right"), _i_compare_h),
+            Template("compare_v", "spatial", ("Is the {a} above or below the {b}?",
+                                              "Is the {a} located above or below the {b}?"),
+                     ("above", "below"), _i_compare_v),
+            Template("extreme_color", "spatial", ("What color is the {r} object?",
+                                                  "Which color does the {r} object have?"), colors, _i_extreme("color")),
+            Template("extreme_shape", "spatial", ("What shape is the {r} object?",
+                                                  "Which shape does the {r} object have?"), shapes, _i_extreme("shape")),
+            Template("position_h", "spatial", ("Is the {a} on the left or the right side of the image?",
+                                               "Is the {a} on the left or on the right?"), ("left", "right"), _i_position_h),
+            Template("position_v", "spatial", ("Is the {a} in the top or the bottom half of the image?",
+                                               "Is the {a} at the top or at the bottom?"), ("top", "bottom"), _i_position_v),
+        ),
+    }
 
 
-def ask_question(scene: Scene, qtype: str, rng: np.random.Generator,
-                 avoid: frozenset[str] = frozenset()) -> Optional[Question]:
-    """A (question, answer, relation) of ``qtype`` about ``scene``, or None when the template
-    drawn (uniformly among the qtype's templates) does not apply to this scene; the caller then
-    draws a new scene, which keeps the templates equally frequent. Questions in ``avoid`` (already
-    asked about this image) are skipped."""
-    template = _pick(rng, TEMPLATES[qtype])
+def answer_plan(rng: np.random.Generator, qtypes_planned: list[str],
+                by_qtype: dict[str, tuple[Template, ...]]) -> list[tuple[Template, str]]:
+    """A (template, gold answer) per planned item: within a question type the templates take turns
+    and within a template the answers take turns (from a random start), so every template's gold
+    answers are uniform over its answer set within one item; the order stays the plan's."""
+    turn: dict[str, int] = {}
+    answer_turn: dict[str, int] = {}
+    offsets = {t.name: int(rng.integers(0, len(t.answers))) for ts in by_qtype.values() for t in ts}
+    starts = {q: int(rng.integers(0, len(ts))) for q, ts in by_qtype.items()}
+    out = []
+    for qtype in qtypes_planned:
+        ts = by_qtype[qtype]
+        t = ts[(starts[qtype] + turn.get(qtype, 0)) % len(ts)]
+        turn[qtype] = turn.get(qtype, 0) + 1
+        k = answer_turn.get(t.name, 0)
+        answer_turn[t.name] = k + 1
+        out.append((t, t.answers[(offsets[t.name] + k) % len(t.answers)]))
+    return out
+
+
+def ask(template: Template, answer: str, scene: Scene, rng: np.random.Generator,
+        avoid: frozenset[str] = frozenset()) -> Optional[Question]:
+    """A question of ``template`` about ``scene`` whose gold answer is ``answer`` (drawn uniformly
+    among the ways the template applies with that answer), or None if there is none."""
+    fits = [(f, rel) for f, a, rel in template.instances(scene) if a == answer]
     for _ in range(4):
-        q = template(scene, rng)
-        if q is None:
+        if not fits:
             return None
-        if q[0] not in avoid:
-            return q
+        fields, rel = _pick(rng, fits)
+        q = template.write(fields, rng)
+        if q not in avoid:
+            return q, answer, rel
     return None
+
+
+#: scene draws per item before giving up (the rarest answers, e.g. four triangles, take ~10^3)
+MAX_DRAWS = 20000
 
 
 def generate_examples(cfg: Any, split: str) -> Iterator[tuple[dict[str, Any], Scene]]:
     """The rows of the ``scenes`` split (``image`` as PNG bytes) with the scene each was drawn
-    from. Deterministic in (cfg.seed, split, sizes, qtypes, options, image_size)."""
+    from. Deterministic in (cfg.seed, split, sizes, qtypes, options, image_size). Every row names
+    its ``template`` and carries the template's answer set as ``choices``; gold answers are
+    balanced within each template (:func:`answer_plan`), scenes are drawn until one fits."""
     size = split_size(cfg, split, "scenes")
     qtypes = wanted_qtypes(cfg, "scenes")
     opts = check_options(cfg, "scenes", {"questions_per_image": 1, "max_objects": 4})
@@ -478,29 +527,43 @@ def generate_examples(cfg: Any, split: str) -> Iterator[tuple[dict[str, Any], Sc
     image_size = int(cfg.image_size)
     if image_size < 16:
         raise FusionBenchError(f"scenes: data.image_size={image_size} is too small (at least 16)")
+    by_qtype = templates(max_objects)
     rng = split_rng(cfg.seed, split, "scenes")
-    plan = qtype_plan(rng, qtypes, size)
+    plan = answer_plan(rng, qtype_plan(rng, qtypes, size), by_qtype)
+    used: dict[tuple[str, str], int] = {}  # (template, answer) -> times asked
     for start in range(0, size, per_image):
+        # the first question of an image gets its planned answer; further questions about the same
+        # image (questions_per_image > 1) take the least-used answer the scene offers, which keeps
+        # them near-balanced where an exact plan would ask for impossible combinations
         group = plan[start:start + per_image]
-        for _attempt in range(1000):
+        for _attempt in range(MAX_DRAWS):
             scene = make_scene(rng, image_size, max_objects=max_objects)
             if scene.split_bucket() != split:
                 continue
             asked: list[Question] = []
-            for qtype in group:
-                q = ask_question(scene, qtype, rng, frozenset(a[0] for a in asked))
+            for k, (template, answer) in enumerate(group):
+                if k:
+                    offered = sorted({a for _, a, _ in template.instances(scene)},
+                                     key=lambda a: (used.get((template.name, a), 0), template.answers.index(a)))
+                    answer = offered[0] if offered else answer
+                q = ask(template, answer, scene, rng, frozenset(a[0] for a in asked))
                 if q is None:
                     break
                 asked.append(q)
             if len(asked) == len(group):
                 break
-        else:  # pragma: no cover - only with absurd options
-            raise FusionBenchError(f"scenes: cannot find a scene for question types {group}")
+        else:
+            raise FusionBenchError(
+                f"scenes: no scene in {MAX_DRAWS} draws fits {[(t.name, a) for t, a in group]} "
+                f"(max_objects={max_objects}); lower data.options.questions_per_image")
+        for (template, _), (_, answer, _) in zip(group, asked):
+            used[(template.name, answer)] = used.get((template.name, answer), 0) + 1
         image = png_bytes(render_scene(scene))
         caption = caption_scene(scene)
-        for qtype, (question, answer, relation) in zip(group, asked):
-            yield ({"image": image, "question": question, "answer": answer, "qtype": qtype,
-                    "relation": relation, "caption": caption}, scene)
+        for (template, _), (question, answer, relation) in zip(group, asked):
+            yield ({"image": image, "question": question, "answer": answer, "qtype": template.qtype,
+                    "relation": relation, "caption": caption, "template": template.name,
+                    "choices": list(template.answers)}, scene)
 
 
 @register_dataset("scenes")
@@ -511,4 +574,4 @@ def build_scenes(cfg: Any, split: str) -> datasets.Dataset:
     opts = check_options(cfg, "scenes", {"questions_per_image": 1, "max_objects": 4})
     key = cache_key(cfg, split, "scenes", VERSION, size, qtypes, opts)
     return cached_dataset("scenes", key,
-                          lambda: records_to_dataset([r for r, _ in generate_examples(cfg, split)]))
+                          lambda: records_to_dataset([r for r, _ in generate_examples(cfg, split)], QA_FEATURES))

@@ -1,0 +1,1 @@
+"""One file per registered evaluator (see :mod:`fusionbench.evaluation`)."""
