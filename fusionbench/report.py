@@ -87,6 +87,7 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     df.loc[~df["final"], "label"] = df.loc[~df["final"], "label"] + " [" + df.loc[~df["final"], "stage"] + "]"
     other = df["origin"] != ""
     df.loc[other, "label"] = df.loc[other, "label"] + " (" + df.loc[other, "origin"] + ")"
+    df["base_label"] = df["label"]  # before telling configurations apart: what contrasts name
     # one label, several configurations in one table: tell them apart by the commit that produced
     # each (runs of successive code versions whose resolved configs differ), else by config hash
     groups = df.groupby(["table", "label"])
@@ -573,11 +574,14 @@ def comparisons(df: pd.DataFrame) -> pd.DataFrame:
     from fusionbench.stats import paired_contrast, verdict
 
     final = df[df["final"] & (df["source"] == "run")]
+    label = final["base_label"] if "base_label" in final else final["label"]
     lines = []
     for c in declared_contrasts(df):
         line = {"contrast": c.get("name", f"{c.get('a')} - {c.get('b')}"), "a": c.get("a"), "b": c.get("b"),
                 "metric": c.get("metric", "mm/choice/acc"), "expect": c.get("expect", "greater")}
-        side = {k: final[final["label"] == line[k]] for k in ("a", "b")}
+        # only rows of the experiment that declared the contrast (older rows of a table may share a label)
+        declares = final["config"].map(lambda cf: c in (json.loads(cf).get("contrasts") or []))
+        side = {k: final[declares & (label == line[k])] for k in ("a", "b")}
         missing = [line[k] for k in ("a", "b") if side[k].empty]
         if missing:
             lines.append({**line, "verdict": "n/a", "why": f"no rows of {', '.join(map(str, missing))}"})

@@ -87,4 +87,12 @@ def read_results(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame()
-    return pd.read_json(path, lines=True)
+    # json, not pd.read_json: the latter "infers" types and turns per-item strings such as
+    # "0110..." (mm/choice/items) into floats
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    df = pd.DataFrame(rows)
+    for col in df.columns:  # integral float columns without gaps read as integers (counts, layers)
+        x = df[col]
+        if x.dtype == float and x.notna().all() and len(x) and bool((x == x.round()).all()):
+            df[col] = x.astype("int64")
+    return df

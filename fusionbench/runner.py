@@ -414,11 +414,18 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, stage:
 
 
 def _summary(row: dict[str, Any]) -> None:
-    keys = [k for k in row if k.startswith("mm/") and k.count("/") == 2 and k.endswith("/acc")]
+    keys = [k for k in row if k.startswith("mm/") and not k.startswith("mm/choice/") and k.count("/") == 2
+            and k.endswith("/acc")]
     parts = [f"{k[3:-4]}={row[k]:.3f} (maj {row.get(k + '_majority', float('nan')):.3f})" for k in sorted(keys)]
     fg = row.get("forgetting/mc_acc_drop")
     cap = f" CIDEr={row['cap/cider']:.3f} (text-only {row['cap/cider_text_only']:.3f})" if "cap/cider" in row else ""
     acc = f" acc={row['mm/acc']:.3f}" if "mm/acc" in row else ""
+    if "mm/choice/acc" in row:
+        acc = (f" choice acc={row['mm/choice/acc']:.3f} (chance {row['mm/choice/chance']:.3f}"
+               + (f", shuffled images {row['mm/choice/acc_shuffled']:.3f}, image gain "
+                  f"{row['mm/choice/image_gain']:+.3f} [{row['mm/choice/image_gain_ci_lo']:+.3f}, "
+                  f"{row['mm/choice/image_gain_ci_hi']:+.3f}]" if "mm/choice/image_gain" in row else "")
+               + ");" + (f" exact match{acc}" if acc else ""))
     log(f"{row['strategy']}/{row['stage']}:{acc}{cap} " + " ".join(parts)
         + (f" mc_acc_drop={fg:+.4f}" if fg is not None else "")
         + (f" kl={row['text/kl']:.2e}" if "text/kl" in row else "")

@@ -159,3 +159,17 @@ def test_contrasts_are_validated_before_compute(tmp_path, capsys):
     assert _run(tmp_path, "contrasts=[{a: mlp, b: linear, expect: bigger}]") == 2
     assert "expect" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_results_reader_keeps_per_item_strings_and_exact_floats(tmp_path):
+    """pd.read_json turned "0110..." into a float and read 0.4375 as 0.43749999...; rows are read
+    with json: strings stay strings, floats are exact, integral columns are integers."""
+    from fusionbench.results import append_row, read_results
+
+    path = tmp_path / "r.jsonl"
+    append_row(path, {"mm/choice/items": "0011", "acc": 0.4375, "n": 4.0, "maybe": None})
+    append_row(path, {"mm/choice/items": "1100", "acc": 0.5, "n": 5.0, "maybe": 1.0})
+    df = read_results(path)
+    assert list(df["mm/choice/items"]) == ["0011", "1100"]
+    assert df["acc"].iloc[0] == 0.4375 and f"{df['acc'].mean():.4f}" == "0.4688"
+    assert df["n"].dtype == "int64" and df["maybe"].isna().iloc[0]
