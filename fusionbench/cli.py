@@ -60,17 +60,25 @@ def _cmd_text_tasks(args) -> None:
 
     from fusionbench.assets.lm import load_lm
     from fusionbench.config import LMConfig
-    from fusionbench.evaluation.task_selection import CANDIDATES, MARGIN, MIN_ITEMS, score_candidates
+    from fusionbench.evaluation.task_selection import (CANDIDATES, GEN_CANDIDATES, MARGIN, MIN_ITEMS,
+                                                       score_candidates, score_generative_candidates)
     from fusionbench.results import append_row, git_sha, provenance
 
     git_sha()
     lm_cfg = OmegaConf.merge(OmegaConf.structured(LMConfig), {"source": args.lm})
     lm, tok = load_lm(lm_cfg, seed=0)
-    rows = score_candidates(lm, tok, args.tasks or list(CANDIDATES), args.formats, n_items=args.n,
-                            log=lambda m: print(m, flush=True))
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    rows = []
+    if args.tasks is None or args.tasks:
+        rows += score_candidates(lm, tok, args.tasks or list(CANDIDATES), args.formats, n_items=args.n, log=say)
+    if args.gen_tasks is None or args.gen_tasks:
+        rows += score_generative_candidates(lm, tok, args.gen_tasks or list(GEN_CANDIDATES), args.formats,
+                                            n_items=args.n, log=say)
     for row in rows:
-        append_row(args.out, {"benchmark": "text_task_selection", "lm": args.lm, "rule":
-                              f"n >= {MIN_ITEMS}, acc >= chance + {MARGIN}, acc > acc_first", **row,
+        rule = (f"n >= {MIN_ITEMS}, exact match >= {MARGIN}" if row.get("kind") == "generative"
+                else f"n >= {MIN_ITEMS}, acc >= chance + {MARGIN}, acc > acc_first")
+        append_row(args.out, {"benchmark": "text_task_selection", "lm": args.lm, "kind": "multiple_choice",
+                              "rule": rule, **row,
                               **provenance(), "args": json.dumps(vars(args), default=str)})
     kept = [(r["task"], r["format"]) for r in rows if r.get("keep")]
     print(f"{len(kept)} kept: {kept}; rows appended to {args.out}")
@@ -114,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("text-tasks", help="score the base LM on candidate BIG-bench tasks and formats; keep those "
                                           "that can detect forgetting (fusionbench.evaluation.task_selection)")
     p.add_argument("--lm", default="smollm2", help="lm.source of the base LM")
-    p.add_argument("--tasks", nargs="*", default=None, help="BIG-bench tasks (default: the built-in candidates)")
+    p.add_argument("--tasks", nargs="*", default=None,
+                   help="multiple-choice BIG-bench tasks (default: the built-in candidates; empty: none)")
+    p.add_argument("--gen-tasks", nargs="*", default=None,
+                   help="generative BIG-bench tasks (default: the built-in candidates; empty: none)")
     p.add_argument("--formats", nargs="*", default=["bigbench", "plain"], help="prompt formats to try")
     p.add_argument("--n", type=int, default=200, help="items per task (at most)")
     p.add_argument("--out", default="results/local/text_task_selection.jsonl", help="table to append to")

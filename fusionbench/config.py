@@ -134,6 +134,11 @@ class TextEvalConfig:
     ppl_chunks: int = 16
     ppl_chunk_tokens: int = 128
     seed: int = 1234
+    #: generative BIG-bench tasks (examples with a target; greedy generation, exact match): the
+    #: forgetting PaLM-E reported was on generation
+    gen_tasks: list[str] = field(default_factory=list)
+    gen_items: int = 50
+    gen_max_new_tokens: int = 8
     #: prompt format of the multiple-choice items: "bigbench" (choices listed, as BIG-bench) or
     #: "plain" (cloze: "Question: ... Answer:"); chosen by measurement (fusionbench text-tasks)
     format: str = "bigbench"

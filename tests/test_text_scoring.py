@@ -114,3 +114,43 @@ def test_task_selection_rule_and_bad_formats():
     assert not missing["keep"] and "not loadable" in missing["why"]
     with pytest.raises(FusionBenchError, match="unknown text format"):
         score_candidates(lm, tok, ["general_knowledge"], ["fancy"])
+
+
+@pytest.mark.parametrize("strategy", ["mlp", "full_finetune"])
+def test_generative_task_exact_match_and_its_forgetting(strategy):
+    """A generative text task (greedy generation, exact match): the base LM and a frozen-text
+    strategy's text-only path generate the same tokens (em_drop exactly 0, every item); the
+    normaliser compares first lines, case- and trailing-punctuation-insensitively."""
+    from fusionbench.evaluation.text_suite import forgetting, generate_text, normalise_answer
+
+    assert normalise_answer("  Paris.\nand more") == "paris" and normalise_answer("") == ""
+    cfg = tiny_cfg(f"fusion={strategy}")
+    base_lm, tok = load_lm(cfg.lm, seed=cfg.seed)
+    empty = datasets.Dataset.from_dict({"task": [], "item": [], "context": [], "continuation": [], "correct": []})
+    prompts = ["Q: 2 + 2 =\nA:", "Q: the capital of France?\nA:", "Once upon a"]
+    base_text = generate_text(base_lm, tok, prompts, 5, batch_size=2)
+    gen = [("toy", p, [t]) for p, t in zip(prompts, [base_text[0], "nothing like it", base_text[2]])]
+    suite = TextSuite(choices=empty, prose=[], tasks=[], generative=gen, gen_max_new_tokens=5)
+    base = score_text_suite(suite, base_lm, tok, batch_size=2)
+    assert base["text/gen/toy/items"] == "101" or normalise_answer(base_text[1]) == "nothing like it"
+    model = tiny_model(strategy)
+    train_a_few_steps(model, steps=5, lr=5e-2)
+    after = score_text_suite(suite, model, tok, batch_size=2)
+    fg = forgetting(base, after)
+    assert fg["forgetting/gen/toy/em_drop"] == base["text/gen/toy/em"] - after["text/gen/toy/em"]
+    if strategy == "mlp":
+        assert generate_text(model, tok, prompts, 5, batch_size=2) == base_text and after == base
+
+
+def test_task_specs_name_a_format_per_task():
+    from fusionbench.errors import FusionBenchError
+    from fusionbench.evaluation.text_suite import task_specs
+
+    assert task_specs(["a_b", "c:plain", "d/e:bigbench"], "bigbench") == [("a_b", "bigbench"), ("c", "plain"),
+                                                                          ("d/e", "bigbench")]
+    with pytest.raises(FusionBenchError, match="format 'fancy'"):
+        task_specs(["a:fancy"], "bigbench")
+    with pytest.raises(FusionBenchError, match="twice"):
+        task_specs(["a", "a:plain"], "bigbench")
+    with pytest.raises(FusionBenchError, match="not a BIG-bench task name"):
+        task_specs(["rm -rf"], "bigbench")

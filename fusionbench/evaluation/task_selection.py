@@ -25,6 +25,9 @@ CANDIDATES = ("hyperbaton", "intent_recognition", "movie_recommendation", "quest
               "timedial", "social_iqa", "sports_understanding", "date_understanding",
               "logical_fallacy_detection", "winowhy", "play_dialog_same_or_different",
               "general_knowledge", "phrase_relatedness")
+#: BIG-bench JSON generative tasks (exact-match targets) a small LM might answer sometimes
+GEN_CANDIDATES = ("simple_arithmetic_json", "qa_wikidata", "object_counting", "word_unscrambling",
+                  "repeat_copy_logic", "auto_categorization")
 MIN_ITEMS, MARGIN = 200, 0.10
 
 
@@ -65,5 +68,35 @@ def score_candidates(lm, tokenizer, tasks: list[str], formats: list[str], n_item
                    "seconds": round(time.time() - t0, 1)}
             log(f"{task:32s} {fmt:9s} n={n:4d} acc={acc:.3f} first={first:.3f} chance={chance:.3f} "
                 f"{'KEEP' if row['keep'] else 'drop: ' + row['why']}")
+            rows.append(row)
+    return rows
+
+
+def score_generative_candidates(lm, tokenizer, tasks: list[str], formats: list[str], n_items: int = MIN_ITEMS,
+                                seed: int = 1234, batch_size: int = 16, max_new_tokens: int = 8,
+                                margin: float = MARGIN, log=print) -> list[dict[str, Any]]:
+    """One row per generative (task, format): n and the base LM's exact match; ``keep`` when
+    n >= ``MIN_ITEMS`` and exact match >= ``margin`` (there is something to forget)."""
+    from fusionbench.evaluation.text_suite import TextSuite, load_generative, score_text_suite
+
+    rows = []
+    for task in tasks:
+        for fmt in formats:
+            t0 = time.time()
+            try:
+                gen = load_generative([task], n_items, seed, fmt)
+            except (AssetUnavailable, FusionBenchError) as e:
+                rows.append({"task": task, "format": fmt, "kind": "generative", "keep": False, "why": f"not loadable: {e}"})
+                continue
+            import datasets
+
+            empty = datasets.Dataset.from_dict({"task": [], "item": [], "context": [], "continuation": [], "correct": []})
+            s = score_text_suite(TextSuite(empty, [], [], generative=gen, gen_max_new_tokens=max_new_tokens),
+                                 lm, tokenizer, batch_size=batch_size)
+            n, em = len(gen), s[f"text/gen/{task}/em"]
+            why = [w for w, bad in ((f"n={n} < {MIN_ITEMS}", n < MIN_ITEMS), (f"exact match {em:.3f} < {margin:.2f}", em < margin)) if bad]
+            row = {"task": task, "format": fmt, "kind": "generative", "n": n, "em": em, "keep": not why,
+                   "why": "; ".join(why), "seconds": round(time.time() - t0, 1)}
+            log(f"{task:32s} {fmt:9s} n={n:4d} em={em:.3f} {'KEEP' if row['keep'] else 'drop: ' + row['why']}")
             rows.append(row)
     return rows

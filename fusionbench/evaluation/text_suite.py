@@ -26,7 +26,7 @@ import math
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
@@ -55,6 +55,9 @@ class TextSuite:
     tasks: list[str]
     #: each prose chunk is scored on its first ``prose_tokens`` tokens
     prose_tokens: int = 128
+    #: generative items ``(task, prompt, [targets])``: greedy generation, exact match
+    generative: list[tuple[str, str, list[str]]] = field(default_factory=list)
+    gen_max_new_tokens: int = 8
 
     def subset(self, items_per_task: int, prose_chunks: int) -> "TextSuite":
         """The first ``items_per_task`` items of each task and the first ``prose_chunks`` chunks (a
@@ -66,12 +69,17 @@ class TextSuite:
                 items.append(item)
             if item in items:
                 keep.append(i)
-        return TextSuite(self.choices.select(keep), self.prose[:prose_chunks], self.tasks, self.prose_tokens)
+        gen, count = [], {}
+        for item in self.generative:
+            count[item[0]] = count.get(item[0], 0) + 1
+            if count[item[0]] <= items_per_task:
+                gen.append(item)
+        return TextSuite(self.choices.select(keep), self.prose[:prose_chunks], self.tasks, self.prose_tokens,
+                         gen, self.gen_max_new_tokens)
 
 
-def _bigbench_tasks(tasks: list[str]) -> dict[str, dict]:
-    """The JSON of each BIG-bench task (``name`` or ``name/subtask``), read from the sdist; a task
-    without a JSON file (a programmatic one) or without multiple-choice examples is one clear error."""
+def _bigbench_json(tasks: list[str]) -> dict[str, dict]:
+    """The JSON of each BIG-bench task (``name`` or ``name/subtask``), read from the sdist."""
     from fusionbench.errors import AssetUnavailable
 
     globs = {t: f"*/bigbench/benchmark_tasks/{t}/task.json" for t in tasks}
@@ -79,10 +87,65 @@ def _bigbench_tasks(tasks: list[str]) -> dict[str, dict]:
         paths = pypi_files(BIGBENCH, list(globs.values()), sdist=True)
     except AssetUnavailable as e:
         if "no member matching" in str(e):
-            raise FusionBenchError(f"eval.text.tasks: {e} (only BIG-bench JSON tasks are supported; e.g. "
-                                   f"{', '.join(KNOWN_TASKS)})") from None
+            raise FusionBenchError(f"{e} (only BIG-bench JSON tasks are supported)") from None
         raise
-    out = {t: json.loads(paths[g].read_text()) for t, g in globs.items()}
+    return {t: json.loads(paths[g].read_text()) for t, g in globs.items()}
+
+
+def load_generative(tasks: list[str], n_items: int, seed: int, fmt: str = "bigbench") -> list[tuple[str, str, list[str]]]:
+    """``n_items`` items of each BIG-bench generative task (examples with ``target``), drawn with
+    ``seed``, as ``(task, prompt, [targets])``; prompts in the multiple-choice suite's format."""
+    out = []
+    rng = np.random.default_rng(seed + 7)
+    for name, task in _bigbench_json(list(tasks)).items():
+        examples = [e for e in task.get("examples", []) if e.get("target")]
+        if not examples:
+            raise FusionBenchError(f"BIG-bench task {name!r} has no generative examples (target)")
+        for i in sorted(rng.permutation(len(examples))[:n_items].tolist()):
+            e = examples[i]
+            targets = e["target"] if isinstance(e["target"], list) else [e["target"]]
+            if fmt == "plain":
+                prompt = f"Question: {e['input'].strip()}\nAnswer:"
+            else:
+                prompt = (task.get("task_prefix", "") + task.get("example_input_prefix", "\nQ: ") + e["input"]
+                          + task.get("example_output_prefix", "\nA: ").rstrip(" "))
+            out.append((name, prompt, [str(t) for t in targets]))
+    return out
+
+
+def normalise_answer(text: str) -> str:
+    """The first line, stripped, lower-cased, without trailing punctuation (exact-match form)."""
+    return text.strip().split("\n")[0].strip().lower().rstrip(".!?,;:").strip()
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuations of ``prompts`` by a bare HF causal LM or a VisionLanguageModel's
+    text-only path, through the same computation (left-padded ``inputs_embeds``; new tokens only)."""
+    from fusionbench.model import VisionLanguageModel
+
+    lm = model.lm if isinstance(model, VisionLanguageModel) else model
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for b in range(0, len(prompts), batch_size):
+        seqs = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[b:b + batch_size]]
+        longest = max(len(s) for s in seqs)
+        ids = torch.tensor([[pad] * (longest - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (longest - len(s)) + [1] * len(s) for s in seqs])
+        if isinstance(model, VisionLanguageModel):
+            new = model.generate(ids, mask, None, max_new_tokens=max_new_tokens)
+        else:
+            new = lm.generate(inputs_embeds=lm.get_input_embeddings()(ids), attention_mask=mask,
+                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                              eos_token_id=tokenizer.eos_token_id)
+        out += tokenizer.batch_decode(new, skip_special_tokens=True)
+    return out
+
+
+def _bigbench_tasks(tasks: list[str]) -> dict[str, dict]:
+    """:func:`_bigbench_json` of multiple-choice tasks: a task without multiple-choice examples
+    (``target_scores``) is one clear error."""
+    out = _bigbench_json(tasks)
     for t, task in out.items():
         if not any("target_scores" in e for e in task.get("examples", [])):
             raise FusionBenchError(f"BIG-bench task {t!r} has no multiple-choice examples (target_scores)")
@@ -113,30 +176,53 @@ def _format(task: dict, example: dict, rng: np.random.Generator | None = None,
     return prompt, [" " + c.strip() for c in names], [bool(targets[c]) for c in names]
 
 
+def task_specs(tasks, default_format: str) -> list[tuple[str, str]]:
+    """``eval.text.tasks`` entries as ``(task, format)``: ``name`` (in ``eval.text.format``) or
+    ``name:format`` (the format the task selection kept for it)."""
+    out = []
+    for t in tasks:
+        name, _, fmt = str(t).partition(":")
+        fmt = fmt or default_format
+        if fmt not in FORMATS:
+            raise FusionBenchError(f"eval.text.tasks: {t!r} names format {fmt!r}; formats: {', '.join(FORMATS)}")
+        if not name.replace("/", "").replace("_", "").isalnum():
+            raise FusionBenchError(f"eval.text.tasks: {t!r} is not a BIG-bench task name (e.g. {', '.join(KNOWN_TASKS[:2])})")
+        out.append((name, fmt))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise FusionBenchError(f"eval.text.tasks names a task twice: {list(tasks)}")
+    return out
+
+
 def load_text_suite(cfg) -> TextSuite:
     """Draw the suite's items (``cfg.tasks``, ``cfg.n_per_task`` each) and prose chunks."""
-    if cfg.get("format", "bigbench") not in FORMATS:
-        raise FusionBenchError(f"eval.text.format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
-    bad = [t for t in cfg.tasks if not str(t).replace("/", "").replace("_", "").isalnum()]
-    if bad:
-        raise FusionBenchError(f"eval.text.tasks: {bad} are not BIG-bench task names (e.g. {', '.join(KNOWN_TASKS[:2])})")
-    if cfg.n_per_task < 1 and cfg.tasks:
+    default_format = cfg.get("format", "bigbench")
+    if default_format not in FORMATS:
+        raise FusionBenchError(f"eval.text.format must be one of {', '.join(FORMATS)}, got {default_format!r}")
+    specs = task_specs(cfg.tasks, default_format)
+    if cfg.n_per_task < 1 and specs:
         raise FusionBenchError("eval.text.n_per_task must be at least 1")
     rows = []
     rng = np.random.default_rng(cfg.seed)
-    for name, task in _bigbench_tasks(list(cfg.tasks)).items():
+    loaded = _bigbench_tasks([n for n, _ in specs])
+    for name, fmt in specs:
+        task = loaded[name]
         examples = [e for e in task["examples"]
                     if "target_scores" in e and sum(bool(v) for v in e["target_scores"].values()) >= 1]
         pick = rng.permutation(len(examples))[: cfg.n_per_task]
         for item in sorted(pick.tolist()):
             order_rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), zlib.crc32(name.encode()), item]))
-            context, conts, correct = _format(task, examples[item], order_rng, cfg.get("format", "bigbench"))
+            context, conts, correct = _format(task, examples[item], order_rng, fmt)
             for cont, ok in zip(conts, correct):
                 rows.append({"task": name, "item": item, "context": context, "continuation": cont, "correct": ok})
     choices = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
         {"task": [], "item": [], "context": [], "continuation": [], "correct": []})
     prose = austen_chunks(cfg.ppl_chunks, cfg.ppl_chunk_tokens * 6, cfg.seed) if cfg.ppl_chunks else []
-    return TextSuite(choices=choices, prose=prose, tasks=list(cfg.tasks), prose_tokens=cfg.ppl_chunk_tokens)
+    generative = []
+    for name, fmt in task_specs(cfg.get("gen_tasks") or [], default_format):
+        generative += load_generative([name], int(cfg.get("gen_items", 50)), cfg.seed, fmt)
+    return TextSuite(choices=choices, prose=prose, tasks=[n for n, _ in specs], prose_tokens=cfg.ppl_chunk_tokens,
+                     generative=generative, gen_max_new_tokens=int(cfg.get("gen_max_new_tokens", 8)))
 
 
 def austen_novels() -> dict[str, list[str]]:
@@ -361,6 +447,14 @@ def score_text_suite(suite: TextSuite, model, tokenizer, batch_size: int = 16,
             scores[f"text/{task}/acc_first"] = sum(bool(correct[groups[k][0]]) for k in keys) / len(keys)
             scores[f"text/{task}/chance"] = sum(sum(bool(correct[i]) for i in groups[k]) / len(groups[k])
                                                 for k in keys) / len(keys)
+    if suite.generative:
+        texts = generate_text(model, tokenizer, [p for _, p, _ in suite.generative], suite.gen_max_new_tokens, batch_size)
+        hits: dict[str, list[int]] = {}
+        for (task, _, targets), text in zip(suite.generative, texts):
+            hits.setdefault(task, []).append(int(normalise_answer(text) in {normalise_answer(t) for t in targets}))
+        for task, h in hits.items():
+            scores[f"text/gen/{task}/em"] = sum(h) / len(h)
+            scores[f"text/gen/{task}/items"] = "".join(map(str, h))
     if suite.prose:
         # the LM's own convention: a BOS token where its tokenizer adds one (Llama, Gemma), none
         # where it does not (GPT-2, SmolLM2); the first token is context, every later one is scored
@@ -409,6 +503,14 @@ def forgetting(base: dict[str, float], after: dict[str, float]) -> dict[str, flo
             out[f"{key}_ci_lo"], out[f"{key}_ci_hi"] = ci["ci_lo"], ci["ci_hi"]
     if tasks:
         out["forgetting/mc_acc_drop"] = sum(out[f"forgetting/{t}/acc_drop"] for t in tasks) / len(tasks)
+    for key in [k for k in base if k.startswith("text/gen/") and k.endswith("/em") and k in after]:
+        task = key[len("text/gen/"):-len("/em")]
+        drop = f"forgetting/gen/{task}/em_drop"
+        out[drop] = base[key] - after[key]
+        b, a = base.get(f"text/gen/{task}/items"), after.get(f"text/gen/{task}/items")
+        if isinstance(b, str) and isinstance(a, str) and len(a) == len(b) and b:
+            ci = bootstrap_diff([int(x) for x in b], [int(x) for x in a])
+            out[f"{drop}_ci_lo"], out[f"{drop}_ci_hi"] = ci["ci_lo"], ci["ci_hi"]
     if "text/austen/log_ppl" in base and "text/austen/log_ppl" in after:
         out["forgetting/austen/delta_log_ppl"] = after["text/austen/log_ppl"] - base["text/austen/log_ppl"]
         b, a = base.get("text/austen/chunk_nll"), after.get("text/austen/chunk_nll")
