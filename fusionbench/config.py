@@ -126,8 +126,9 @@ class TrainConfig:
 
 @dataclass
 class TextEvalConfig:
-    #: BIG-bench multiple-choice tasks scored by log-likelihood (defaults: the ones where
-    #: SmolLM2-135M is clearly above chance in this format; social_iqa measured at chance)
+    #: BIG-bench multiple-choice tasks scored by log-likelihood, ``name`` or ``name:format``. These
+    #: schema defaults are small, quick tasks (70 and 100 items) for tests; the experiments use the
+    #: tasks kept by measurement (experiments/base.yaml, results/text_task_selection.jsonl)
     tasks: list[str] = field(default_factory=lambda: ["general_knowledge", "phrase_relatedness"])
     n_per_task: int = 50
     #: perplexity on held-out natural text (Jane Austen); 0 chunks disables it
