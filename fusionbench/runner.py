@@ -78,7 +78,7 @@ class Prepared:
         if evaluate and "choice" in cfg.eval.metrics and cfg.eval.choice:
             # the test split is built (and checked) before any training compute; a dataset of
             # captions only has nothing to choice-score
-            short = self.data.test_ds.filter(lambda t: t != "caption", input_columns="qtype")
+            short = self.data.short_test
             if len(short) == 1:
                 raise FusionBenchError("choice scoring needs at least 2 test items, data.test_size gives 1")
             if len(short):
@@ -293,7 +293,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
             if cfg.eval.val_items > 0:
                 from fusionbench.training.callbacks import ValidationCurve
 
-                short_val = data.val_ds.filter(lambda t: t != "caption", input_columns="qtype")
+                short_val = data.short_answers(data.val_ds)
                 val_curve = ValidationCurve(short_val.select(range(min(cfg.eval.val_items, len(short_val)))),
                                             prep.vision.preprocess, cfg.eval.batch_size, seed=cfg.data.seed)
                 callbacks.append(val_curve)

@@ -7,7 +7,6 @@ orchestrates: it builds the context and merges what every listed evaluator retur
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +27,10 @@ class EvalContext:
     data: Any
     majority: dict[str, str]
 
-    @functools.cached_property
+    @property
     def short_test(self):
         """The test split's short-answer items (caption rows are scored by caption metrics)."""
-        return self.data.test_ds.filter(lambda t: t != "caption", input_columns="qtype")
+        return self.data.short_test
 
 
 def evaluate(ctx: EvalContext, names: list[str]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import torch
 from fusionbench.data.controls import derangement
 from fusionbench.data.format import _needs_space, encode, system_prompt_for
 from fusionbench.errors import FusionBenchError
+from fusionbench.evaluation.text_suite import _pad
 from fusionbench.stats import bootstrap_diff
 
 CONDITIONS = ("image", "shuffled", "no_image")
@@ -71,7 +72,7 @@ def choice_logprobs(model, questions: list[str], qtypes: list[str], choices: lis
         prompts = [encode(tok, q, None, n_img, has_image, system_prompt_for(t))[0] for q, t in zip(qs, ts)]
         cands = [[candidate_tokens(tok, c) for c in cc] for cc in cs]
         pix = preprocess(images[b:b + batch_size]) if has_image else None
-        ids, mask = _right_pad(prompts, pad)
+        ids, mask = _pad(prompts, pad)
         last = torch.zeros_like(mask, dtype=torch.bool)
         for i, p in enumerate(prompts):
             last[i, len(p) - 1] = True
@@ -81,7 +82,7 @@ def choice_logprobs(model, questions: list[str], qtypes: list[str], choices: lis
         for s in range(0, len(longer), batch_size):
             part = longer[s:s + batch_size]
             seqs = [prompts[i] + cands[i][k] for i, k in part]
-            ids2, mask2 = _right_pad(seqs, pad)
+            ids2, mask2 = _pad(seqs, pad)
             pos = torch.zeros_like(mask2, dtype=torch.bool)
             for r, (i, k) in enumerate(part):  # positions predicting candidate tokens 2..n
                 pos[r, len(prompts[i]):len(prompts[i]) + len(cands[i][k]) - 1] = True
@@ -94,13 +95,6 @@ def choice_logprobs(model, questions: list[str], qtypes: list[str], choices: lis
                 scores[i][k] += float(x.sum())
         out += scores
     return out
-
-
-def _right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [pad] * (longest - len(s)) for s in seqs], dtype=torch.long)
-    mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in seqs], dtype=torch.long)
-    return ids, mask
 
 
 def test_set_hash(ds, choices: list[list[str]]) -> str:

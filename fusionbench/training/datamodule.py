@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
@@ -42,6 +44,17 @@ class FusionDataModule(L.LightningDataModule):
         for name, ds in (("train", train), ("val", self.val_ds)):
             check_lengths(self.tokenizer, ds, self.num_image_tokens, self.train_cfg.max_length, f"{self.data_cfg.name}/{name}")
         self.train_ds = blind_images(train, self.data_cfg.images, self.data_cfg.seed)
+
+    @staticmethod
+    def short_answers(ds):
+        """``ds`` without caption rows: the items choice scoring and exact match score."""
+        return ds.filter(lambda t: t != "caption", input_columns="qtype")
+
+    @functools.cached_property
+    def short_test(self):
+        """:attr:`test_ds` without caption rows (built once, shared by the checks before training
+        and by the evaluators)."""
+        return self.short_answers(self.test_ds)
 
     @property
     def test_ds(self):
