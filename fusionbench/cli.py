@@ -72,7 +72,7 @@ def _cmd_text_tasks(args) -> None:
     if args.tasks is None or args.tasks:
         rows += score_candidates(lm, tok, args.tasks or list(CANDIDATES), args.formats, n_items=args.n, log=say)
     if args.gen_tasks is None or args.gen_tasks:
-        rows += score_generative_candidates(lm, tok, args.gen_tasks or list(GEN_CANDIDATES), args.formats,
+        rows += score_generative_candidates(lm, tok, args.gen_tasks or list(GEN_CANDIDATES), args.gen_formats,
                                             n_items=args.n, log=say)
     for row in rows:
         rule = (f"n >= {MIN_ITEMS}, exact match >= {MARGIN}" if row.get("kind") == "generative"
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-tasks", nargs="*", default=None,
                    help="generative BIG-bench tasks (default: the built-in candidates; empty: none)")
     p.add_argument("--formats", nargs="*", default=["bigbench", "plain"], help="prompt formats to try")
+    p.add_argument("--gen-formats", nargs="*", default=["bigbench", "plain", "fewshot"],
+                   help="prompt formats to try on the generative tasks (fewshot: BIG-bench's 3-shot layout)")
     p.add_argument("--n", type=int, default=200, help="items per task (at most)")
     p.add_argument("--out", default="results/local/text_task_selection.jsonl", help="table to append to")
     sub.add_parser("list", help="list registered fusion strategies and datasets")

@@ -154,3 +154,28 @@ def test_task_specs_name_a_format_per_task():
         task_specs(["a", "a:plain"], "bigbench")
     with pytest.raises(FusionBenchError, match="not a BIG-bench task name"):
         task_specs(["rm -rf"], "bigbench")
+
+
+def test_fewshot_generative_format_shots_are_not_test_items():
+    """``fewshot``: BIG-bench's k-shot layout; the shots are solved examples that are not among
+    the items, the same shots precede every item, the items are the zero-shot formats' items,
+    and a zero-shot-only format is refused for multiple-choice tasks."""
+    from fusionbench.errors import FusionBenchError
+    from fusionbench.evaluation.text_suite import GEN_SHOTS, load_generative, task_specs
+
+    few = load_generative(["qa_wikidata"], 20, 3, "fewshot")
+    zero = load_generative(["qa_wikidata"], 20, 3, "bigbench")
+    assert len(few) == len(zero) == 20
+    # same items (the query line of each fewshot prompt is the zero-shot item's input), same targets
+    assert [t for _, _, t in few] == [t for _, _, t in zero]
+    assert all(z[1].strip() .endswith(f[1].split("\n")[-1].strip()) for f, z in zip(few, zero))
+    prefixes = {p[: p.rindex("\n")] for _, p, _ in few}
+    assert len(prefixes) == 1                                     # one set of shots for every item
+    shot_lines = next(iter(prefixes)).split("\n")
+    assert len(shot_lines) == GEN_SHOTS
+    queries = {p.split("\n")[-1].strip() for _, p, _ in few}
+    assert not any(any(line.startswith(q) for q in queries) for line in shot_lines)
+    with pytest.raises(FusionBenchError, match="format 'fewshot'"):
+        task_specs(["qa_wikidata:fewshot"], "bigbench")          # multiple-choice formats only
+    with pytest.raises(FusionBenchError, match="generative text format"):
+        load_generative(["qa_wikidata"], 2, 3, "fancy")

@@ -26,8 +26,9 @@ CANDIDATES = ("hyperbaton", "intent_recognition", "movie_recommendation", "quest
               "logical_fallacy_detection", "winowhy", "play_dialog_same_or_different",
               "general_knowledge", "phrase_relatedness")
 #: BIG-bench JSON generative tasks (exact-match targets) a small LM might answer sometimes
-GEN_CANDIDATES = ("simple_arithmetic_json", "qa_wikidata", "object_counting", "word_unscrambling",
-                  "repeat_copy_logic", "auto_categorization")
+GEN_CANDIDATES = ("qa_wikidata", "linguistic_mappings/plural_json", "linguistic_mappings/past_tense_json",
+                  "linguistic_mappings/sentence_negation_json", "periodic_elements/subtask_1",
+                  "object_counting", "word_unscrambling", "simple_arithmetic_json")
 MIN_ITEMS, MARGIN = 200, 0.10
 
 
@@ -73,7 +74,7 @@ def score_candidates(lm, tokenizer, tasks: list[str], formats: list[str], n_item
 
 
 def score_generative_candidates(lm, tokenizer, tasks: list[str], formats: list[str], n_items: int = MIN_ITEMS,
-                                seed: int = 1234, batch_size: int = 16, max_new_tokens: int = 8,
+                                seed: int = 1234, batch_size: int = 16, max_new_tokens: int = 12,
                                 margin: float = MARGIN, log=print) -> list[dict[str, Any]]:
     """One row per generative (task, format): n and the base LM's exact match; ``keep`` when
     n >= ``MIN_ITEMS`` and exact match >= ``margin`` (there is something to forget)."""
@@ -96,6 +97,7 @@ def score_generative_candidates(lm, tokenizer, tasks: list[str], formats: list[s
             n, em = len(gen), s[f"text/gen/{task}/em"]
             why = [w for w, bad in ((f"n={n} < {MIN_ITEMS}", n < MIN_ITEMS), (f"exact match {em:.3f} < {margin:.2f}", em < margin)) if bad]
             row = {"task": task, "format": fmt, "kind": "generative", "n": n, "em": em, "keep": not why,
+                   "max_new_tokens": max_new_tokens,
                    "why": "; ".join(why), "seconds": round(time.time() - t0, 1)}
             log(f"{task:32s} {fmt:9s} n={n:4d} em={em:.3f} {'KEEP' if row['keep'] else 'drop: ' + row['why']}")
             rows.append(row)

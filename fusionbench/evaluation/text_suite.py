@@ -92,20 +92,48 @@ def _bigbench_json(tasks: list[str]) -> dict[str, dict]:
     return {t: json.loads(paths[g].read_text()) for t, g in globs.items()}
 
 
+#: shots in the ``fewshot`` generative format (BIG-bench scores its JSON tasks 0-, 1-, 2- and 3-shot)
+GEN_SHOTS = 3
+#: prompt formats of generative items: the multiple-choice formats (zero-shot) plus ``fewshot``
+GEN_FORMATS = ("bigbench", "plain", "fewshot")
+
+
 def load_generative(tasks: list[str], n_items: int, seed: int, fmt: str = "bigbench") -> list[tuple[str, str, list[str]]]:
     """``n_items`` items of each BIG-bench generative task (examples with ``target``), drawn with
-    ``seed``, as ``(task, prompt, [targets])``; prompts in the multiple-choice suite's format."""
+    ``seed``, as ``(task, prompt, [targets])``. Formats: ``bigbench`` / ``plain`` as the
+    multiple-choice suite writes them (zero-shot); ``fewshot``: BIG-bench's own k-shot layout
+    (``task_prefix``, then :data:`GEN_SHOTS` solved examples with the task's input / output
+    prefixes, then the item), the shots drawn with ``seed`` from examples that are not test items
+    (the same shots for every item) and separated by a newline, so the answer is the first line."""
+    if fmt not in GEN_FORMATS:
+        raise FusionBenchError(f"generative text format must be one of {', '.join(GEN_FORMATS)}, got {fmt!r}")
     out = []
     rng = np.random.default_rng(seed + 7)
     for name, task in _bigbench_json(list(tasks)).items():
         examples = [e for e in task.get("examples", []) if e.get("target")]
         if not examples:
             raise FusionBenchError(f"BIG-bench task {name!r} has no generative examples (target)")
-        for i in sorted(rng.permutation(len(examples))[:n_items].tolist()):
+        order = rng.permutation(len(examples)).tolist()
+        shots = ""
+        if fmt == "fewshot":
+            if len(examples) <= GEN_SHOTS:
+                raise FusionBenchError(f"BIG-bench task {name!r} has {len(examples)} generative examples; "
+                                       f"the fewshot format needs more than {GEN_SHOTS}")
+            n_items = min(n_items, len(examples) - GEN_SHOTS)
+            in_pre = task.get("example_input_prefix", "\nQ: ").lstrip("\n")
+            out_pre = task.get("example_output_prefix", "\nA: ") or " "
+            for i in order[n_items:n_items + GEN_SHOTS]:
+                e = examples[i]
+                target = e["target"] if isinstance(e["target"], str) else e["target"][0]
+                shots += in_pre + e["input"].strip() + out_pre + str(target).strip() + "\n"
+        for i in sorted(order[:n_items]):
             e = examples[i]
             targets = e["target"] if isinstance(e["target"], list) else [e["target"]]
             if fmt == "plain":
                 prompt = f"Question: {e['input'].strip()}\nAnswer:"
+            elif fmt == "fewshot":
+                prompt = (task.get("task_prefix", "") + shots + in_pre + e["input"].strip()
+                          + (task.get("example_output_prefix", "\nA: ") or " ").rstrip(" "))
             else:
                 prompt = (task.get("task_prefix", "") + task.get("example_input_prefix", "\nQ: ") + e["input"]
                           + task.get("example_output_prefix", "\nA: ").rstrip(" "))
@@ -176,15 +204,15 @@ def _format(task: dict, example: dict, rng: np.random.Generator | None = None,
     return prompt, [" " + c.strip() for c in names], [bool(targets[c]) for c in names]
 
 
-def task_specs(tasks, default_format: str) -> list[tuple[str, str]]:
+def task_specs(tasks, default_format: str, formats: tuple[str, ...] = FORMATS) -> list[tuple[str, str]]:
     """``eval.text.tasks`` entries as ``(task, format)``: ``name`` (in ``eval.text.format``) or
     ``name:format`` (the format the task selection kept for it)."""
     out = []
     for t in tasks:
         name, _, fmt = str(t).partition(":")
         fmt = fmt or default_format
-        if fmt not in FORMATS:
-            raise FusionBenchError(f"eval.text.tasks: {t!r} names format {fmt!r}; formats: {', '.join(FORMATS)}")
+        if fmt not in formats:
+            raise FusionBenchError(f"eval.text.tasks: {t!r} names format {fmt!r}; formats: {', '.join(formats)}")
         if not name.replace("/", "").replace("_", "").isalnum():
             raise FusionBenchError(f"eval.text.tasks: {t!r} is not a BIG-bench task name (e.g. {', '.join(KNOWN_TASKS[:2])})")
         out.append((name, fmt))
@@ -219,7 +247,7 @@ def load_text_suite(cfg) -> TextSuite:
         {"task": [], "item": [], "context": [], "continuation": [], "correct": []})
     prose = austen_chunks(cfg.ppl_chunks, cfg.ppl_chunk_tokens * 6, cfg.seed) if cfg.ppl_chunks else []
     generative = []
-    for name, fmt in task_specs(cfg.get("gen_tasks") or [], default_format):
+    for name, fmt in task_specs(cfg.get("gen_tasks") or [], default_format, GEN_FORMATS):
         generative += load_generative([name], int(cfg.get("gen_items", 50)), cfg.seed, fmt)
     return TextSuite(choices=choices, prose=prose, tasks=[n for n, _ in specs], prose_tokens=cfg.ppl_chunk_tokens,
                      generative=generative, gen_max_new_tokens=int(cfg.get("gen_max_new_tokens", 8)))
