@@ -322,6 +322,51 @@ def _keys_at(dotted: str) -> list[str]:
     return list(node.keys()) if isinstance(node, DictConfig) else []
 
 
+def _check_contrast_power(cfg: DictConfig, i: int, c: dict) -> None:
+    """A contrast on multiple-choice accuracy (``mm/choice/acc`` or ``mm/choice/<qtype>/acc``) with
+    a stated ``mde`` needs enough test items of its question type to detect it (80% power, alpha
+    0.05; :func:`fusionbench.stats.items_needed` over the experiment's seeds); a contrast on a
+    question type the data leaves out has none. Either is one error before any compute."""
+    metric = str(c.get("metric", "mm/choice/acc"))
+    parts = metric.split("/")
+    if not (metric.startswith("mm/choice/") and metric.endswith("/acc") and len(parts) in (3, 4)):
+        return
+    import sys
+
+    from fusionbench.data import DATASETS
+
+    try:
+        known = tuple(getattr(sys.modules[DATASETS.get(cfg.data.name).__module__], "QTYPES", ()))
+    except FusionBenchError:
+        return  # an unknown dataset is reported by the data module, with the known names
+    qtypes = list(cfg.data.qtypes) or list(known)
+    name = c.get("name") or f"{c['a']} - {c['b']}"
+    items = int(cfg.data.test_size)
+    if len(parts) == 4:
+        qtype = parts[2]
+        if known and qtype not in known:
+            raise FusionBenchError(f"contrasts[{i}] ({name}): metric {metric} names question type {qtype!r}; "
+                                   f"{cfg.data.name} has {', '.join(known)}")
+        if qtypes and qtype not in qtypes:
+            raise FusionBenchError(f"contrasts[{i}] ({name}): metric {metric} needs {qtype} test items, but "
+                                   f"data.qtypes={qtypes} leaves them out")
+        items = items // max(1, len(qtypes))  # question types are balanced exactly
+    if "mde" not in c:
+        return
+    from fusionbench.stats import DISCORDANCE, items_needed
+
+    seeds = max(1, len(cfg.get("seeds") or []))
+    try:
+        need = items_needed(float(c["mde"]), float(c.get("discordance", DISCORDANCE)), seeds)
+    except (TypeError, ValueError) as e:
+        raise FusionBenchError(f"contrasts[{i}] ({name}): {e}") from None
+    if items < need:
+        raise FusionBenchError(
+            f"contrasts[{i}] ({name}): detecting a difference of {float(c['mde']):g} in {metric} with 80% power "
+            f"needs >= {need} paired test items per seed over {seeds} seed(s) (discordance "
+            f"{float(c.get('discordance', DISCORDANCE)):g}); data.test_size={cfg.data.test_size} gives {items}")
+
+
 def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
     """Normalise shorthand and validate strategy options against the strategy's own schema."""
     OmegaConf.set_struct(cfg, False)
@@ -342,11 +387,12 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
         raise FusionBenchError(f"data.images must be 'real', 'shuffled' or 'blank', got {cfg.data.images!r}")
     for i, c in enumerate(cfg.contrasts):
         c = OmegaConf.to_container(c) if OmegaConf.is_config(c) else c
-        if not isinstance(c, dict) or not {"a", "b"} <= set(c) or set(c) - {"name", "a", "b", "metric", "expect"}:
+        if not isinstance(c, dict) or not {"a", "b"} <= set(c) or set(c) - {"name", "a", "b", "metric", "expect", "mde", "discordance"}:
             raise FusionBenchError(f"contrasts[{i}] must be a mapping with a, b and optionally name, metric, "
-                                   f"expect (greater|less), got {c!r}")
+                                   f"expect (greater|less), mde, discordance, got {c!r}")
         if c.get("expect", "greater") not in ("greater", "less"):
             raise FusionBenchError(f"contrasts[{i}].expect must be 'greater' or 'less', got {c['expect']!r}")
+        _check_contrast_power(cfg, i, c)
     from fusionbench.evaluation import EVALUATORS
 
     for name in cfg.eval.metrics:

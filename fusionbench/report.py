@@ -421,13 +421,17 @@ def fig_probe_curves(s: pd.DataFrame, out: Path) -> list[Path]:
         for i, (_, r) in enumerate(s.iterrows()):
             ax.plot(layers, [r.get(f"probe/{kind}/layer_{l}") for l in layers], lw=1.1, markersize=2.5,
                     label=r["label"], **_style(i))
+            floor = [r.get(f"probe/untrained/{kind}/layer_{l}") for l in layers]
+            if kind in PROBES and not pd.isna(floor).all():  # the same strategy before training
+                ax.plot(layers, floor, lw=0.8, ls="--", alpha=0.6, color=_style(i)["color"])
         if f"probe/{kind}/majority" in s:
             ax.axhline(s[f"probe/{kind}/majority"].mean(), color="k", ls=":", lw=0.9, label="majority class")
         ax.set_title(titles.get(kind, kind))
         ax.set_xlabel("LM layer (0 = embeddings)")
         ax.set_ylabel("probe accuracy (held out)" if kind in PROBES else "mean cosine")
         ax.grid(alpha=0.3)
-    return _finish(fig, axes[0][0], "Depth probes: how far into the LM visual facts are linearly readable at the question's last token", out, "probe_curves")
+    return _finish(fig, axes[0][0], "Depth probes: how far into the LM visual facts are linearly readable at the question's "
+                   "last token (dashed: the same strategy untrained)", out, "probe_curves")
 
 
 def fig_efficiency(s: pd.DataFrame, out: Path) -> list[Path]:

@@ -85,6 +85,16 @@ class Prepared:
                 from fusionbench.evaluation.choice import item_choices
 
                 item_choices(short)
+        # the depth probes' floor: the same strategy, same seed, before any training (a random
+        # connector already passes image information on); measured here, before the weights move
+        self.untrained_probes: dict[str, float] = {}
+        if evaluate and cfg.eval.probes and "probes" in cfg.eval.metrics:
+            from fusionbench.evaluation.probes import depth_probes
+
+            log("depth probes of the untrained model (the probes' floor) ...")
+            with torch.random.fork_rng():
+                self.untrained_probes = depth_probes(self.model, n_train=cfg.eval.probe_train,
+                                                     n_test=cfg.eval.probe_test, seed=cfg.seed)
 
     def _base_text_scores(self, suite, part: str = "full") -> dict[str, float]:
         from fusionbench.evaluation.text_suite import SUITE_VERSION

@@ -12,6 +12,23 @@ N_BOOT = 2000
 MDE_Z = 1.96 + 0.8416
 
 
+#: the share of items on which two strategies' paired choices disagree in correctness, assumed when
+#: sizing a test set before any pilot (the per-item variance of a paired accuracy difference is at
+#: most this); a contrast may state its own (``contrasts[i].discordance``) once a pilot measured it
+DISCORDANCE = 0.3
+
+
+def items_needed(mde: float, discordance: float = DISCORDANCE, seeds: int = 1) -> int:
+    """Paired test items (per seed) needed to detect an accuracy difference of ``mde`` with 80%
+    power at alpha 0.05 (two-sided): ``n = (MDE_Z / mde)^2 * discordance / seeds`` (per-item
+    variance of the paired difference <= discordance; seeds average independent item noise; the
+    seed-to-seed variation is not in this bound, so it is a floor, not a guarantee)."""
+    if not 0 < mde <= 1 or not 0 < discordance <= 1 or seeds < 1:
+        raise ValueError(f"items_needed: mde in (0, 1], discordance in (0, 1], seeds >= 1; got {mde}, "
+                         f"{discordance}, {seeds}")
+    return int(np.ceil((MDE_Z / mde) ** 2 * discordance / seeds))
+
+
 def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed) % (2 ** 63), 0xB007]))
 

@@ -40,6 +40,28 @@ def test_gold_answers_are_uniform_within_every_template():
     assert max(qtypes.values()) - min(qtypes.values()) <= 1
 
 
+def test_cifar_grid_gold_answers_are_uniform_within_every_template():
+    """cifar_grid (on synthetic CIFAR arrays): the same balance and closed answer sets as scenes,
+    with the answers the grid's pixels say (tests/test_data_sources.py checks them by oracle)."""
+    from fusionbench.data.sources import cifar_grid as cg
+    from tests.test_data_sources import synthetic_cifar
+
+    images, labels = synthetic_cifar()
+    cfg = DataConfig(name="cifar_grid", test_size=420, seed=0, image_size=64)
+    answer_sets = {t.name: t.answers for ts in cg.templates(list(cg.CLASSES)).values() for t in ts}
+    counts: dict[str, Counter] = defaultdict(Counter)
+    ds = cg.build_grids(images, labels, cfg, "test")
+    for row in ds:
+        assert row["answer"] in row["choices"] and tuple(row["choices"]) == answer_sets[row["template"]]
+        counts[row["template"]][row["answer"]] += 1
+    assert set(counts) == set(answer_sets)
+    for name, c in counts.items():
+        per_answer = [c[a] for a in answer_sets[name]]
+        assert max(per_answer) - min(per_answer) <= 1, (name, dict(c))
+    qtypes = Counter(ds["qtype"])
+    assert max(qtypes.values()) - min(qtypes.values()) <= 1
+
+
 def test_a_blind_guess_scores_chance_on_the_balanced_set():
     """The strongest question-blind rule per template (always its most frequent gold answer) is at
     chance + at most one item per template, by construction."""

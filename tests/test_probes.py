@@ -130,3 +130,32 @@ def test_model_mode_restored(mlp):
     collect_states(mlp, items)
     assert mlp.training
     mlp.eval()
+
+
+def test_untrained_connector_control_is_measured_before_training(tmp_path):
+    """A run with probes reports the same probes of the untrained model (its floor): measured on the
+    freshly built model, equal to probing a fresh build with the same seed, and the best-layer gain
+    is trained minus untrained."""
+    from fusionbench.config import load_config
+    from fusionbench.evaluation.probes import with_untrained
+    from fusionbench.runner import Prepared
+
+    from helpers import TINY
+
+    cfg = load_config(TINY, ["fusion=mlp", "eval.probes=true", "eval.probe_train=16", "eval.probe_test=8",
+                             f"output_dir={tmp_path}"])
+    prep = Prepared(cfg, text_suite=False)
+    fresh = depth_probes(prep.model, n_train=16, n_test=8, seed=cfg.seed)
+    assert prep.untrained_probes == fresh                       # measured before any weight moved
+    with torch.no_grad():                                       # "training": move the connector
+        for p in prep.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    out = with_untrained(depth_probes(prep.model, n_train=16, n_test=8, seed=cfg.seed), prep.untrained_probes)
+    for fact in FACTS:
+        L = int(out["probe/num_layers"])
+        assert [out[f"probe/untrained/{fact}/layer_{i}"] for i in range(L + 1)] == \
+            [fresh[f"probe/{fact}/layer_{i}"] for i in range(L + 1)]
+        assert out[f"probe/{fact}/gain_over_untrained"] == pytest.approx(
+            out[f"probe/{fact}/best"] - out[f"probe/{fact}/best_untrained"])
+    assert Prepared(load_config(TINY, [f"output_dir={tmp_path}"]), text_suite=False).untrained_probes == {}

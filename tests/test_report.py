@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -158,7 +159,25 @@ def test_contrasts_are_validated_before_compute(tmp_path, capsys):
     assert "contrasts[0]" in capsys.readouterr().err
     assert _run(tmp_path, "contrasts=[{a: mlp, b: linear, expect: bigger}]") == 2
     assert "expect" in capsys.readouterr().err
+    # the tiny test set (24 items, 8 spatial) cannot detect 5 points; a question type left out has none
+    assert _run(tmp_path, "contrasts=[{a: mlp, b: linear, metric: mm/choice/spatial/acc, mde: 0.05}]") == 2
+    err = capsys.readouterr().err
+    assert "needs >= 942 paired test items" in err and "gives 8" in err
+    assert _run(tmp_path, "data.qtypes=[count]", "contrasts=[{a: mlp, b: linear, metric: mm/choice/spatial/acc}]") == 2
+    assert "leaves them out" in capsys.readouterr().err
+    assert _run(tmp_path, "contrasts=[{a: mlp, b: linear, metric: mm/choice/colour/acc}]") == 2
+    assert "question type 'colour'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_items_needed_for_a_paired_accuracy_difference():
+    from fusionbench.stats import MDE_Z, items_needed
+
+    # (2.8016 / 0.05)^2 * 0.3 = 941.9 -> 942; three seeds share the item noise
+    assert items_needed(0.05) == 942 and items_needed(0.05, seeds=3) == 314
+    assert items_needed(0.1, discordance=1.0) == int(np.ceil((MDE_Z / 0.1) ** 2))
+    with pytest.raises(ValueError):
+        items_needed(0.0)
 
 
 def test_results_reader_keeps_per_item_strings_and_exact_floats(tmp_path):

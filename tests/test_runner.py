@@ -217,6 +217,9 @@ def test_eval_of_a_trained_run_can_add_the_probe_curve(tmp_path):
     layers = row["probe/num_layers"]
     assert layers == 4 and all(0 <= row[f"probe/color/layer_{i}"] <= 1 for i in range(layers + 1))
     assert "probe/cka_img_text/layer_2" in row
+    # the floor: the same strategy untrained (rebuilt from the run's config before its checkpoint loads)
+    assert all(0 <= row[f"probe/untrained/color/layer_{i}"] <= 1 for i in range(layers + 1))
+    assert row["probe/color/gain_over_untrained"] == row["probe/color/best"] - row["probe/color/best_untrained"]
 
 
 def test_regional_compile_gives_the_same_loss_and_gradients():

@@ -48,6 +48,13 @@ through cross-attention or key/value prefixes) have no image-token hidden states
 ``probe/n_image_tokens``, ``probe/n_train``, ``probe/n_test`` and ``probe/num_layers`` (``L``)
 describe the run.
 
+``probe/untrained/<fact>/layer_<i>`` (:func:`with_untrained`)
+    the floor of the probes: the same probes on the same strategy built with the same seed
+    *before training* (a randomly initialised connector already carries much of the image to
+    the LM; a tanh-gated one at gate 0 carries nothing). ``probe/<fact>/best`` and
+    ``probe/<fact>/best_untrained`` are the best layer's accuracy of each, and
+    ``probe/<fact>/gain_over_untrained`` their difference: what training added.
+
 ``condition`` selects what the model sees: ``"image"`` (the scenes), ``"blank"`` (the same
 all-zero normalised pixel tensor, i.e. a mean-grey picture, for every item) or ``"text_only"``
 (no image and no image placeholders, the strategy's text-only mode). With ``blank`` or
@@ -289,3 +296,19 @@ def depth_probes(model, n_train: int = 128, n_test: int = 64, seed: int = 0, ima
         if not math.isfinite(v):
             raise FusionBenchError(f"depth probes: {k} is not finite ({v})")
     return metrics
+
+
+def with_untrained(trained: dict[str, float], untrained: dict[str, float]) -> dict[str, float]:
+    """``trained`` probe metrics plus the untrained model's probe curves under
+    ``probe/untrained/<fact>/layer_<i>`` and the best-layer summary per fact (module docstring).
+    Without ``untrained`` (probes not measured before training) only ``probe/<fact>/best``."""
+    out = dict(trained)
+    for fact in FACTS:
+        layers = [k for k in trained if k.startswith(f"probe/{fact}/layer_")]
+        out[f"probe/{fact}/best"] = max(trained[k] for k in layers)
+        if untrained:
+            for k in layers:
+                out[k.replace("probe/", "probe/untrained/", 1)] = untrained[k]
+            out[f"probe/{fact}/best_untrained"] = max(untrained[k] for k in layers)
+            out[f"probe/{fact}/gain_over_untrained"] = out[f"probe/{fact}/best"] - out[f"probe/{fact}/best_untrained"]
+    return out

@@ -29,10 +29,15 @@ Question templates (a few wordings each):
     the grid).
 ``count`` (relation ``""``)
     "How many animals are there?" / "How many vehicles are there?" -> "0".."4"; animals are
-    bird cat deer dog frog horse, vehicles airplane automobile ship truck. For these grids the
-    number of animals is drawn uniformly from 0..4 so the answers are balanced.
+    bird cat deer dog frog horse, vehicles airplane automobile ship truck. Grids are drawn with
+    the number of animals uniform over 0..4.
 
-Question types are balanced exactly, templates are equally frequent within a type. Options:
+Every row names its ``template`` (``present``, ``count_animals``, ``count_vehicles``, ``cell``,
+``neighbour``, ``position_v``, ``position_h``; :func:`templates`) and carries the template's closed
+answer set as ``choices`` (choice scoring ranks them). As in ``scenes``, question types are
+balanced exactly, templates take turns within a type, and the gold answers of each template take
+turns over its answer set (:func:`~fusionbench.data.sources.scenes.answer_plan`; grids are drawn
+until one fits), so a blind model scores chance per template. Options:
 ``questions_per_image`` (default 1) and ``val_fraction`` (default 0.2). The caption reads "A grid
 with a ship at the top left, a cat at the top right, a frog at the bottom left and a truck at the
 bottom right."
@@ -47,7 +52,7 @@ import base64
 import io
 import json
 import os
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import datasets
 import numpy as np
@@ -56,14 +61,14 @@ from PIL import Image
 from fusionbench.assets.paths import cache_dir
 from fusionbench.assets.pypi import pypi_file
 from fusionbench.data import register_dataset
-from fusionbench.data.sources.scenes import (article, cache_key, cached_dataset, check_options,
-                                             join_phrases, png_bytes, qtype_plan,
-                                             records_to_dataset, split_rng, split_size,
+from fusionbench.data.sources.scenes import (MAX_DRAWS, QA_FEATURES, Question, Template, answer_plan, article,
+                                             ask, cache_key, cached_dataset, check_options, join_phrases,
+                                             png_bytes, qtype_plan, records_to_dataset, split_rng, split_size,
                                              wanted_qtypes)
 from fusionbench.errors import FusionBenchError
 
 NAME = "cifar_grid"
-VERSION = "cifar_grid-v2"  # v2: a test pool (the last val_fraction of each class)
+VERSION = "cifar_grid-v3"  # v2: a test pool; v3: answers balanced per template, template + choices columns
 REQUIREMENT = "bigbench==1.0.0"
 MEMBER = "*/cifar10_classification/base64/task.json"
 CACHE_FILE = "cifar10_test_v1.npz"
@@ -136,7 +141,7 @@ def _cell_words(cell: str) -> str:
 
 
 Grid = dict[str, str]  # cell -> class name
-Question = tuple[str, str, str]
+Instance = tuple[dict[str, Any], str, str]  # format fields, answer, relation
 
 
 def _pick(rng: np.random.Generator, items: Any) -> Any:
@@ -144,72 +149,79 @@ def _pick(rng: np.random.Generator, items: Any) -> Any:
     return items[int(rng.integers(0, len(items)))]
 
 
-def _q_cell(grid: Grid, rng: np.random.Generator, classes: list[str]) -> Optional[Question]:
-    cell = _pick(rng, CELLS)
-    t = _pick(rng, ("What is in the {c} corner?", "Which object is in the {c}?",
-                    "What do you see in the {c} square?"))
-    return t.format(c=_cell_words(cell)), grid[cell], cell
+def _i_cell(grid: Grid) -> list[Instance]:
+    return [({"c": _cell_words(cell)}, grid[cell], cell) for cell in CELLS]
 
 
-_NEIGHBOURS = {  # relation -> (phrasings, offset of the answer cell from the reference cell)
-    "left_of": (("What is to the left of the {x}?", "What is left of the {x}?"), (0, -1)),
-    "right_of": (("What is to the right of the {x}?", "What is right of the {x}?"), (0, 1)),
-    "above": (("What is above the {x}?", "What is on top of the {x}?"), (-1, 0)),
-    "below": (("What is below the {x}?", "What is under the {x}?"), (1, 0)),
+_NEIGHBOURS = {  # relation -> (phrasings of it, offset of the answer cell from the reference cell)
+    "left_of": (("to the left of", "left of"), (0, -1)),
+    "right_of": (("to the right of", "right of"), (0, 1)),
+    "above": (("above", "on top of"), (-1, 0)),
+    "below": (("below", "under"), (1, 0)),
 }
 
 
-def _q_neighbour(grid: Grid, rng: np.random.Generator, classes: list[str]) -> Optional[Question]:
-    ref = _pick(rng, CELLS)
-    r, c = CELLS[ref]
-    options = []
-    for rel, (_, (dr, dc)) in _NEIGHBOURS.items():
-        target = next((k for k, rc in CELLS.items() if rc == (r + dr, c + dc)), None)
-        if target is not None:
-            options.append((rel, target))
-    rel, target = _pick(rng, options)
-    t = _pick(rng, _NEIGHBOURS[rel][0])
-    return t.format(x=grid[ref]), grid[target], rel
+def _i_neighbour(grid: Grid) -> list[Instance]:
+    out = []
+    for ref, (r, c) in CELLS.items():
+        for rel, (wordings, (dr, dc)) in _NEIGHBOURS.items():
+            target = next((k for k, rc in CELLS.items() if rc == (r + dr, c + dc)), None)
+            if target is not None:
+                out.append(({"r": wordings, "x": grid[ref]}, grid[target], rel))
+    return out
 
 
-def _q_where(grid: Grid, rng: np.random.Generator, classes: list[str]) -> Optional[Question]:
-    cell = _pick(rng, CELLS)
-    r, c = CELLS[cell]
-    if rng.random() < 0.5:
-        t = _pick(rng, ("Is the {x} at the top or the bottom?", "Is the {x} in the top or the bottom row?"))
-        answer = ("top", "bottom")[r]
-    else:
-        t = _pick(rng, ("Is the {x} on the left or the right?", "Is the {x} in the left or the right column?"))
-        answer = ("left", "right")[c]
-    return t.format(x=grid[cell]), answer, "position"
+def _i_row(grid: Grid) -> list[Instance]:
+    return [({"x": grid[cell]}, ("top", "bottom")[r], "position") for cell, (r, _) in CELLS.items()]
 
 
-def _q_present(grid: Grid, rng: np.random.Generator, classes: list[str]) -> Optional[Question]:
-    absent = [k for k in classes if k not in grid.values()]
-    if absent and rng.random() < 0.5:
-        x, answer = _pick(rng, absent), "no"
-    else:
-        x, answer = _pick(rng, grid.values()), "yes"
-    t = _pick(rng, ("Is there {a} {x} in the image?", "Does the grid contain {a} {x}?",
-                    "Can you see {a} {x}?"))
-    return t.format(a=article(x), x=x), answer, ""
+def _i_column(grid: Grid) -> list[Instance]:
+    return [({"x": grid[cell]}, ("left", "right")[c], "position") for cell, (_, c) in CELLS.items()]
 
 
-def _q_count(grid: Grid, rng: np.random.Generator, classes: list[str]) -> Optional[Question]:
-    if rng.random() < 0.5:
-        kind, members = "animals", ANIMALS
-    else:
-        kind, members = "vehicles", VEHICLES
-    t = _pick(rng, ("How many {k} are there?", "How many {k} are in the grid?",
-                    "How many of the pictures show {k}?"))
-    return t.format(k=kind), str(sum(v in members for v in grid.values())), ""
+def _i_present(classes: list[str]) -> Callable[[Grid], list[Instance]]:
+    def instances(grid: Grid) -> list[Instance]:
+        return [({"a": article(x), "x": x}, "yes" if x in grid.values() else "no", "") for x in classes]
+    return instances
 
 
-TEMPLATES: dict[str, tuple[Callable[[Grid, np.random.Generator, list[str]], Optional[Question]], ...]] = {
-    "attribute": (_q_present,),
-    "count": (_q_count,),
-    "spatial": (_q_cell, _q_neighbour, _q_where),
-}
+def _i_count(kind: str, members: frozenset[str]) -> Callable[[Grid], list[Instance]]:
+    def instances(grid: Grid) -> list[Instance]:
+        return [({"k": kind}, str(sum(v in members for v in grid.values())), "")]
+    return instances
+
+
+def templates(classes: list[str]) -> dict[str, tuple[Template, ...]]:
+    """The templates per question type; ``classes``: the CIFAR classes the split's pool has (the
+    answer set of the class-valued templates)."""
+    classes = tuple(classes)
+    counts = tuple(str(i) for i in range(5))
+    return {
+        "attribute": (
+            Template("present", "attribute", ("Is there {a} {x} in the image?", "Does the grid contain {a} {x}?",
+                                              "Can you see {a} {x}?"), ("yes", "no"), _i_present(list(classes))),
+        ),
+        "count": (
+            Template("count_animals", "count", ("How many {k} are there?", "How many {k} are in the grid?",
+                                                "How many of the pictures show {k}?"), counts,
+                     _i_count("animals", ANIMALS)),
+            Template("count_vehicles", "count", ("How many {k} are there?", "How many {k} are in the grid?",
+                                                 "How many of the pictures show {k}?"), counts,
+                     _i_count("vehicles", VEHICLES)),
+        ),
+        "spatial": (
+            Template("cell", "spatial", ("What is in the {c} corner?", "Which object is in the {c}?",
+                                         "What do you see in the {c} square?"), classes, _i_cell),
+            Template("neighbour", "spatial", ("What is {r} the {x}?",), classes, _i_neighbour),
+            Template("position_v", "spatial", ("Is the {x} at the top or the bottom?",
+                                               "Is the {x} in the top or the bottom row?"), ("top", "bottom"), _i_row),
+            Template("position_h", "spatial", ("Is the {x} on the left or the right?",
+                                               "Is the {x} in the left or the right column?"), ("left", "right"),
+                     _i_column),
+        ),
+    }
+
+
 QTYPES = ("attribute", "count", "spatial")
 
 
@@ -264,26 +276,33 @@ def generate_grids(images: np.ndarray, labels: np.ndarray, cfg: Any,
         raise FusionBenchError(f"{NAME}: data.image_size={image_size} is too small")
     tile = images.shape[1]
     rng = split_rng(cfg.seed, split, NAME)
-    plan = qtype_plan(rng, qtypes, size)
+    by_qtype = templates(available)
+    plan = answer_plan(rng, qtype_plan(rng, qtypes, size), by_qtype)
+    used: dict[tuple[str, str], int] = {}  # (template, answer) -> times asked
     for start in range(0, size, per_image):
+        # as in scenes: the first question of a grid gets its planned answer, further ones the
+        # least-used answer the grid offers
         group = plan[start:start + per_image]
-        for _attempt in range(1000):
-            classes = _choose_classes(rng, available, balanced_animals="count" in group)
+        for _attempt in range(MAX_DRAWS):
+            classes = _choose_classes(rng, available, balanced_animals=True)
             grid = dict(zip(CELLS, classes))
             asked: list[Question] = []
-            for qtype in group:
-                for _ in range(8):
-                    q = _pick(rng, TEMPLATES[qtype])(grid, rng, available)
-                    if q is not None and q[0] not in {a[0] for a in asked}:
-                        asked.append(q)
-                        break
-                else:
+            for k, (template, answer) in enumerate(group):
+                if k:
+                    offered = sorted({a for _, a, _ in template.instances(grid)},
+                                     key=lambda a: (used.get((template.name, a), 0), template.answers.index(a)))
+                    answer = offered[0] if offered else answer
+                q = ask(template, answer, grid, rng, frozenset(a[0] for a in asked))
+                if q is None:
                     break
+                asked.append(q)
             if len(asked) == len(group):
                 break
         else:
-            raise FusionBenchError(f"{NAME}: cannot ask {per_image} distinct questions of types "
-                                   f"{group} about one grid; lower data.options.questions_per_image")
+            raise FusionBenchError(f"{NAME}: no grid in {MAX_DRAWS} draws fits {[(t.name, a) for t, a in group]}; "
+                                   f"lower data.options.questions_per_image")
+        for (template, _), (_, answer, _) in zip(group, asked):
+            used[(template.name, answer)] = used.get((template.name, answer), 0) + 1
         idx = [int(by_class[k][int(rng.integers(0, len(by_class[k])))]) for k in classes]
         canvas = np.empty((2 * tile, 2 * tile, 3), dtype=np.uint8)
         for i, (r, c) in zip(idx, CELLS.values()):
@@ -293,14 +312,15 @@ def generate_grids(images: np.ndarray, labels: np.ndarray, cfg: Any,
             img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
         image = png_bytes(img)
         caption = caption_grid(grid)
-        for qtype, (question, answer, relation) in zip(group, asked):
-            yield ({"image": image, "question": question, "answer": answer, "qtype": qtype,
-                    "relation": relation, "caption": caption}, grid, idx)
+        for (template, _), (question, answer, relation) in zip(group, asked):
+            yield ({"image": image, "question": question, "answer": answer, "qtype": template.qtype,
+                    "relation": relation, "caption": caption, "template": template.name,
+                    "choices": list(template.answers)}, grid, idx)
 
 
 def build_grids(images: np.ndarray, labels: np.ndarray, cfg: Any, split: str) -> datasets.Dataset:
     """The ``cifar_grid`` split built from any (images, labels) source (not cached)."""
-    return records_to_dataset([r for r, _, _ in generate_grids(images, labels, cfg, split)])
+    return records_to_dataset([r for r, _, _ in generate_grids(images, labels, cfg, split)], QA_FEATURES)
 
 
 @register_dataset(NAME)
