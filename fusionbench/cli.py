@@ -53,6 +53,12 @@ def _cmd_report(args) -> None:
         print(path)
 
 
+def _cmd_power(args) -> None:
+    from fusionbench.power import write_power
+
+    print(write_power(args.pilot, args.out, target=args.mde, tol=args.tol))
+
+
 def _cmd_text_tasks(args) -> None:
     import json
 
@@ -119,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                         "results/local (your runs, labelled '(local)')")
     p.add_argument("--paper", default="paper", help="output folder (figures/, tables/); paper/ holds the "
                                                     "committed ones, paper/local/ is git-ignored")
+    p = sub.add_parser("power", help="from a pilot's rows: the step budget, the noise and the minimum "
+                                     "detectable effect of the study (fusionbench.power) -> results/power.md")
+    p.add_argument("--pilot", default="results/pilot.jsonl", help="the pilot's results table")
+    p.add_argument("--out", default="results/power.md", help="Markdown file to write")
+    p.add_argument("--mde", type=float, default=0.05, help="the difference the study must detect")
+    p.add_argument("--tol", type=float, default=0.02, help="budget: first step within this of the best val accuracy")
     p = sub.add_parser("text-tasks", help="score the base LM on candidate BIG-bench tasks and formats; keep those "
                                           "that can detect forgetting (fusionbench.evaluation.task_selection)")
     p.add_argument("--lm", default="smollm2", help="lm.source of the base LM")
@@ -148,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_report(args)
         elif args.cmd == "text-tasks":
             _cmd_text_tasks(args)
+        elif args.cmd == "power":
+            _cmd_power(args)
         elif args.cmd == "list":
             _cmd_list(args)
     except FusionBenchError as e:

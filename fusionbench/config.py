@@ -182,6 +182,9 @@ class EvalConfig:
     caption_max_new_tokens: int = 48
     #: val items scored by choice accuracy at every validation (the convergence curve; 0: off)
     val_items: int = 96
+    #: also the image controls at every validation: ``val/acc_shuffled`` and ``val/image_gain``
+    #: (+ 95% CI) on the same val items (3x the cost; the pilot's image-gain-vs-steps curve)
+    val_controls: bool = False
     #: a run has plateaued when its val LM loss improved by less than this fraction over the last
     #: third of its validation points (``converged`` in the row; needs >= 3 points)
     plateau_tol: float = 0.02
@@ -325,7 +328,7 @@ def _keys_at(dotted: str) -> list[str]:
 def _check_contrast_power(cfg: DictConfig, i: int, c: dict) -> None:
     """A contrast on multiple-choice accuracy (``mm/choice/acc`` or ``mm/choice/<qtype>/acc``) with
     a stated ``mde`` needs enough test items of its question type to detect it (80% power, alpha
-    0.05; :func:`fusionbench.stats.items_needed` over the experiment's seeds); a contrast on a
+    0.05; :func:`fusionbench.stats.items_needed`); a contrast on a
     question type the data leaves out has none. Either is one error before any compute."""
     metric = str(c.get("metric", "mm/choice/acc"))
     parts = metric.split("/")
@@ -355,16 +358,15 @@ def _check_contrast_power(cfg: DictConfig, i: int, c: dict) -> None:
         return
     from fusionbench.stats import DISCORDANCE, items_needed
 
-    seeds = max(1, len(cfg.get("seeds") or []))
     try:
-        need = items_needed(float(c["mde"]), float(c.get("discordance", DISCORDANCE)), seeds)
+        need = items_needed(float(c["mde"]), float(c.get("discordance", DISCORDANCE)))
     except (TypeError, ValueError) as e:
         raise FusionBenchError(f"contrasts[{i}] ({name}): {e}") from None
     if items < need:
         raise FusionBenchError(
             f"contrasts[{i}] ({name}): detecting a difference of {float(c['mde']):g} in {metric} with 80% power "
-            f"needs >= {need} paired test items per seed over {seeds} seed(s) (discordance "
-            f"{float(c.get('discordance', DISCORDANCE)):g}); data.test_size={cfg.data.test_size} gives {items}")
+            f"needs >= {need} paired test items (discordance {float(c.get('discordance', DISCORDANCE)):g}; "
+            f"fusionbench.stats.items_needed); data.test_size={cfg.data.test_size} gives {items}")
 
 
 def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
@@ -480,7 +482,8 @@ def expand_grid(cfg: DictConfig) -> list[DictConfig]:
 #: last-bit rounding apart, like the thread count or the attention kernel.
 HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"vision.feature_cache": True, "trainer.compile": False, "trainer.num_nodes": 1,
                                           "trainer.logger": "csv",
-                                          "trainer.optimizer_impl": "fused", "trainer.cache_text_prefix": True}
+                                          "trainer.optimizer_impl": "fused", "trainer.cache_text_prefix": True,
+                                          "eval.val_controls": False}
 
 
 def config_hash(cfg: DictConfig, drop: tuple[str, ...] = ()) -> str:

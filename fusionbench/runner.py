@@ -305,7 +305,8 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
 
                 short_val = data.short_answers(data.val_ds)
                 val_curve = ValidationCurve(short_val.select(range(min(cfg.eval.val_items, len(short_val)))),
-                                            prep.vision.preprocess, cfg.eval.batch_size, seed=cfg.data.seed)
+                                            prep.vision.preprocess, cfg.eval.batch_size, seed=cfg.data.seed,
+                                            controls=cfg.eval.val_controls)
                 callbacks.append(val_curve)
             if tcfg.checkpoint:
                 callbacks.append(L.pytorch.callbacks.ModelCheckpoint(

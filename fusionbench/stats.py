@@ -18,15 +18,15 @@ MDE_Z = 1.96 + 0.8416
 DISCORDANCE = 0.3
 
 
-def items_needed(mde: float, discordance: float = DISCORDANCE, seeds: int = 1) -> int:
-    """Paired test items (per seed) needed to detect an accuracy difference of ``mde`` with 80%
-    power at alpha 0.05 (two-sided): ``n = (MDE_Z / mde)^2 * discordance / seeds`` (per-item
-    variance of the paired difference <= discordance; seeds average independent item noise; the
-    seed-to-seed variation is not in this bound, so it is a floor, not a guarantee)."""
-    if not 0 < mde <= 1 or not 0 < discordance <= 1 or seeds < 1:
-        raise ValueError(f"items_needed: mde in (0, 1], discordance in (0, 1], seeds >= 1; got {mde}, "
-                         f"{discordance}, {seeds}")
-    return int(np.ceil((MDE_Z / mde) ** 2 * discordance / seeds))
+def items_needed(mde: float, discordance: float = DISCORDANCE) -> int:
+    """Paired test items needed to detect an accuracy difference of ``mde`` with 80% power at
+    alpha 0.05 (two-sided): ``n = (MDE_Z / mde)^2 * discordance`` (the per-item variance of the
+    paired difference is at most the discordance). Every seed is scored on the same items, so more
+    seeds do not lower this item term (they only average training noise, which adds to it: a
+    floor, not a guarantee; ``fusionbench power`` adds the between-seed term from a pilot)."""
+    if not 0 < mde <= 1 or not 0 < discordance <= 1:
+        raise ValueError(f"items_needed: mde in (0, 1] and discordance in (0, 1]; got {mde}, {discordance}")
+    return int(np.ceil((MDE_Z / mde) ** 2 * discordance))
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -48,9 +48,11 @@ def bootstrap_diff(a: Sequence[float], b: Sequence[float] | None = None, n_boot:
 def paired_contrast(a: dict[int, Sequence[float]], b: dict[int, Sequence[float]], n_boot: int = N_BOOT,
                     seed: int = 0) -> dict[str, float]:
     """Difference of two strategies measured on the same items in the same seeds: per replicate,
-    seeds are resampled, then items within each drawn seed (a two-level bootstrap: item noise and
-    seed-to-seed variation both enter). ``a``/``b``: per-item values by seed (items in the same
-    order). Only seeds present in both count (``seeds`` says how many)."""
+    seeds are resampled and the items are resampled once, the same draw for every seed (every seed
+    scored the same test items, so an item that is easy for one seed is easy for all: item noise
+    does not average out over seeds, only training noise does). ``a``/``b``: per-item values by
+    seed (items in the same order). Only seeds present in both count (``seeds`` says how many).
+    Sides with one value per seed (metrics without items) bootstrap over seeds alone."""
     seeds = sorted(set(a) & set(b))
     if not seeds:
         raise ValueError("no seed has rows of both sides")
@@ -60,13 +62,17 @@ def paired_contrast(a: dict[int, Sequence[float]], b: dict[int, Sequence[float]]
         if x.shape != y.shape:
             raise ValueError(f"seed {s}: {len(x)} vs {len(y)} items; the two sides were not scored on the same items")
         diffs.append(x - y)
+    if len({len(d) for d in diffs}) > 1:
+        raise ValueError(f"the seeds were scored on different numbers of items ({sorted({len(d) for d in diffs})})")
+    d = np.stack(diffs)  # [seeds, items]
     rng = _rng(seed)
     boot = np.empty(n_boot)
     for r in range(n_boot):
         picked = rng.integers(0, len(seeds), size=len(seeds))
-        boot[r] = np.mean([diffs[k][rng.integers(0, len(diffs[k]), size=len(diffs[k]))].mean() for k in picked])
-    out = _summary(float(np.mean([d.mean() for d in diffs])), boot)
-    out.update(seeds=len(seeds), items=int(np.mean([len(d) for d in diffs])))
+        items = rng.integers(0, d.shape[1], size=d.shape[1])
+        boot[r] = d[np.ix_(picked, items)].mean()
+    out = _summary(float(d.mean()), boot)
+    out.update(seeds=len(seeds), items=int(d.shape[1]))
     return out
 
 

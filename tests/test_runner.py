@@ -256,11 +256,14 @@ def test_plateau_criterion():
 
 def test_validation_curve_in_the_logger_and_the_row(tmp_path):
     assert _run(tmp_path, "fusion=mlp", "trainer.val_every_n_steps=1", "trainer.limit_val_batches=1",
-                "eval.val_items=8") == 0
+                "eval.val_items=8", "eval.val_controls=true") == 0
     [row] = read_results(tmp_path / "res.jsonl").to_dict("records")
     curve = json.loads(row["val_curve"])
     assert [p["step"] for p in curve] == [1, 2, 3]
     assert all(0 <= p["val/choice_acc"] <= 1 and p["val/lm_loss"] > 0 for p in curve)
+    # the image controls on the same val items (eval.val_controls): gain = acc - acc_shuffled
+    assert all(p["val/image_gain"] == pytest.approx(p["val/choice_acc"] - p["val/acc_shuffled"])
+               and p["val/image_gain_ci_lo"] <= p["val/image_gain"] <= p["val/image_gain_ci_hi"] for p in curve)
     assert row["converged"] in (True, False) and row["val/choice_acc_final"] == curve[-1]["val/choice_acc"]
     logged = next((tmp_path / "runs").glob("**/logs/main/metrics.csv")).read_text()
     assert "val/choice_acc" in logged.splitlines()[0]

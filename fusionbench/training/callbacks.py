@@ -47,10 +47,13 @@ class ValidationCurve(L.Callback):
     """At every validation (``trainer.val_every_n_steps``; at least once, at the end): the val LM
     loss Lightning computed and the choice accuracy on a fixed slice of the val split, logged as
     ``val/choice_acc`` to the Lightning loggers and kept for the results row (``val_curve``), with
-    a plateau verdict (:func:`plateaued`): was the run still learning when it stopped?"""
+    a plateau verdict (:func:`plateaued`): was the run still learning when it stopped? With
+    ``controls`` (``eval.val_controls``) also ``val/acc_shuffled`` and ``val/image_gain`` with its
+    95% interval (``val/image_gain_ci_lo`` / ``_hi``): does the model use the image yet?"""
 
-    def __init__(self, val_items, preprocess, batch_size: int, seed: int = 0):
+    def __init__(self, val_items, preprocess, batch_size: int, seed: int = 0, controls: bool = False):
         self.items, self.preprocess, self.batch_size, self.seed = val_items, preprocess, batch_size, seed
+        self.controls = controls
         self.points: list[dict[str, float]] = []
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -65,10 +68,14 @@ class ValidationCurve(L.Callback):
         if self.items is not None and len(self.items) >= 2:
             with torch.no_grad():
                 m = evaluate_choice(pl_module.model, self.items, self.preprocess, self.batch_size, seed=self.seed,
-                                    controls=False)
+                                    controls=self.controls)
             point["val/choice_acc"] = m["mm/choice/acc"]
+            if self.controls:
+                for k in ("acc_shuffled", "image_gain", "image_gain_ci_lo", "image_gain_ci_hi"):
+                    point[f"val/{k}"] = m[f"mm/choice/{k}"]
             for logger in trainer.loggers:
-                logger.log_metrics({"val/choice_acc": point["val/choice_acc"]}, step=trainer.global_step)
+                logger.log_metrics({k: v for k, v in point.items() if k.startswith("val/") and k != "val/lm_loss"},
+                                   step=trainer.global_step)
         if not self.points or self.points[-1]["step"] != point["step"]:
             self.points.append(point)
 

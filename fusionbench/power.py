@@ -1,0 +1,155 @@
+"""``fusionbench power``: from a pilot's rows, what the study can detect (``results/power.md``).
+
+The pilot (``experiments/pilot.yaml``) trains one strategy for long, with the val choice accuracy
+and image gain every N steps, in >= 2 seeds scored on the study's test items. From its rows:
+
+* **budget** -- the first validation step at which the val choice accuracy (mean over seeds) is
+  within ``tol`` (default 0.02) of the best the pilot reached: training longer buys less than
+  that (the val curve is printed, so the rule can be checked by eye);
+* **noise** -- on the same test items, the between-seed standard deviation of the accuracy
+  (``sd_seed``) and the paired *discordance* between two seeds (the share of items one gets right
+  and the other wrong): the per-item variance of a paired difference is at most the discordance
+  of the two models compared; two strategies disagree at least as often as two seeds of one, so
+  the study's contrasts use ``max(pilot discordance, fusionbench.stats.DISCORDANCE)``;
+* **minimum detectable effect** (80% power, alpha 0.05, two-sided) of a paired difference of two
+  strategies' accuracies over ``S`` seeds on the same ``n`` test items:
+  ``MDE = MDE_Z * sqrt(discordance / n + 2 sd_seed^2 / S)``: item noise shrinks with n only (every
+  seed sees the same items; the report's bootstrap resamples them jointly), training noise with S.
+  Conservative: sd_seed, measured on fixed items, already contains part of the item-level flips.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fusionbench.errors import FusionBenchError
+from fusionbench.stats import DISCORDANCE, MDE_Z
+
+SEED_GRID = (1, 3, 5, 10)
+
+
+def mde(discordance: float, sd_seed: float, n: int, seeds: int) -> float:
+    """Minimum detectable paired difference (module docstring)."""
+    return MDE_Z * math.sqrt(discordance / n + 2 * sd_seed ** 2 / seeds)
+
+
+def seeds_needed(target: float, discordance: float, sd_seed: float, n: int, max_seeds: int = 100) -> int | None:
+    """The fewest seeds whose :func:`mde` is <= ``target`` at ``n`` items (None: not within ``max_seeds``)."""
+    return next((s for s in range(1, max_seeds + 1) if mde(discordance, sd_seed, n, s) <= target), None)
+
+
+def budget_step(curve: pd.DataFrame, tol: float = 0.02) -> int:
+    """First step whose mean val choice accuracy is within ``tol`` of the curve's best."""
+    mean = curve.groupby("step")["val/choice_acc"].mean().sort_index()
+    return int(mean.index[(mean >= mean.max() - tol).to_numpy().argmax()])
+
+
+def _items(row: pd.Series, group: str) -> np.ndarray | None:
+    s = row.get(f"mm/choice/{group}items")
+    return np.array([int(c) for c in s]) if isinstance(s, str) and s else None
+
+
+def analyse(rows: pd.DataFrame, target: float = 0.05, tol: float = 0.02) -> dict[str, Any]:
+    """The numbers :func:`write_power` prints (budget, noise, MDE tables) from pilot rows."""
+    if rows.empty:
+        raise FusionBenchError("no pilot rows: run `fusionbench sweep experiments/pilot.yaml` first")
+    final = rows[(rows.get("source", "run") == "run")] if "source" in rows else rows
+    final = final.drop_duplicates("seed", keep="last").sort_values("seed")
+    if "mm/choice/items" not in final:
+        raise FusionBenchError("the pilot rows have no choice-scored test items (eval.metrics needs choice)")
+    curve = pd.DataFrame([{"seed": int(r["seed"]), **p} for _, r in final.iterrows()
+                          for p in json.loads(r.get("val_curve") or "[]")])
+    if curve.empty or "val/choice_acc" not in curve:
+        raise FusionBenchError("the pilot rows have no val curve (set trainer.val_every_n_steps and eval.val_items)")
+    groups = [""] + sorted({c[len("mm/choice/"):-len("items")] for c in final.columns
+                            if c.startswith("mm/choice/") and c.endswith("/items") and c.count("/") == 3})
+    noise = []
+    for g in groups:
+        items = [x for x in (_items(r, g) for _, r in final.iterrows()) if x is not None]
+        accs = [float(x.mean()) for x in items]
+        pairs = [(a != b).mean() for i, a in enumerate(items) for b in items[i + 1:] if len(a) == len(b)]
+        disc = float(np.mean(pairs)) if pairs else float("nan")
+        noise.append({"group": g.rstrip("/") or "all", "n": len(items[0]) if items else 0, "seeds": len(items),
+                      "acc_mean": float(np.mean(accs)) if accs else float("nan"),
+                      "sd_seed": float(np.std(accs, ddof=1)) if len(accs) > 1 else float("nan"),
+                      "discordance_seeds": disc, "discordance_used": max(disc, DISCORDANCE) if pairs else DISCORDANCE})
+    noise = pd.DataFrame(noise)
+    mdes, targets = [], []
+    for _, r in noise.iterrows():
+        sd = 0.0 if math.isnan(r["sd_seed"]) else r["sd_seed"]
+        n = max(1, int(r["n"]))
+        for s in SEED_GRID:
+            mdes.append({"group": r["group"], "n": int(r["n"]), "seeds": s, "mde": mde(r["discordance_used"], sd, n, s)})
+        targets.append({"group": r["group"], "n": int(r["n"]), "seeds_for_target": seeds_needed(target, r["discordance_used"], sd, n)})
+    gain = [{"seed": int(r["seed"]), "acc": r["mm/choice/acc"], "acc_shuffled": r.get("mm/choice/acc_shuffled"),
+             "image_gain": r.get("mm/choice/image_gain"), "ci_lo": r.get("mm/choice/image_gain_ci_lo"),
+             "ci_hi": r.get("mm/choice/image_gain_ci_hi"), "chance": r.get("mm/choice/chance"),
+             "steps": int(r["steps"])} for _, r in final.iterrows()]
+    return {"curve": curve, "budget": budget_step(curve, tol), "tol": tol, "noise": noise,
+            "mde": pd.DataFrame(mdes), "targets": pd.DataFrame(targets), "gain": pd.DataFrame(gain), "target": target,
+            "provenance": {k: final.iloc[-1].get(k) for k in ("git_sha", "device", "version_torch",
+                                                                "version_transformers", "experiment")}}
+
+
+def _md(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
+    cols = list(df.columns)
+    fmt = lambda v: (f"{v:{floatfmt}}" if isinstance(v, float) and not math.isnan(v)  # noqa: E731
+                     else "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def write_power(pilot: str | Path, out: str | Path, target: float = 0.05, tol: float = 0.02) -> Path:
+    """Read the pilot rows, write the power analysis as Markdown to ``out``."""
+    from fusionbench.results import read_results
+
+    a = analyse(read_results(pilot), target, tol)
+    curve = a["curve"].copy()
+    keep = [c for c in ("seed", "step", "val/lm_loss", "val/choice_acc", "val/acc_shuffled", "val/image_gain",
+                        "val/image_gain_ci_lo", "val/image_gain_ci_hi") if c in curve]
+    lines = [
+        "# Power analysis of the main study (generated by `fusionbench power`; do not edit)",
+        "",
+        f"Pilot rows: `{pilot}` ({a['provenance'].get('experiment')}, git {a['provenance'].get('git_sha')}, "
+        f"{a['provenance'].get('device')}, torch {a['provenance'].get('version_torch')}, transformers "
+        f"{a['provenance'].get('version_transformers')}). Method: `fusionbench/power.py` (docstring).",
+        "",
+        "## Budget",
+        "",
+        f"The val choice accuracy (mean over seeds) first comes within {a['tol']:.2f} of its best at step "
+        f"**{a['budget']}**. Val curve (every validation, per seed):",
+        "",
+        _md(curve[keep].sort_values(["step", "seed"])),
+        "",
+        "## Does the pilot strategy use the image? (test set, final step)",
+        "",
+        _md(a["gain"]),
+        "",
+        "## Noise on the study's test items",
+        "",
+        "sd_seed: between-seed s.d. of the accuracy; discordance_seeds: share of items two seeds disagree on "
+        f"(right vs wrong); discordance_used: max(that, {DISCORDANCE}), since two strategies disagree at least "
+        "as often as two seeds of one.",
+        "",
+        _md(a["noise"]),
+        "",
+        f"## Minimum detectable effect (80% power, alpha 0.05) of a paired difference of two strategies",
+        "",
+        _md(a["mde"].pivot(index=["group", "n"], columns="seeds", values="mde")
+            .rename(columns=lambda c: f"{c} seed(s)").reset_index()),
+        "",
+        f"Seeds needed to detect a difference of {a['target']:.2f} at the pilot's n (None: more than 100):",
+        "",
+        _md(a["targets"]),
+        "",
+    ]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    return out

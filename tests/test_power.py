@@ -1,0 +1,62 @@
+"""``fusionbench power``: budget, noise and minimum detectable effect from pilot rows."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fusionbench.cli import main
+from fusionbench.power import analyse, budget_step, mde, seeds_needed
+from fusionbench.results import append_row, read_results
+from fusionbench.stats import DISCORDANCE, MDE_Z
+
+
+def _pilot_rows(path, n=200):
+    rng = np.random.default_rng(0)
+    base = rng.random(n) < 0.5
+    for seed in (0, 1):
+        flip = rng.random(n) < 0.1                    # two seeds disagree on ~10% of the items
+        items = np.where(flip, ~base, base).astype(int)
+        curve = [{"step": s, "val/lm_loss": 1.0 / s, "val/choice_acc": a + 0.01 * seed}
+                 for s, a in ((100, 0.30), (200, 0.40), (300, 0.45), (400, 0.455))]
+        half = n // 2
+        append_row(path, {"experiment": "pilot", "seed": seed, "steps": 400, "source": "run",
+                          "mm/choice/acc": items.mean(), "mm/choice/items": "".join(map(str, items)),
+                          "mm/choice/count/items": "".join(map(str, items[:half])),
+                          "mm/choice/spatial/items": "".join(map(str, items[half:])),
+                          "mm/choice/image_gain": 0.1, "val_curve": json.dumps(curve)})
+    return read_results(path)
+
+
+def test_mde_formula_and_seeds_needed():
+    assert mde(0.3, 0.0, 942, 1) == pytest.approx(MDE_Z * math.sqrt(0.3 / 942))
+    assert mde(0.3, 0.0, 942, 5) == mde(0.3, 0.0, 942, 1)            # the same items for every seed
+    assert mde(0.3, 0.0, 942, 1) == pytest.approx(0.05, abs=1e-4)   # stats.items_needed's case
+    assert mde(0.3, 0.02, 1000, 4) < mde(0.3, 0.02, 1000, 1)
+    assert seeds_needed(0.05, 0.3, 0.0, 942) == 1
+    assert seeds_needed(0.05, 0.3, 0.02, 1500) > seeds_needed(0.05, 0.3, 0.0, 1500)
+    assert seeds_needed(0.05, 0.3, 0.0, 400) is None                # 400 items cannot, at any seed count
+    assert seeds_needed(0.001, 0.3, 0.2, 10) is None
+
+
+def test_budget_is_the_first_step_near_the_best_val_accuracy():
+    import pandas as pd
+
+    curve = pd.DataFrame({"step": [100, 200, 300, 400], "val/choice_acc": [0.3, 0.4, 0.45, 0.455]})
+    assert budget_step(curve, tol=0.02) == 300 and budget_step(curve, tol=0.0) == 400
+
+
+def test_power_report_from_pilot_rows(tmp_path):
+    rows = _pilot_rows(tmp_path / "pilot.jsonl")
+    a = analyse(rows)
+    assert a["budget"] == 300
+    noise = a["noise"].set_index("group")
+    assert set(noise.index) == {"all", "count", "spatial"}
+    assert 0.05 < noise.loc["all", "discordance_seeds"] < 0.15       # the ~10% flips
+    assert noise.loc["all", "discordance_used"] == DISCORDANCE      # floored at the stated assumption
+    assert noise.loc["count", "n"] == 100
+    out = tmp_path / "power.md"
+    assert main(["power", "--pilot", str(tmp_path / "pilot.jsonl"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "step **300**" in text and "Seeds needed" in text
+    assert main(["power", "--pilot", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
