@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS = 1
 
-.PHONY: setup quickstart test report sweep paper lock test-latest
+.PHONY: setup quickstart test report sweep paper lock test-latest study-gpu
 
 $(VENV)/.installed: requirements.lock pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh && touch $@
@@ -31,6 +31,10 @@ report: setup
 # the paper's main results (resumable: finished points are skipped), then figures, tables and PDF
 sweep: setup
 	$(VENV)/bin/fusionbench sweep experiments/main.yaml
+
+# the study at GPU scale (experiments/main_gpu.yaml, 5 seeds, bf16) + GPU efficiency + report
+study-gpu: setup
+	bash scripts/study_gpu.sh
 
 paper: report
 	cd paper && latexmk -pdf -interaction=nonstopmode -halt-on-error main.tex

@@ -49,6 +49,11 @@ class FeatureCache:
         self.hits = self.misses = 0
 
     def features(self, encoder: nn.Module, encoder_key: str, pixel_values: torch.Tensor) -> torch.Tensor:
+        # features computed under autocast (bf16 training) are other numbers, in another dtype, than
+        # the float32 ones evaluation outside autocast needs: each is cached under its own key
+        device = pixel_values.device.type
+        if torch.is_autocast_enabled(device):
+            encoder_key = f"{encoder_key}@autocast-{torch.get_autocast_dtype(device)}"
         keys = [(encoder_key, k) for k in pixel_keys(pixel_values)]
         missing = [i for i, k in enumerate(keys) if k not in self.store]
         self.hits += len(keys) - len(missing)

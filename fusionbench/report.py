@@ -146,7 +146,7 @@ def standard_error(values) -> float:
 
 
 def _metric_columns(df: pd.DataFrame) -> list[str]:
-    keep = ("mm/", "forgetting/", "text/", "eff/", "probe/", "cap/")
+    keep = ("mm/", "forgetting/", "text/", "eff/", "probe/", "cap/", "val/")
     cols = [c for c in df.columns if c.startswith(keep) and pd.api.types.is_numeric_dtype(df[c])]
     return cols + [c for c in ("params_trainable", "params_total", "train_s", "eval_s", "steps",
                                "train_loss_final", "flops_per_train_step") if c in df]
@@ -482,8 +482,15 @@ MAIN_COLUMNS = {
     "forgetting/austen/delta_log_ppl": "Δ log-ppl", "forgetting/austen/delta_bits_per_byte": "Δ bits/byte"}
 
 
+#: the columns of a table whose rows scored no test item (e.g. the learning-rate sweep, chosen on val)
+VAL_COLUMNS = {"val/choice_acc_final": "val choice acc (final)", "val/image_gain_final": "val image gain (final)",
+               "val/lm_loss_final": "val loss (final)"}
+
+
 def table_frame(s: pd.DataFrame, latex: bool = True) -> pd.DataFrame:
     cols = {k: v for k, v in MAIN_COLUMNS.items() if k in s and s[k].notna().any()}
+    if not cols:
+        cols = {k: v for k, v in VAL_COLUMNS.items() if k in s and s[k].notna().any()}
     t = pd.DataFrame({"strategy": s["label"]})
     for key, label in cols.items():
         t[label] = [_cell(m, h, 3, latex) for m, h in zip(s[key], s.get(f"{key}_ci95", [np.nan] * len(s)))]

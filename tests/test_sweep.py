@@ -163,3 +163,32 @@ def test_compute_matched_steps_follow_the_flops_budget(tmp_path):
     row = read_results(tmp_path / "res.jsonl").iloc[0]
     assert row["flops_budget"] == per_step * 5 and row["steps"] >= 5  # linear's step is cheaper than mlp's
     assert row["steps"] == int(per_step * 5 // row["flops_per_train_step"])
+
+
+def test_gpu_study_script_runs_its_config_at_tiny_scale_on_cpu(tmp_path):
+    """scripts/study_gpu.sh (make study-gpu) on experiments/main_gpu.yaml, shrunk to the tiny tier and
+    forced onto the CPU: the same sweep -> efficiency (skipped without CUDA) -> report path, with the
+    config's bf16 autocast; every point writes a row that records it."""
+    from helpers import ROOT
+
+    from fusionbench.results import read_results
+
+    res, paper = tmp_path / "results", tmp_path / "paper"
+    tiny = ["lm.source=tiny", "vision.source=tiny_cnn", "vision.image_size=32", "vision.depth=3", "vision.width=32",
+            "vision.pool_tokens=0", "data.train_size=32", "data.val_size=16", "data.test_size=24", "data.image_size=32",
+            "trainer.max_steps=2", "trainer.batch_size=8", "trainer.max_length=256", "trainer.accelerator=cpu", "trainer.compile=false",
+            "trainer.val_every_n_steps=0", "trainer.checkpoint_every_n_steps=0", "eval.batch_size=8",
+            "eval.val_items=8", "eval.mm_items=8", "eval.text_suite=false", "eval.probes=false", "seeds=[0]",
+            "contrasts=[]", "grid={variant: [{fusion: {name: mlp, hidden_size: 0}}, {label: moe, fusion: {name: moe, "
+            "num_experts: 2, top_k: 1}, stages: [{name: dense, trainer: {max_steps: 1}}, {name: upcycle, "
+            "trainer: {max_steps: 1}}]}]}", f"output_dir={tmp_path / 'runs'}", f"results_file={res / 'main_gpu.jsonl'}"]
+    env = {**os.environ, "FB": f"{sys.executable} -m fusionbench.cli", "PY": sys.executable,
+           "REPORT_ARGS": f"--results {res} --paper {paper}", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "study_gpu.sh"), *tiny], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no CUDA device; skipping" in proc.stderr
+    rows = read_results(res / "main_gpu.jsonl")
+    assert list(rows["stage"]) == ["main", "dense", "upcycle"]
+    assert all(json.loads(c)["trainer"]["precision"] == "bf16-mixed" for c in rows["config"])
+    assert (paper / "tables" / "main.md").exists()

@@ -11,10 +11,12 @@ from fusionbench.model import VisionLanguageModel
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over ``params`` as ``trainer.optimizer_impl`` says: ``fused`` (one kernel for all
-    parameters, CPU and CUDA; falls back to foreach for parameters on other devices) or
-    ``foreach``."""
+    parameters, CPU and CUDA; falls back to foreach for parameters on other devices, and under
+    fp16 mixed precision, whose gradient scaler must unscale before clipping) or ``foreach``."""
     params = list(params)
-    fused = cfg.optimizer_impl == "fused" and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    scaled = str(getattr(cfg, "precision", "32-true")) in ("16-mixed", "16")
+    fused = (cfg.optimizer_impl == "fused" and not scaled
+             and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params))
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                              **({"fused": True} if fused else {"foreach": True}))
 
@@ -58,6 +60,14 @@ class FusionModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """The call Lightning's default makes (``clip_grad_norm_`` over the optimizer's parameters, in
+        order: the same numbers), without its mixed-precision plugin's refusal of fused AdamW: under
+        bf16 autocast there is no gradient scaler, so the gradients are already the true ones (fp16
+        uses foreach AdamW, and Lightning unscales before this hook)."""
+        if gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], gradient_clip_val)
 
     # checkpoints hold only what trains (backbones are re-created from their source)
     def on_save_checkpoint(self, checkpoint):
