@@ -68,9 +68,9 @@ def _cmd_text_tasks(args) -> None:
     from fusionbench.config import LMConfig
     from fusionbench.evaluation.task_selection import (CANDIDATES, GEN_CANDIDATES, MARGIN, MIN_ITEMS,
                                                        score_candidates, score_generative_candidates)
-    from fusionbench.results import append_row, git_sha, provenance
+    from fusionbench.results import append_row, code_hash, git_sha, provenance
 
-    git_sha()
+    git_sha(), code_hash()
     lm_cfg = OmegaConf.merge(OmegaConf.structured(LMConfig), {"source": args.lm})
     lm, tok = load_lm(lm_cfg, seed=0)
     say = lambda m: print(m, flush=True)  # noqa: E731

@@ -20,7 +20,9 @@ PACKAGES = ("torch", "transformers", "peft", "lightning", "datasets", "omegaconf
 @functools.cache
 def git_sha() -> str:
     """The commit of the code this process runs, read once (the first call, at the start of a run):
-    commits made while a long sweep runs do not relabel its rows."""
+    commits made while a long sweep runs do not relabel its rows. ``-dirty`` when tracked files
+    differ from it (result tables aside: they are not code) or when the package has untracked source
+    files (a new strategy file that the commit does not contain)."""
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
@@ -29,9 +31,27 @@ def git_sha() -> str:
         # the result tables a run appends to are not code: they do not make the tree dirty
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
                                cwd=here.parent, capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha.stdout.strip() + ("-dirty" if dirty else "")
+        untracked = [f for f in subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", here.name],
+                                               cwd=here.parent, capture_output=True, text=True, timeout=10).stdout.split("\n")
+                     if f.endswith((".py", ".yaml", ".json"))]
+        return sha.stdout.strip() + ("-dirty" if dirty or untracked else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@functools.cache
+def code_hash() -> str:
+    """sha256 (12 hex) of the ``fusionbench`` package source as this process loaded it at its first
+    call: every ``.py`` / ``.yaml`` / ``.json`` file under the package, tracked or not, by relative
+    path and content. Two rows with the same code_hash ran the same code, whatever git says."""
+    import hashlib
+
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(p for p in here.rglob("*") if p.suffix in (".py", ".yaml", ".json") and p.is_file()
+                       and "__pycache__" not in p.parts):
+        h.update(path.relative_to(here).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
 
 
 def device_name() -> str:
@@ -59,7 +79,7 @@ def provenance() -> dict[str, Any]:
             versions[f"version_{pkg}"] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[f"version_{pkg}"] = None
-    return {"git_sha": git_sha(), "device": device_name(), "torch_threads": torch.get_num_threads(),
+    return {"git_sha": git_sha(), "code_hash": code_hash(), "device": device_name(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), **versions, **lock_provenance()}
 
 

@@ -17,7 +17,7 @@ from fusionbench.assets.paths import cache_dir
 from fusionbench.config import config_hash, grid_points
 from fusionbench.errors import FusionBenchError
 from fusionbench.model import VisionLanguageModel
-from fusionbench.results import append_row, device_name, git_sha, provenance
+from fusionbench.results import append_row, code_hash, device_name, git_sha, provenance
 from fusionbench.training import FusionDataModule, FusionModule
 
 
@@ -444,7 +444,7 @@ def _summary(row: dict[str, Any]) -> None:
 
 
 def run(cfg: DictConfig, evaluate: bool = True) -> list[dict[str, Any]]:
-    git_sha()  # provenance of the code loaded now, not of the tree when the last row is written
+    git_sha(), code_hash()  # provenance of the code loaded now, not of the tree when the last row is written
     points = grid_points(cfg)  # validates every point before the first one starts
     rows = []
     for i, (label, point) in enumerate(points):

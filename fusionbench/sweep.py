@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from fusionbench.config import config_hash, grid_points
 from fusionbench.errors import FusionBenchError
-from fusionbench.results import append_row, git_sha, read_results
+from fusionbench.results import append_row, code_hash, git_sha, read_results
 from fusionbench.runner import log, run_point, stage_plan
 
 
@@ -58,7 +58,7 @@ def _fmt(seconds: float) -> str:
 def sweep(cfg: DictConfig) -> dict[str, Any]:
     """Run every point not yet finished; returns counts ``{done, skipped, failed, total}`` and the
     failed points."""
-    git_sha()  # provenance: the code loaded at the start (see results.git_sha)
+    git_sha(), code_hash()  # provenance: the code loaded at the start (see results.git_sha)
     points = grid_points(cfg)  # every point validated before the first one starts
     if not points:
         raise FusionBenchError("the grid has no points")

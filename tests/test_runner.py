@@ -11,7 +11,7 @@ from fusionbench.model import lm_logits_at
 from fusionbench.results import read_results
 from tests.helpers import TINY, tiny_cfg, tiny_model, train_a_few_steps
 
-PROVENANCE = {"git_sha", "device", "config_hash", "seed", "version_torch", "version_transformers",
+PROVENANCE = {"git_sha", "code_hash", "device", "config_hash", "seed", "version_torch", "version_transformers",
               "version_lightning", "params_total", "params_trainable", "train_s", "eval_s", "strategy", "stage"}
 
 
@@ -288,3 +288,33 @@ def test_evaluators_are_picked_by_eval_metrics(tmp_path):
     assert _run(tmp_path, "fusion=linear", "eval.metrics=[choice]") == 0
     [row] = read_results(tmp_path / "res.jsonl").to_dict("records")
     assert "mm/choice/acc" in row and "mm/acc" not in row and "eff/flops_fwd" not in row
+
+
+def test_provenance_sees_untracked_source_and_hashes_the_code(tmp_path):
+    """A new, untracked strategy file makes the SHA '-dirty' (the commit does not contain it) and
+    changes code_hash; result tables and untracked files outside the package do not."""
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "fusionbench", repo / "fusionbench", ignore=shutil.ignore_patterns("__pycache__"))
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True, text=True)  # noqa: E731
+    git("init", "-q")
+    git("add", "fusionbench")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x")
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); from fusionbench.results import git_sha, code_hash; "
+             "print(git_sha(), code_hash())")
+    state = lambda: subprocess.run([sys.executable, "-c", probe, str(repo)], capture_output=True, text=True,  # noqa: E731
+                                   check=True).stdout.split()
+    sha, h = state()
+    assert not sha.endswith("-dirty") and len(h) == 12
+    (repo / "results").mkdir()
+    (repo / "results" / "r.jsonl").write_text("{}\n")
+    (repo / "notes.txt").write_text("not code")
+    assert state() == [sha, h]
+    (repo / "fusionbench" / "fusion" / "my_new_fusion.py").write_text("X = 1\n")
+    sha2, h2 = state()
+    assert sha2 == sha + "-dirty" and h2 != h
