@@ -83,7 +83,8 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     df["label"] = [_label(row, cfg) for row, cfg in zip(df.to_dict("records"), configs)]
     df["final"] = [row["stage"] == ([s["name"] for s in cfg.get("stages") or []] or ["main"])[-1]
                    for row, cfg in zip(df.to_dict("records"), configs)]
-    df["frozen_text"] = [_frozen_text(cfg["fusion"]) for cfg in configs]
+    recorded = df["text_invariant"] if "text_invariant" in df else pd.Series([None] * len(df))
+    df["frozen_text"] = [_frozen_text(cfg["fusion"], r) for cfg, r in zip(configs, recorded)]
     df.loc[~df["final"], "label"] = df.loc[~df["final"], "label"] + " [" + df.loc[~df["final"], "stage"] + "]"
     other = df["origin"] != ""
     df.loc[other, "label"] = df.loc[other, "label"] + " (" + df.loc[other, "origin"] + ")"
@@ -111,17 +112,20 @@ def _label(row: dict[str, Any], cfg: dict[str, Any]) -> str:
     return str(row["strategy"])
 
 
-def _frozen_text(fusion: dict[str, Any]) -> bool:
-    """Does the strategy (with these options) declare its text-only path the base LM's? Read from
-    the registry, independent of what was measured."""
+def _frozen_text(fusion: dict[str, Any], recorded: Any = None) -> bool:
+    """Did the strategy (with these options) declare its text-only path the base LM's? The row's
+    ``text_invariant`` (recorded at run time) where it has one; for older rows the strategy's
+    answer for the row's options, independent of what was measured."""
+    if isinstance(recorded, (bool, np.bool_)) or (isinstance(recorded, (int, float)) and not pd.isna(recorded)):
+        return bool(recorded)
     from fusionbench.fusion import FUSIONS
+    from fusionbench.fusion.base import fusion_options
 
     try:
-        declared = FUSIONS.get(fusion["name"]).text_invariant
-    except Exception:  # a strategy no longer registered: unknown, treated as not frozen
+        cls = FUSIONS.get(fusion["name"])
+        return bool(cls.text_invariant_for(fusion_options({k: v for k, v in fusion.items()})))
+    except Exception:  # a strategy no longer registered (or options it no longer takes): not frozen
         return False
-    declared = declared if isinstance(declared, bool) else True  # a per-instance property (flamingo)
-    return bool(declared) and not fusion.get("text_path_drift", False)
 
 
 # -- aggregation -----------------------------------------------------------------------------------

@@ -377,6 +377,8 @@ def result_row(cfg: DictConfig, stage: DictConfig, model: VisionLanguageModel, r
         "experiment": cfg.name, "strategy": cfg.fusion.name, "stage": stage.name, "seed": cfg.seed,
         "lm": cfg.lm.source, "vision": cfg.vision.source, "data": stage.data.name,
         "steps": t.max_steps, "batch_size": t.batch_size, "lr": t.lr, **model.param_counts(),
+        # the strategy's own answer for its validated options (the report reads it from here)
+        "text_invariant": bool(model.fusion.text_invariant), "frozen_text_prefix": bool(model.fusion.frozen_text_prefix),
         **{k: (round(v, 2) if k.endswith("_s") else v) for k, v in extra.items()},
         "config_hash": config_hash(cfg), "point_hash": config_hash(cfg, drop=("seed",)), "run_dir": str(run_dir), **provenance(), **metrics,
         "config": json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True),

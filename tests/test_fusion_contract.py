@@ -154,3 +154,32 @@ def test_image_placeholders_must_match_the_strategy(model):
         bad = batch["input_ids"].clone()
         bad[0, 0] = IMAGE_TOKEN_ID
         model(bad, batch["attention_mask"], None, batch["labels"])
+
+
+@pytest.mark.parametrize("name", FUSIONS.names())
+def test_every_strategy_states_its_text_path_declarations_itself(name):
+    """text_invariant / frozen_text_prefix: one instance-level answer from the validated options;
+    each registered class states both itself (a constant or a ``*_for`` override in its own body),
+    so subclassing a concrete strategy never silently inherits them."""
+    cls = FUSIONS.get(name)
+    for const, method in (("TEXT_INVARIANT", "text_invariant_for"), ("FROZEN_TEXT_PREFIX", "frozen_text_prefix_for")):
+        assert const in vars(cls) or method in vars(cls), f"{name} does not state {const}"
+    opts = cls.default_options()
+    assert isinstance(cls.text_invariant_for(opts), bool) and isinstance(cls.frozen_text_prefix_for(opts), bool)
+    assert not cls.frozen_text_prefix_for(opts) or cls.text_invariant_for(opts)
+
+
+def test_prefix_with_a_task_prefix_is_not_text_invariant_and_the_report_reads_the_row():
+    from fusionbench.fusion.base import fusion_options
+    from fusionbench.report import _frozen_text
+
+    prefix = FUSIONS.get("prefix")
+    assert prefix.text_invariant_for(fusion_options({"name": "prefix"}))
+    assert not prefix.text_invariant_for(fusion_options({"name": "prefix", "task_prefix_tokens": 4}))
+    model = tiny_model("{name: prefix, prefix_length: 4, task_prefix_tokens: 4}")
+    assert model.fusion.text_invariant is False
+    # the report: the recorded answer wins; rows without one are decided from their options
+    assert _frozen_text({"name": "prefix", "task_prefix_tokens": 4}) is False
+    assert _frozen_text({"name": "prefix", "task_prefix_tokens": 0}) is True
+    assert _frozen_text({"name": "mlp"}, recorded=False) is False
+    assert _frozen_text({"name": "flamingo", "text_path_drift": True}) is False

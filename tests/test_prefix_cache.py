@@ -8,8 +8,8 @@ from fusionbench.evaluation.efficiency import efficiency
 from fusionbench.fusion import FUSIONS
 from helpers import image_batch, tiny_model, train_a_few_steps
 
-CACHED = [n for n in FUSIONS.names() if FUSIONS.get(n).frozen_text_prefix]
-UNCACHED = [n for n in FUSIONS.names() if not FUSIONS.get(n).frozen_text_prefix]
+CACHED = [n for n in FUSIONS.names() if FUSIONS.get(n).frozen_text_prefix_for(FUSIONS.get(n).default_options())]
+UNCACHED = [n for n in FUSIONS.names() if n not in CACHED]
 
 
 def test_declarations():

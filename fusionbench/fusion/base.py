@@ -80,13 +80,41 @@ class FusionStrategy(nn.Module):
 
     Options: ClassVar[type] = FusionOptions
     registry_name: ClassVar[str] = ""
-    #: does the LM's text path stay exactly the base LM's in text-only mode? (tested when True)
-    text_invariant: ClassVar[bool] = True
-    #: are the text tokens before the first image token computed by frozen LM weights alone, with
-    #: no state of this strategy (so their keys/values never change while it trains)? Then a
-    #: training forward computes a prompt prefix shared by the whole batch once and reuses its KV
-    #: cache (``trainer.cache_text_prefix``; tested equal to the uncached forward when True)
-    frozen_text_prefix: ClassVar[bool] = False
+    #: the class's declaration of :attr:`text_invariant` (options may refine it: override
+    #: :meth:`text_invariant_for`); subclasses state their own, they are not read from a parent
+    TEXT_INVARIANT: ClassVar[bool] = True
+    #: the class's declaration of :attr:`frozen_text_prefix` (options may refine it: override
+    #: :meth:`frozen_text_prefix_for`)
+    FROZEN_TEXT_PREFIX: ClassVar[bool] = False
+
+    @classmethod
+    def default_options(cls) -> DictConfig:
+        """The strategy's options with every default (``fusion: {name: <it>}``)."""
+        return fusion_options({"name": cls.registry_name})
+
+    @classmethod
+    def text_invariant_for(cls, options: Any) -> bool:
+        """Does the LM's text path stay exactly the base LM's in text-only mode, with these options?
+        (tested when True; recorded in every row as ``text_invariant``)"""
+        return cls.TEXT_INVARIANT
+
+    @classmethod
+    def frozen_text_prefix_for(cls, options: Any) -> bool:
+        """Are the text tokens before the first image token computed by frozen LM weights alone,
+        with no state of this strategy (so their keys/values never change while it trains)? Then a
+        training forward computes a prompt prefix shared by the whole batch once and reuses its KV
+        cache (``trainer.cache_text_prefix``; tested equal to the uncached forward when True)."""
+        return cls.FROZEN_TEXT_PREFIX and cls.text_invariant_for(options)
+
+    @property
+    def text_invariant(self) -> bool:
+        """:meth:`text_invariant_for` this instance's validated options: the one answer tests,
+        the prefix cache and the rows read."""
+        return self.text_invariant_for(self.options)
+
+    @property
+    def frozen_text_prefix(self) -> bool:
+        return self.frozen_text_prefix_for(self.options)
 
     def __init__(self, options: Any, lm_hidden_size: int, vision_dim: int, vision_tokens: int):
         super().__init__()

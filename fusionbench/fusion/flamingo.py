@@ -165,6 +165,8 @@ class Flamingo(FusionStrategy):
     """Perceiver resampler + tanh-gated cross-attention before selected frozen LM decoder layers."""
 
     Options = FlamingoOptions
+    FROZEN_TEXT_PREFIX = False  # cross-attention layers sit in the text path
+
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
@@ -179,9 +181,9 @@ class Flamingo(FusionStrategy):
         self._prefix = ""
         self.layers_with_cross_attention: list[int] = []
 
-    @property
-    def text_invariant(self) -> bool:  # type: ignore[override]
-        return not self.options.text_path_drift
+    @classmethod
+    def text_invariant_for(cls, options) -> bool:
+        return not options.text_path_drift  # OpenFlamingo's drifting FFN on text is opt-in
 
     # -- 1. what it adds ---------------------------------------------------------------------------
     def select_layers(self, num_layers: int) -> list[int]:

@@ -11,9 +11,9 @@ from fusionbench.fusion.projector import MLPProjector
 class FullFinetune(MLPProjector):
     """LLaVA-1.5 MLP projector + every LM parameter trainable (tied embeddings count once);
     the vision encoder stays frozen."""
-    frozen_text_prefix = False  # see FusionStrategy.frozen_text_prefix
+    FROZEN_TEXT_PREFIX = False  # see FusionStrategy.frozen_text_prefix_for
 
-    text_invariant = False
+    TEXT_INVARIANT = False
 
     def trainable(self, vlm, stage=None) -> set[str]:
         return super().trainable(vlm, stage) | {n for n, _ in vlm.named_parameters() if n.startswith("lm.")}

@@ -79,10 +79,10 @@ def resolve_targets(lm: nn.Module, spec: Any) -> tuple[str | list[str], list[str
 class LoraFusion(MLPProjector):
     """MLP projector + peft LoRA on the LM's Linear / Conv1D layers (B = 0 at start: untrained,
     the LM is exactly the base LM). Trains the projector and every ``lora_A`` / ``lora_B``."""
-    frozen_text_prefix = False  # see FusionStrategy.frozen_text_prefix
+    FROZEN_TEXT_PREFIX = False  # see FusionStrategy.frozen_text_prefix_for
 
     Options = LoraOptions
-    text_invariant = False
+    TEXT_INVARIANT = False
 
     def validate(self, vlm):
         o = self.options

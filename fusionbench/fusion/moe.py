@@ -150,7 +150,8 @@ class MoEConnector(MLPProjector):
     MoE vision MLP blocks; stages ``dense`` -> ``unfreeze`` -> ``upcycle`` (or one ``main``)."""
 
     Options = MoEOptions
-    text_invariant = True
+    TEXT_INVARIANT = True
+    FROZEN_TEXT_PREFIX = True   # the experts act on image features only
     stage_names = ("main", "dense", "unfreeze", "upcycle")
     #: experts start as copies of the dense connector (False: independent random inits)
     upcycle_connector = True
@@ -284,5 +285,7 @@ class MoEScratch(MoEConnector):
     initialisations (no dense connector, one ``main`` stage). With ``vision_moe`` the vision experts
     are still upcycled from the pretrained encoder's MLP blocks (the ablation concerns the connector)."""
 
+    TEXT_INVARIANT = True
+    FROZEN_TEXT_PREFIX = True
     stage_names = ("main",)
     upcycle_connector = False

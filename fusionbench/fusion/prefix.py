@@ -110,6 +110,11 @@ class PrefixFusion(FusionStrategy):
     (the LM appends to it)."""
 
     Options = PrefixOptions
+    FROZEN_TEXT_PREFIX = False  # every token attends to the image prefix
+
+    @classmethod
+    def text_invariant_for(cls, options) -> bool:
+        return options.task_prefix_tokens == 0  # a task prefix changes the text path by design
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
@@ -117,8 +122,6 @@ class PrefixFusion(FusionStrategy):
         self._task_prefix = options.task_prefix_tokens > 0
         self._base_mode = False  # inside base_lm(): no task prefix
         self._text_prefix_active = False  # inside text_only() with the task prefix on
-        if self._task_prefix:
-            self.text_invariant = False  # the task prefix changes the text path by design
 
     # -- construction -------------------------------------------------------------------------
     def validate(self, vlm):

@@ -12,7 +12,8 @@ from fusionbench.fusion.base import FusionOptions, FusionStrategy, register
 @register("linear")
 class LinearProjector(FusionStrategy):
     """LLaVA-1: one linear layer from vision features to LM embeddings, one image token per feature."""
-    frozen_text_prefix = True  # see FusionStrategy.frozen_text_prefix
+    TEXT_INVARIANT = True       # the LM is untouched
+    FROZEN_TEXT_PREFIX = True   # and nothing it trains acts before the image
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
@@ -40,6 +41,8 @@ class MLPProjector(LinearProjector):
     """LLaVA-1.5: a 2-layer GELU MLP projector."""
 
     Options = MLPOptions
+    TEXT_INVARIANT = True
+    FROZEN_TEXT_PREFIX = True
 
     def build_projector(self) -> nn.Module:
         hidden = self.options.hidden_size or self.lm_hidden_size

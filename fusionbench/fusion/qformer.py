@@ -78,10 +78,10 @@ class QFormerBlock(nn.Module):
 @register("qformer")
 class QFormer(FusionStrategy):
     """BLIP-2 Q-Former connector: ``num_queries`` image tokens; LM frozen."""
-    frozen_text_prefix = True  # see FusionStrategy.frozen_text_prefix
+    FROZEN_TEXT_PREFIX = True  # see FusionStrategy.frozen_text_prefix_for
 
     Options = QFormerOptions
-    text_invariant = True
+    TEXT_INVARIANT = True
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)

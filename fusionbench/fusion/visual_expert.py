@@ -134,7 +134,8 @@ class VisualExpert(MLPProjector):
     output and MLP projections, applied only at image-token positions (text tokens: frozen LM)."""
 
     Options = VisualExpertOptions
-    text_invariant = True
+    TEXT_INVARIANT = True       # text rows run the frozen weights
+    FROZEN_TEXT_PREFIX = True   # and the text before the image has no image row to route
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
