@@ -30,6 +30,21 @@ def test_forward_backward_reaches_every_trainable_parameter(model):
     assert not no_grad, f"trainable but untouched by the loss: {no_grad[:5]}"
 
 
+def test_every_trainable_tensor_gets_a_nonzero_gradient(model):
+    """Not just "not None": after a few steps (zero-initialised gates / LoRA B open up), every
+    trainable tensor receives a non-zero gradient on a real batch: nothing that trains and is
+    counted can never reach the loss (e.g. visual-expert copies of the last layer's q / o / MLP)."""
+    from tests.helpers import train_a_few_steps
+
+    train_a_few_steps(model, steps=2, lr=1e-2)
+    model.train()
+    batch, _ = image_batch(model, n=4)
+    model.zero_grad()
+    _forward(model, batch).loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not dead, f"trainable tensors with an all-zero gradient: {dead[:6]} ({len(dead)} in all)"
+
+
 def test_declared_trainable_set_is_exactly_what_requires_grad(model):
     declared = model.fusion.trainable(model, model.stage)
     assert set(model.trainable_parameter_names()) == declared

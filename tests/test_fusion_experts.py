@@ -419,3 +419,30 @@ def test_projections_sharing_an_input_share_one_gather_and_gradients_match_refer
     assert len(gp) == len(rp) == 12
     for a, b in zip(gp, rp):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_visual_expert_last_layer_keeps_only_key_value_experts_and_the_same_numbers(monkeypatch):
+    """The last layer's q / o / MLP experts never reached the loss: without them the loss, the
+    gradients of everything else and the trained logits are exactly what they were."""
+    import fusionbench.fusion.visual_expert as ve
+    from fusionbench.model import IMAGE_TOKEN_ID
+    from tests.helpers import image_batch, tiny_model, train_a_few_steps
+
+    def trained(model):
+        torch.manual_seed(0)
+        train_a_few_steps(model, steps=2, lr=1e-2)
+        batch, _ = image_batch(model, n=3)
+        with torch.no_grad():
+            loss = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]).loss
+            text = batch["input_ids"] != IMAGE_TOKEN_ID
+            return loss, model.logits(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[text]
+
+    pruned = tiny_model("visual_expert")
+    last = pruned.lm.config.num_hidden_layers - 1
+    names = [n for n in pruned.trainable_parameter_names() if f"layers.{last}." in n]
+    assert names and all(any(k in n for k in ("k_proj", "v_proj")) for n in names), names
+    monkeypatch.setattr(ve, "_feeds_keys_or_values", lambda name: True)   # the old, unpruned layout
+    full = tiny_model("visual_expert")
+    assert len(full.trainable_parameter_names()) == len(pruned.trainable_parameter_names()) + 5
+    (loss_a, logits_a), (loss_b, logits_b) = trained(pruned), trained(full)
+    assert torch.equal(loss_a, loss_b) and torch.equal(logits_a, logits_b)  # every text position

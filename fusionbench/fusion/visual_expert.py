@@ -3,7 +3,9 @@ Models"): image tokens enter the LM through an MLP projector, and in each select
 attention QKV, attention output and MLP weights get a trainable *visual expert* copy, initialised
 from the LM's own weights, that only image tokens use. Text tokens keep the frozen original weights,
 so text-only input is exactly the base LM and per-token FLOPs are unchanged (the expert replaces a
-matmul for image rows, it never adds one)."""
+matmul for image rows, it never adds one). In the LM's last layer only the key / value projections
+get experts: an image row's output there reaches nothing (its logits are never scored), so copies of
+q / o / the MLP would count as trainable without ever receiving a gradient."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +20,16 @@ from fusionbench.errors import FusionBenchError
 from fusionbench.fusion._lm import decoder_layers, layer_indices
 from fusionbench.fusion.base import register
 from fusionbench.fusion.projector import MLPOptions, MLPProjector
+
+
+#: projection names (last path component) whose output becomes attention keys or values: Llama /
+#: Qwen2 / Gemma ``k_proj`` ``v_proj``, GPT-2's fused ``c_attn``, NeoX's ``query_key_value``, ...
+_KV_NAMES = ("k_proj", "v_proj", "key", "value", "c_attn", "qkv", "qkv_proj", "query_key_value", "Wqkv", "kv_proj")
+
+
+def _feeds_keys_or_values(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in _KV_NAMES
 
 
 def _projection_types() -> tuple[type, ...]:
@@ -146,6 +158,10 @@ class VisualExpert(MLPProjector):
         idx = layer_indices(self.options.layers, len(layers), "fusion.layers")
         return [(f"{path}.{i}", layers[i]) for i in idx]
 
+    def _is_last(self, vlm, layer: nn.Module) -> bool:
+        _, layers = decoder_layers(vlm.lm)
+        return layer is layers[len(layers) - 1]
+
     def validate(self, vlm) -> None:
         types = _projection_types()
         for name, layer in self._selected(vlm):
@@ -157,6 +173,10 @@ class VisualExpert(MLPProjector):
         for _, layer in self._selected(vlm):
             targets = [(n, m) for n, m in layer.named_modules()
                        if isinstance(m, types) and not isinstance(m, VisualExpertLinear)]
+            if self._is_last(vlm, layer):
+                # in the LM's last layer an image row's output feeds nothing (its logits are never
+                # scored); only its keys / values reach the loss, through the text rows after it
+                targets = [(n, m) for n, m in targets if _feeds_keys_or_values(n)]
             for name, module in targets:
                 parent_name, _, attr = name.rpartition(".")
                 parent = layer.get_submodule(parent_name) if parent_name else layer
