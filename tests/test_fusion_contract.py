@@ -198,3 +198,80 @@ def test_prefix_with_a_task_prefix_is_not_text_invariant_and_the_report_reads_th
     assert _frozen_text({"name": "prefix", "task_prefix_tokens": 0}) is True
     assert _frozen_text({"name": "mlp"}, recorded=False) is False
     assert _frozen_text({"name": "flamingo", "text_path_drift": True}) is False
+
+
+def text_rows_check(model) -> list[str]:
+    """With an image in the batch: (1) every injected layer that touches image rows only gives, at
+    every non-image position, exactly what its ``base_layer`` gives on those rows (hooks); (2) where
+    the strategy promises a frozen text prefix, the LM's output at the text before the first image
+    token is exactly a fresh base LM's on the same inputs. Returns what broke (empty: nothing)."""
+    from fusionbench.assets.lm import load_lm
+    from fusionbench.fusion.inject import injected
+
+    batch, _ = image_batch(model, n=3)
+    image = batch["input_ids"] == IMAGE_TOKEN_ID
+    broken, hooks, seen = [], [], {}
+
+    def check(name):
+        def hook(module, args, output):
+            x = args[0]
+            if x.dim() != 3 or x.shape[:2] != image.shape:
+                return
+            with torch.no_grad():
+                base = module.base_layer(x[~image])
+            if not torch.equal(output[~image], base):
+                broken.append(f"{name}: text rows differ from base_layer")
+        return hook
+
+    def capture(module, args, kwargs, output):
+        seen.setdefault("call", (args, dict(kwargs), output))
+
+    for name, layer in injected(model):
+        if layer.rows == "image":
+            hooks.append(layer.register_forward_hook(check(name)))
+    hooks.append(model.lm.get_decoder().register_forward_hook(capture, with_kwargs=True))
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.logits(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    finally:
+        for h in hooks:
+            h.remove()
+    if model.fusion.frozen_text_prefix:
+        first = int(image.float().argmax(1).min())  # the earliest image token in the batch
+        args, kwargs, output = seen["call"]
+        cfg = tiny_cfg(f"lm.tiny.arch={model.lm.config.model_type}")
+        base, _ = load_lm(cfg.lm, seed=cfg.seed)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "use_cache")}
+        with torch.no_grad():
+            want = base.get_decoder()(*args, use_cache=False, **kwargs).last_hidden_state
+        if not torch.equal(output.last_hidden_state[:, :first], want[:, :first]):
+            broken.append("text before the first image token differs from the base LM")
+    return broken
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if FUSIONS.get(n).text_invariant_for(FUSIONS.get(n).default_options())])
+def test_text_rows_run_the_frozen_weights(name, arch):
+    """Every frozen-text strategy, on every tiny LM family, after training (so experts differ)."""
+    from tests.helpers import train_a_few_steps
+
+    model = tiny_model(name, f"lm.tiny.arch={arch}")
+    train_a_few_steps(model, steps=2, lr=1e-2)
+    assert text_rows_check(model) == []
+
+
+def test_text_rows_check_catches_a_strategy_that_routes_text_through_its_experts(monkeypatch):
+    """The deliberately broken variant: text rows go through the trainable copies whenever an
+    image is present. The text-only contract cannot see it; this check does."""
+    from fusionbench.fusion.visual_expert import VisualExpertLinear
+    from tests.helpers import train_a_few_steps
+
+    model = tiny_model("visual_expert")
+    train_a_few_steps(model, steps=2, lr=1e-2)
+
+    def leaky(self, x):
+        return self.expert(x) if self.conditioning.image_mask is not None else self.base_layer(x)
+
+    monkeypatch.setattr(VisualExpertLinear, "forward", leaky)
+    assert any("text rows differ" in b for b in text_rows_check(model))

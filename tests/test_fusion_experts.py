@@ -40,6 +40,7 @@ def _fresh_lm(*overrides):
 # -- visual expert ------------------------------------------------------------------------------
 
 ARCH_PROJECTIONS = {"llama": 7, "qwen2": 7, "gpt2": 4}  # q,k,v,o,gate,up,down | c_attn,c_proj,c_fc,c_proj
+LAST_LAYER_KV = {"llama": 2, "qwen2": 2, "gpt2": 1}    # the LM's last layer: k,v | the fused c_attn
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
@@ -47,7 +48,7 @@ def test_visual_expert_wraps_every_projection_of_each_layer(arch):
     model = tiny_model("visual_expert", f"lm.tiny.arch={arch}")
     n_layers = tiny_cfg().lm.tiny.num_hidden_layers
     experts = _experts(model)
-    assert len(experts) == ARCH_PROJECTIONS[arch] * n_layers
+    assert len(experts) == ARCH_PROJECTIONS[arch] * (n_layers - 1) + LAST_LAYER_KV[arch]
     for m in experts:  # initialised from the LM's own weights, separate tensors
         for (n, a), (_, b) in zip(m.base_layer.named_parameters(), m.expert.named_parameters()):
             assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), n
@@ -109,7 +110,7 @@ def test_visual_expert_model_routed_equals_unrouted_reference(arch, monkeypatch)
         routed = model.logits(*args)
 
     def unrouted(self, x):  # image rows via the expert weights computed densely, then selected
-        mask = self._routing.image_mask
+        mask = self.conditioning.image_mask
         if mask is None or x.shape[1] != mask.shape[1]:
             return self.base_layer(x)
         return torch.where(mask.unsqueeze(-1), self.expert(x), self.base_layer(x))

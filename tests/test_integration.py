@@ -50,3 +50,30 @@ def test_run_with_the_lm_eval_backend_records_standard_scores_and_zero_forgettin
         assert key in row and row[key] == row[key], key
     assert row["text/general_knowledge/n"] == 3
     assert row["forgetting/mc_acc_drop"] == 0.0 and row["forgetting/austen/delta_bits_per_byte"] == 0.0
+
+
+def test_lm_source_may_be_a_gguf_file_and_bad_paths_say_what_they_are_not(tmp_path, monkeypatch):
+    """``lm.source: path/to/x.gguf`` converts once into the cache, like the embedded default (the
+    same SmolLM2 GGUF gives the same logits); a missing .gguf or local path is one clear error."""
+    import torch
+
+    from fusionbench.assets.lm import SMOLLM2_GGUF, SMOLLM2_REQ, load_lm
+    from fusionbench.assets.pypi import pypi_file
+    from fusionbench.config import LMConfig
+    from fusionbench.errors import FusionBenchError
+    from omegaconf import OmegaConf
+
+    lm_cfg = lambda src: OmegaConf.merge(OmegaConf.structured(LMConfig), {"source": src})  # noqa: E731
+    gguf = pypi_file(SMOLLM2_REQ, f"*/{SMOLLM2_GGUF}")
+    local = tmp_path / "my model.gguf"
+    local.symlink_to(gguf)
+    ref, ref_tok = load_lm(lm_cfg("smollm2"))
+    lm, tok = load_lm(lm_cfg(str(local)))
+    ids = ref_tok("The cat sat on the", return_tensors="pt").input_ids
+    assert tok("The cat sat on the").input_ids == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(lm(ids).logits, ref(ids).logits)
+    with pytest.raises(FusionBenchError, match="names a GGUF file, but there is no file"):
+        load_lm(lm_cfg(str(tmp_path / "missing.gguf")))
+    with pytest.raises(FusionBenchError, match="looks like a local path, but nothing is there"):
+        load_lm(lm_cfg(str(tmp_path / "no_such_checkpoint")))

@@ -179,3 +179,35 @@ def test_fewshot_generative_format_shots_are_not_test_items():
         task_specs(["qa_wikidata:fewshot"], "bigbench")          # multiple-choice formats only
     with pytest.raises(FusionBenchError, match="generative text format"):
         load_generative(["qa_wikidata"], 2, 3, "fancy")
+
+
+@pytest.mark.parametrize("arch, expects_bos", [("gemma", True), ("llama", False), ("gpt2", False)])
+def test_prompts_and_scored_contexts_follow_the_tokenizers_bos_convention(arch, expects_bos, monkeypatch):
+    """Prompts (training, choice scoring, generation) and the text suite's contexts start with the
+    tokenizer's BOS exactly when its tokenizer puts one before a text (the tiny Gemma's does, like
+    Gemma's and Llama's; GPT-2-style and SmolLM2 tokenizers add none, so nothing changes there), and
+    never twice."""
+    from fusionbench.data.format import bos_prefix, encode, with_bos
+
+    cfg = tiny_cfg(f"lm.tiny.arch={arch}")
+    lm, tok = load_lm(cfg.lm, seed=cfg.seed)
+    assert bool(bos_prefix(tok)) == expects_bos
+    ids, labels = encode(tok, "What color is it?", "red", 4)
+    if expects_bos:
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    else:  # nothing added (the ChatML prompt may itself start with the token the tokenizer calls BOS)
+        assert with_bos(tok, [5, 6]) == [5, 6]
+    assert len(ids) == len(labels)
+    assert with_bos(tok, with_bos(tok, [5, 6])) == with_bos(tok, [5, 6])      # never twice
+    suite = TextSuite(choices=datasets.Dataset.from_dict({"task": ["t", "t"], "item": [0, 0],
+                                                          "context": ["Q: 2+2?\nA:"] * 2,
+                                                          "continuation": [" 4", " 5"], "correct": [True, False]}),
+                      prose=[], tasks=["t"])
+    import fusionbench.evaluation.text_suite as ts
+
+    seen, real = [], ts._choice_logprobs
+    monkeypatch.setattr(ts, "_choice_logprobs", lambda model, items, *a, **k: (seen.extend(items), real(model, items, *a, **k))[1])
+    score_text_suite(suite, lm, tok, batch_size=2)
+    [(context, conts)] = seen
+    plain = tok("Q: 2+2?\nA:", add_special_tokens=False).input_ids
+    assert context == ([tok.bos_token_id] + plain if expects_bos else plain)

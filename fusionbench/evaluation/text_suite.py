@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from fusionbench.assets.debian import debian_package_dir
 from fusionbench.assets.pypi import pypi_files
+from fusionbench.data.format import with_bos
 from fusionbench.errors import FusionBenchError
 
 #: bump when item selection, formatting or scoring changes (base-LM score caches key on it)
@@ -156,7 +157,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     for b in range(0, len(prompts), batch_size):
-        seqs = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[b:b + batch_size]]
+        seqs = [with_bos(tokenizer, tokenizer(p, add_special_tokens=False).input_ids) for p in prompts[b:b + batch_size]]
         longest = max(len(s) for s in seqs)
         ids = torch.tensor([[pad] * (longest - len(s)) + s for s in seqs])
         mask = torch.tensor([[0] * (longest - len(s)) + [1] * len(s) for s in seqs])
@@ -445,7 +446,7 @@ def score_text_suite(suite: TextSuite, model, tokenizer, batch_size: int = 16,
             conts = [tokenizer(continuations[i], add_special_tokens=False).input_ids for i in idx]
             if not all(conts):
                 raise FusionBenchError(f"text suite item {key} has an empty choice")
-            c = tokenizer(contexts[idx[0]], add_special_tokens=False).input_ids
+            c = with_bos(tokenizer, tokenizer(contexts[idx[0]], add_special_tokens=False).input_ids)
             longest = max(len(t) for t in conts)
             c = c[-max(max_length - longest, 1):]
             if not c:

@@ -4,9 +4,11 @@ A strategy decides three things (see ``docs/adding_a_fusion.md``):
 
 1. **what it adds and where**: modules beside the LM (projectors, Q-Former, resampler), built in
    ``__init__`` as submodules of the strategy; or modules injected into the LM (cross-attention,
-   LoRA, expert copies of Linear layers, MoE MLPs) in :meth:`FusionStrategy.inject`, which walks the
-   LM's ``named_modules()`` and replaces matches with wrappers that keep the original as
-   ``base_layer`` (PEFT's pattern).
+   LoRA, expert copies of Linear layers, MoE MLPs) in :meth:`FusionStrategy.inject`, through
+   :func:`fusionbench.fusion.inject.inject_layers`: it walks ``named_modules()`` and replaces
+   matches with :class:`~fusionbench.fusion.inject.InjectedLayer` wrappers that keep the original
+   as ``base_layer`` (PEFT's pattern), declare which rows they touch and read their per-call
+   conditioning from one shared :class:`~fusionbench.fusion.inject.Conditioning`.
 2. **how images reach the LM**: as ``num_image_tokens`` embeddings spliced into ``inputs_embeds`` at
    the image placeholder (:meth:`image_embeddings`), and/or as conditioning state set on injected
    modules for the duration of one LM call (:meth:`conditioning`), which keeps ``generate()``

@@ -14,9 +14,8 @@ immediately preceding image" rule reduces to this); a learned position embedding
 tokens before resampling (a CNN grid carries no explicit position)."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,7 @@ from torch import nn
 from fusionbench.errors import FusionBenchError
 from fusionbench.fusion._lm import decoder_layers, layer_indices
 from fusionbench.fusion.base import FusionOptions, FusionStrategy, register
+from fusionbench.fusion.inject import Conditioning, InjectedLayer, inject_layers, injected_parameter_names
 
 
 @dataclass
@@ -117,27 +117,24 @@ class GatedCrossAttention(nn.Module):
         return x + torch.tanh(self.ff_gate) * self.ffn(x)
 
 
-class FlamingoLayer(nn.Module):
+class FlamingoLayer(InjectedLayer):
     """A decoder layer with a gated cross-attention block before it. ``base_layer`` is called with
     the caller's arguments unchanged (only ``hidden_states`` replaced) and its output returned as is.
-    ``latents`` (set by :meth:`Flamingo.conditioning`) is the visual conditioning; with none set the
-    layer is the base layer, unless ``text_path`` (OpenFlamingo's behaviour) runs the gated FFN."""
+    The conditioning's ``latents`` (set by :meth:`Flamingo.conditioning`) are the visual input; with
+    none set the layer is the base layer, unless ``text_path`` (OpenFlamingo's behaviour) runs the
+    gated FFN; with ``bypass`` set (:meth:`Flamingo.base_lm`) it is always the base layer."""
 
-    def __init__(self, base_layer: nn.Module, xattn: GatedCrossAttention):
-        super().__init__()
-        self.base_layer = base_layer
+    rows = "all"  # text after the image attends to it, by design
+
+    def __init__(self, base_layer: nn.Module, xattn: GatedCrossAttention, conditioning: Conditioning,
+                 text_path: bool = False):
+        super().__init__(base_layer, conditioning)
         self.xattn = xattn
-        self.latents: torch.Tensor | None = None
-        self.text_path = False
-        self.enabled = True
+        self.text_path = text_path
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "xattn"):
-                raise
-            return getattr(self.base_layer, name)  # e.g. attention_type, layer_idx
+    @property
+    def latents(self) -> torch.Tensor | None:
+        return self.conditioning.get("latents")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -145,7 +142,7 @@ class FlamingoLayer(nn.Module):
         return self
 
     def forward(self, *args, **kwargs):
-        if not self.enabled or (self.latents is None and not self.text_path):
+        if self.conditioning.get("bypass") or (self.latents is None and not self.text_path):
             return self.base_layer(*args, **kwargs)
         hidden = args[0] if args else kwargs["hidden_states"]
         latents = self.latents
@@ -178,7 +175,7 @@ class Flamingo(FusionStrategy):
                                             o.num_latents)
         # the injected layers live inside the LM (a plain list, so they are not registered twice)
         self._layers: list[FlamingoLayer] = []
-        self._prefix = ""
+        self._conditioning = Conditioning()
         self.layers_with_cross_attention: list[int] = []
 
     @classmethod
@@ -205,61 +202,32 @@ class Flamingo(FusionStrategy):
 
     def inject(self, vlm):
         path, layers = decoder_layers(vlm.lm)
-        self._prefix = f"lm.{path}."
         self.layers_with_cross_attention = self.select_layers(len(layers))
-        for i in self.layers_with_cross_attention:
-            xattn = GatedCrossAttention(self.lm_hidden_size, self.hidden_size, self.options.num_heads,
-                                        self.options.ffn_mult)
-            layer = FlamingoLayer(layers[i], xattn)
-            layer.text_path = bool(self.options.text_path_drift)
-            layers[i] = layer
-            self._layers.append(layer)
+        chosen = {f"{path}.{i}" for i in self.layers_with_cross_attention}
+        o = self.options
+        new = inject_layers(vlm.lm, lambda name, m: name in chosen, lambda name, m: FlamingoLayer(
+            m, GatedCrossAttention(self.lm_hidden_size, self.hidden_size, o.num_heads, o.ffn_mult),
+            self._conditioning, text_path=bool(o.text_path_drift)))
+        self._layers = [layer for _, layer in new]
 
     def gated_layers(self) -> list[FlamingoLayer]:
         """The injected wrappers, in layer order."""
         return list(self._layers)
 
     # -- 2. how images reach the LM ---------------------------------------------------------------
-    @contextlib.contextmanager
-    def _latents(self, latents: torch.Tensor | None) -> Iterator[None]:
-        """Set the visual conditioning of every injected layer for one call; restore it after."""
-        previous = [layer.latents for layer in self._layers]
-        for layer in self._layers:
-            layer.latents = latents
-        try:
-            yield
-        finally:
-            for layer, old in zip(self._layers, previous):
-                layer.latents = old
-
     def conditioning(self, vlm, features, image_mask):
-        return self._latents(self.resampler(features.to(self.resampler.latents.dtype)))
+        return self._conditioning.set(latents=self.resampler(features.to(self.resampler.latents.dtype)))
 
     def text_only(self, vlm):
-        return self._latents(None)
+        return self._conditioning.set(latents=None)
 
-    @contextlib.contextmanager
-    def base_lm(self, vlm) -> Iterator[None]:
+    def base_lm(self, vlm):
         """Every injected block bypassed: the base LM, also with ``text_path_drift``."""
-        previous = [layer.enabled for layer in self._layers]
-        for layer in self._layers:
-            layer.enabled = False
-        try:
-            with self.text_only(vlm):
-                yield
-        finally:
-            for layer, old in zip(self._layers, previous):
-                layer.enabled = old
+        return self._conditioning.set(latents=None, bypass=True)
 
     # -- 3. what trains -----------------------------------------------------------------------------
     def trainable(self, vlm, stage=None) -> set[str]:
-        own = {f"fusion.{n}" for n, _ in self.named_parameters()}
-        prefixes = [f"{self._prefix}{i}." for i in self.layers_with_cross_attention]
-        for name, _ in vlm.named_parameters():
-            for p in prefixes:
-                if name.startswith(p) and not name.startswith(p + "base_layer."):
-                    own.add(name)
-        return own
+        return {f"fusion.{n}" for n, _ in self.named_parameters()} | injected_parameter_names(vlm.lm, "lm.")
 
     def extra_repr(self) -> str:
         return f"strategy='flamingo', cross_attention_layers={self.layers_with_cross_attention}"

@@ -30,6 +30,7 @@ from torch import nn
 
 from fusionbench.errors import FusionBenchError
 from fusionbench.fusion.base import register
+from fusionbench.fusion.inject import inject_layers
 from fusionbench.fusion.projector import MLPOptions, MLPProjector
 
 
@@ -193,14 +194,10 @@ class MoEConnector(MLPProjector):
             self.load_dense(self.options.init_from)
         if not self.options.vision_moe:
             return
-        parents = {id(child): (parent, attr) for parent in vlm.vision.modules()
-                   for attr, child in parent.named_children()}
-        for _, block in vlm.vision.mlp_blocks():
-            if isinstance(block, UpcycledMoE):
-                continue
-            parent, attr = parents[id(block)]
-            experts = [copy.deepcopy(block) for _ in range(self.options.num_experts)]
-            setattr(parent, attr, UpcycledMoE(block, experts, _first_linear_in_features(block), self.options.top_k))
+        blocks = {id(b) for _, b in vlm.vision.mlp_blocks() if not isinstance(b, UpcycledMoE)}
+        n, k = self.options.num_experts, self.options.top_k
+        inject_layers(vlm.vision, lambda name, m: id(m) in blocks, lambda name, m: UpcycledMoE(
+            m, [copy.deepcopy(m) for _ in range(n)], _first_linear_in_features(m), k))
         self._vision_moes = [(f"vision.{n}", m) for n, m in vlm.vision.named_modules() if isinstance(m, UpcycledMoE)]
 
     def load_dense(self, path: str) -> None:

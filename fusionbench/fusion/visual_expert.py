@@ -8,7 +8,6 @@ get experts: an image row's output there reaches nothing (its logits are never s
 q / o / the MLP would count as trainable without ever receiving a gradient."""
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from torch import nn
 from fusionbench.errors import FusionBenchError
 from fusionbench.fusion._lm import decoder_layers, layer_indices
 from fusionbench.fusion.base import register
+from fusionbench.fusion.inject import Conditioning, InjectedLayer, inject_layers, injected_parameter_names
 from fusionbench.fusion.projector import MLPOptions, MLPProjector
 
 
@@ -41,22 +41,27 @@ def _projection_types() -> tuple[type, ...]:
     return (nn.Linear, Conv1D)
 
 
-class TokenRouting:
-    """Token-type state shared by every :class:`VisualExpertLinear` of one model: the image mask
-    ``[B, T]`` of the current LM call (None: no image, every token is text)."""
+class TokenRouting(Conditioning):
+    """The conditioning shared by every :class:`VisualExpertLinear` of one model: the image mask
+    ``[B, T]`` of the current LM call (``image_mask``; None: no image, every token is text), with
+    the row plan derived from it cached for the call."""
 
     def __init__(self) -> None:
-        self._mask: torch.Tensor | None = None
+        super().__init__()
         self._plans: dict[int, tuple[torch.Tensor, torch.Tensor, int] | None] = {}
         self._sorted: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def _changed(self) -> None:
+        self._plans, self._sorted = {}, None
+
     @property
     def image_mask(self) -> torch.Tensor | None:
-        return self._mask
+        return self.get("image_mask")
 
     @image_mask.setter
-    def image_mask(self, mask: torch.Tensor | None) -> None:
-        self._mask, self._plans, self._sorted = mask, {}, None
+    def image_mask(self, mask: torch.Tensor | None) -> None:  # outside a ``set`` block (tests)
+        self._state["image_mask"] = mask
+        self._changed()
 
     def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """``(order, inverse, n_text)`` for ``x [B, T, D]``: flat row indices with text rows first
@@ -64,7 +69,7 @@ class TokenRouting:
         is text. Positions beyond the mask (cached generation: the new tokens) are text; a step
         shorter than the mask (a decode step after the prefill) is all text. Computed once per
         sequence length and shared by every projection of the LM call."""
-        mask = self._mask
+        mask = self.image_mask
         if mask is None:
             return None
         if x.dim() != 3 or x.shape[0] != mask.shape[0]:
@@ -99,39 +104,31 @@ class TokenRouting:
         return order, torch.argsort(order), text_rows.numel()
 
 
-class VisualExpertLinear(nn.Module):
-    """PEFT-shaped wrapper of one projection: ``base_layer`` (the LM's frozen original) for text
-    rows, ``expert`` (a trainable copy) for image rows. Each weight runs only on its own rows: the
-    rows are gathered text-first (once per input, shared by projections of the same input), each
-    part goes through its weight, one gather puts them back in place. Without routing state it
-    *is* ``base_layer``."""
+class VisualExpertLinear(InjectedLayer):
+    """An injected projection: ``base_layer`` (the LM's frozen original) for text rows, ``expert``
+    (a trainable copy) for image rows. Each weight runs only on its own rows: the rows are gathered
+    text-first (once per input, shared by projections of the same input), each part goes through
+    its weight, one gather puts them back in place. Without an image mask it *is* ``base_layer``."""
+
+    rows = "image"
 
     def __init__(self, base_layer: nn.Module, routing: TokenRouting):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer, routing)
         self.expert = copy.deepcopy(base_layer)
-        self._routing = routing  # a plain attribute: shared state, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self._routing.plan(x)
+        routing: TokenRouting = self.conditioning
+        plan = routing.plan(x)
         if plan is None:
             return self.base_layer(x)
         order, inverse, n_text = plan
         b, t, _ = x.shape
-        rows = self._routing.sorted_rows(x, order)
+        rows = routing.sorted_rows(x, order)
         text_out = self.base_layer(rows[:n_text])
         image_out = self.expert(rows[n_text:])
         dtype = torch.promote_types(text_out.dtype, image_out.dtype)
         out = torch.cat([text_out.to(dtype), image_out.to(dtype)]).index_select(0, inverse)
         return out.reshape(b, t, -1)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)  # weight, bias, in_features, nf, ... of the original
 
 
 @dataclass
@@ -171,39 +168,17 @@ class VisualExpert(MLPProjector):
     def inject(self, vlm) -> None:
         types = _projection_types()
         for _, layer in self._selected(vlm):
-            targets = [(n, m) for n, m in layer.named_modules()
-                       if isinstance(m, types) and not isinstance(m, VisualExpertLinear)]
-            if self._is_last(vlm, layer):
-                # in the LM's last layer an image row's output feeds nothing (its logits are never
-                # scored); only its keys / values reach the loss, through the text rows after it
-                targets = [(n, m) for n, m in targets if _feeds_keys_or_values(n)]
-            for name, module in targets:
-                parent_name, _, attr = name.rpartition(".")
-                parent = layer.get_submodule(parent_name) if parent_name else layer
-                if isinstance(parent, VisualExpertLinear):
-                    continue  # already wrapped (inject called twice)
-                setattr(parent, attr, VisualExpertLinear(module, self.routing))
+            # in the LM's last layer an image row's output feeds nothing (its logits are never
+            # scored); only its keys / values reach the loss, through the text rows after it
+            last = self._is_last(vlm, layer)
+            inject_layers(layer, lambda n, m: isinstance(m, types) and (not last or _feeds_keys_or_values(n)),
+                          lambda n, m: VisualExpertLinear(m, self.routing))
 
-    @staticmethod
-    def expert_parameter_names(vlm) -> set[str]:
-        return {f"{n}.expert.{p}" for n, m in vlm.named_modules() if isinstance(m, VisualExpertLinear)
-                for p, _ in m.expert.named_parameters()}
-
-    @contextlib.contextmanager
     def conditioning(self, vlm, features, image_mask):
-        self.routing.image_mask = image_mask
-        try:
-            yield
-        finally:
-            self.routing.image_mask = None
+        return self.routing.set(image_mask=image_mask)
 
-    @contextlib.contextmanager
     def text_only(self, vlm):
-        previous, self.routing.image_mask = self.routing.image_mask, None
-        try:
-            yield
-        finally:
-            self.routing.image_mask = previous
+        return self.routing.set(image_mask=None)
 
     def trainable(self, vlm, stage=None) -> set[str]:
-        return super().trainable(vlm, stage) | self.expert_parameter_names(vlm)
+        return super().trainable(vlm, stage) | injected_parameter_names(vlm)

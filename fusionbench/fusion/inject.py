@@ -1,0 +1,126 @@
+"""Injecting trainable layers into a backbone, the way PEFT's ``BaseTuner.inject_adapter`` /
+``BaseTunerLayer`` do it (our own code): walk ``named_modules()``, match, replace the match with a
+wrapper that keeps the original as ``base_layer``.
+
+A strategy that changes what happens *inside* the LM (or the vision tower) declares two things:
+
+* **what** to inject: ``inject_layers(root, match, factory)`` replaces every module of ``root`` for
+  which ``match(name, module)`` is true with ``factory(name, module)`` and returns the new layers;
+* **which rows** it touches: an :class:`InjectedLayer` subclass sets ``rows``: ``"image"`` (it acts
+  on image-token positions only; at every other position its output must be exactly its
+  ``base_layer``'s, which ``tests/test_fusion_contract.py`` checks with hooks for every strategy) or
+  ``"all"`` (it changes the text path by design while an image is present, e.g. Flamingo's gated
+  cross-attention).
+
+The base class does the rest: attributes the LM reads from the original (``weight``,
+``layer_idx``, ``attention_type``, ...) pass through to ``base_layer``; the layer's own parameters
+are the trainable ones (:func:`injected_parameter_names`, never ``base_layer.*``); and per-call
+conditioning (the image mask, visual features) comes from one :class:`Conditioning` object the
+strategy shares with all its layers and sets for one LM call (or one ``generate()``).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ClassVar, Iterator
+
+from torch import nn
+
+_MISSING = object()
+
+
+class Conditioning:
+    """Per-call state shared by every injected layer of one model (``image_mask``, ``latents``,
+    ...), set by the strategy around one LM call and restored after. Unset keys read as None."""
+
+    def __init__(self) -> None:
+        self._state: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._state.get(key, default)
+
+    def _changed(self) -> None:
+        """Hook for subclasses that cache something derived from the state."""
+
+    @contextlib.contextmanager
+    def set(self, **values: Any) -> Iterator[None]:
+        previous = {k: self._state.get(k, _MISSING) for k in values}
+        self._state.update(values)
+        self._changed()
+        try:
+            yield
+        finally:
+            for k, v in previous.items():
+                if v is _MISSING:
+                    self._state.pop(k, None)
+                else:
+                    self._state[k] = v
+            self._changed()
+
+
+class InjectedLayer(nn.Module):
+    """A module injected in place of ``base_layer`` (kept, frozen, called for what it did before).
+    Subclasses implement ``forward`` and set :attr:`rows`; everything else the LM asks of the
+    original is answered by ``base_layer``."""
+
+    #: ``"image"``: acts on image positions only (text positions: exactly ``base_layer``);
+    #: ``"all"``: may change text positions while an image is present
+    rows: ClassVar[str] = "image"
+
+    def __init__(self, base_layer: nn.Module, conditioning: Conditioning):
+        super().__init__()
+        self.base_layer = base_layer
+        self._conditioning = conditioning  # a plain attribute: shared state, not a submodule
+
+    @property
+    def conditioning(self) -> Conditioning:
+        return self._conditioning
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)  # weight, bias, layer_idx, attention_type, ...
+
+    def own_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters this layer adds (what trains), not those of ``base_layer``."""
+        return ((n, p) for n, p in self.named_parameters() if not n.startswith("base_layer."))
+
+
+def inject_layers(root: nn.Module, match: Callable[[str, nn.Module], bool],
+                  factory: Callable[[str, nn.Module], nn.Module]) -> list[tuple[str, nn.Module]]:
+    """Replace every module of ``root`` that ``match(name, module)`` selects with
+    ``factory(name, module)``; ``(name, new module)`` in ``root.named_modules()`` order. Modules
+    already injected, and modules inside them (their ``base_layer``), are never matched, so
+    injecting twice changes nothing."""
+    inside: set[str] = set()
+    targets = []
+    for name, module in root.named_modules():
+        if not name or any(name == p or name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, InjectedLayer):
+            inside.add(name)
+            continue
+        if match(name, module):
+            targets.append((name, module))
+            inside.add(name)
+    out = []
+    for name, module in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        new = factory(name, module)
+        setattr(parent, attr, new)  # ModuleList / ModuleDict children are set by their key too
+        out.append((name, new))
+    return out
+
+
+def injected(root: nn.Module) -> list[tuple[str, InjectedLayer]]:
+    """Every :class:`InjectedLayer` under ``root`` (outermost only), with its name."""
+    return [(n, m) for n, m in root.named_modules() if isinstance(m, InjectedLayer)]
+
+
+def injected_parameter_names(root: nn.Module, prefix: str = "") -> set[str]:
+    """Names (as ``root.named_parameters()`` spells them, with ``prefix``) of every parameter the
+    injected layers under ``root`` add: the trainable set of an injecting strategy."""
+    return {f"{prefix}{n}.{p}" if n else f"{prefix}{p}" for n, m in injected(root) for p, _ in m.own_parameters()}
