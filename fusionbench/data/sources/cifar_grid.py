@@ -61,8 +61,8 @@ from PIL import Image
 from fusionbench.assets.paths import cache_dir
 from fusionbench.assets.pypi import pypi_file
 from fusionbench.data import register_dataset
-from fusionbench.data.sources.scenes import (MAX_DRAWS, QA_FEATURES, Question, Template, answer_plan, article,
-                                             ask, cache_key, cached_dataset, check_options, join_phrases,
+from fusionbench.data.sources.scenes import (MAX_DRAWS, QA_FEATURES, Template, answer_plan, article,
+                                             ask_group, cache_key, cached_dataset, check_options, join_phrases,
                                              png_bytes, qtype_plan, records_to_dataset, split_rng, split_size,
                                              wanted_qtypes)
 from fusionbench.errors import FusionBenchError
@@ -280,29 +280,16 @@ def generate_grids(images: np.ndarray, labels: np.ndarray, cfg: Any,
     plan = answer_plan(rng, qtype_plan(rng, qtypes, size), by_qtype)
     used: dict[tuple[str, str], int] = {}  # (template, answer) -> times asked
     for start in range(0, size, per_image):
-        # as in scenes: the first question of a grid gets its planned answer, further ones the
-        # least-used answer the grid offers
         group = plan[start:start + per_image]
         for _attempt in range(MAX_DRAWS):
             classes = _choose_classes(rng, available, balanced_animals=True)
             grid = dict(zip(CELLS, classes))
-            asked: list[Question] = []
-            for k, (template, answer) in enumerate(group):
-                if k:
-                    offered = sorted({a for _, a, _ in template.instances(grid)},
-                                     key=lambda a: (used.get((template.name, a), 0), template.answers.index(a)))
-                    answer = offered[0] if offered else answer
-                q = ask(template, answer, grid, rng, frozenset(a[0] for a in asked))
-                if q is None:
-                    break
-                asked.append(q)
-            if len(asked) == len(group):
+            asked = ask_group(group, grid, rng, used)
+            if asked is not None:
                 break
         else:
             raise FusionBenchError(f"{NAME}: no grid in {MAX_DRAWS} draws fits {[(t.name, a) for t, a in group]}; "
                                    f"lower data.options.questions_per_image")
-        for (template, _), (_, answer, _) in zip(group, asked):
-            used[(template.name, answer)] = used.get((template.name, answer), 0) + 1
         idx = [int(by_class[k][int(rng.integers(0, len(by_class[k])))]) for k in classes]
         canvas = np.empty((2 * tile, 2 * tile, 3), dtype=np.uint8)
         for i, (r, c) in zip(idx, CELLS.values()):

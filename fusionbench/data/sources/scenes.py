@@ -507,6 +507,27 @@ def ask(template: Template, answer: str, scene: Scene, rng: np.random.Generator,
     return None
 
 
+def ask_group(group: list[tuple[Template, str]], subject: Any, rng: np.random.Generator,
+              used: dict[tuple[str, str], int]) -> Optional[list[Question]]:
+    """The questions of one image: the first gets its planned answer; further ones
+    (questions_per_image > 1) the least-used answer (``used``: (template, answer) -> times asked)
+    the subject offers, which keeps them near-balanced where an exact plan would ask for impossible
+    combinations. None when the subject does not fit (draw another); on success ``used`` counts them."""
+    asked: list[Question] = []
+    for k, (template, answer) in enumerate(group):
+        if k:
+            offered = sorted({a for _, a, _ in template.instances(subject)},
+                             key=lambda a: (used.get((template.name, a), 0), template.answers.index(a)))
+            answer = offered[0] if offered else answer
+        q = ask(template, answer, subject, rng, frozenset(a[0] for a in asked))
+        if q is None:
+            return None
+        asked.append(q)
+    for (template, _), (_, answer, _) in zip(group, asked):
+        used[(template.name, answer)] = used.get((template.name, answer), 0) + 1
+    return asked
+
+
 #: scene draws per item before giving up (the rarest answers, e.g. four triangles, take ~10^3)
 MAX_DRAWS = 20000
 
@@ -532,32 +553,18 @@ def generate_examples(cfg: Any, split: str) -> Iterator[tuple[dict[str, Any], Sc
     plan = answer_plan(rng, qtype_plan(rng, qtypes, size), by_qtype)
     used: dict[tuple[str, str], int] = {}  # (template, answer) -> times asked
     for start in range(0, size, per_image):
-        # the first question of an image gets its planned answer; further questions about the same
-        # image (questions_per_image > 1) take the least-used answer the scene offers, which keeps
-        # them near-balanced where an exact plan would ask for impossible combinations
         group = plan[start:start + per_image]
         for _attempt in range(MAX_DRAWS):
             scene = make_scene(rng, image_size, max_objects=max_objects)
             if scene.split_bucket() != split:
                 continue
-            asked: list[Question] = []
-            for k, (template, answer) in enumerate(group):
-                if k:
-                    offered = sorted({a for _, a, _ in template.instances(scene)},
-                                     key=lambda a: (used.get((template.name, a), 0), template.answers.index(a)))
-                    answer = offered[0] if offered else answer
-                q = ask(template, answer, scene, rng, frozenset(a[0] for a in asked))
-                if q is None:
-                    break
-                asked.append(q)
-            if len(asked) == len(group):
+            asked = ask_group(group, scene, rng, used)
+            if asked is not None:
                 break
         else:
             raise FusionBenchError(
                 f"scenes: no scene in {MAX_DRAWS} draws fits {[(t.name, a) for t, a in group]} "
                 f"(max_objects={max_objects}); lower data.options.questions_per_image")
-        for (template, _), (_, answer, _) in zip(group, asked):
-            used[(template.name, answer)] = used.get((template.name, answer), 0) + 1
         image = png_bytes(render_scene(scene))
         caption = caption_scene(scene)
         for (template, _), (question, answer, relation) in zip(group, asked):
