@@ -293,6 +293,7 @@ def _apply(cfg: DictConfig, key: str, node: Any, item: str | None = None) -> Dic
         OmegaConf.set_struct(cfg, False)
         cfg.fusion = {"name": node} if isinstance(node, str) else node
         OmegaConf.set_struct(cfg, True)
+        OmegaConf.set_struct(cfg.fusion, False)  # `fusion.<option>=...` may follow: finalise checks the options
     elif key in ("grid", "stages", "seeds"):  # collections: an override replaces them (`grid={}` clears)
         OmegaConf.update(cfg, key, node, merge=False)
     elif item is not None:

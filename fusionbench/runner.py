@@ -329,7 +329,12 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                 f"for {tcfg.max_steps} steps")
             if tcfg.compile:
                 compile_decoder_layers(model)
+            data.resume_step = 0  # set from the checkpoint (FusionDataModule.load_state_dict) when resuming
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if resume else None)
+            if resume:
+                # the same batches in the same order and the same random draws as without the interruption
+                # (False: a checkpoint of an older fusionbench, or a distributed run)
+                extra["resume_exact"] = bool(data.resume_exact) and getattr(module, "restored_rng", False)
             is_zero = trainer.is_global_zero
             if tcfg.checkpoint and (checkpoint_step(ckpt_dir / "last.ckpt") or 0) < tcfg.max_steps:
                 trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the stage's final weights, whatever the schedule

@@ -104,3 +104,10 @@ def test_keys_added_later_do_not_change_old_hashes_at_their_default():
         changed = cfg.copy()
         OmegaConf.update(changed, dotted, other)  # (a logger's package need not be installed to hash it)
         assert config_hash(changed) != config_hash(cfg)
+
+
+def test_a_strategy_switch_then_its_options_on_the_command_line():
+    cfg = load_config(TINY, ["fusion=qformer", "fusion.num_queries=4"])
+    assert cfg.fusion.name == "qformer" and cfg.fusion.num_queries == 4
+    with pytest.raises(FusionBenchError, match="Did you mean 'fusion.dropout'"):
+        load_config(TINY, ["fusion=lora", "fusion.dropotu=0.2"])

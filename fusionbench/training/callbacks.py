@@ -35,7 +35,15 @@ class ForgettingCurve(L.Callback):
             logger.log_metrics({f"curve/{k}": v for k, v in point.items() if k != "step"}, step=trainer.global_step)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._score(trainer, pl_module)
+        if not self.points:  # a resumed run has its earlier points back (state_dict) and skips this
+            self._score(trainer, pl_module)
+
+    # the points so far travel in the checkpoint: a resumed run's curve is the uninterrupted one's
+    def state_dict(self) -> dict:
+        return {"points": list(self.points)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.points = list(state.get("points", []))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -78,6 +86,12 @@ class ValidationCurve(L.Callback):
                                    step=trainer.global_step)
         if not self.points or self.points[-1]["step"] != point["step"]:
             self.points.append(point)
+
+    def state_dict(self) -> dict:
+        return {"points": list(self.points)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.points = list(state.get("points", []))
 
 
 def plateaued(points: list[dict[str, float]], key: str = "val/lm_loss", tol: float = 0.02) -> bool | None:

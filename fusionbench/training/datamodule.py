@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 from fusionbench.config import DataConfig, TrainConfig
 from fusionbench.data import DATASETS
@@ -33,6 +34,11 @@ class FusionDataModule(L.LightningDataModule):
         self.tokenizer, self.preprocess, self.num_image_tokens, self.seed = tokenizer, preprocess, num_image_tokens, seed
         self.train_ds = self.val_ds = None
         self._test_ds = None
+        #: the optimizer step a resumed ``fit`` continues from (set from the checkpoint by
+        #: :meth:`load_state_dict`; 0: from the start)
+        self.resume_step = 0
+        #: whether the training order after a resume is the uninterrupted run's (None: not resumed)
+        self.resume_exact: bool | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_ds is not None:
@@ -71,10 +77,67 @@ class FusionDataModule(L.LightningDataModule):
                         with_answer=with_answer, with_image=with_image)
 
     def train_dataloader(self):
+        """Shuffled with a generator seeded by the run's seed, the last partial batch dropped (every
+        epoch has ``len(train) // batch_size`` batches). After a resume from step ``s`` the loader
+        continues the uninterrupted run's order exactly: the generator replays the draws of the
+        ``s // batches`` finished epochs (an index-only read of the same loader, stopped after its
+        last batch as Lightning stops) and the current
+        epoch skips its first ``s % batches`` batches without loading them."""
         g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_ds, batch_size=self.train_cfg.batch_size, shuffle=True, generator=g,
-                          collate_fn=self.collator(), num_workers=self.train_cfg.num_workers, drop_last=True)
+        bs, workers = self.train_cfg.batch_size, self.train_cfg.num_workers
+        step, self.resume_exact = self.resume_step, None
+        if step:
+            if self.trainer is not None and self.trainer.world_size > 1:
+                # Lightning re-creates a distributed loader with its own sampler: not replayed
+                self.resume_exact = False
+            else:
+                per_epoch = len(self.train_ds) // bs
+                epochs, skip = divmod(step, per_epoch)
+                index_only = list(range(len(self.train_ds)))
+                for _ in range(epochs):  # Lightning reads an epoch's batches and stops (no StopIteration)
+                    for _ in itertools.islice(DataLoader(index_only, batch_size=bs, shuffle=True, generator=g,
+                                                         drop_last=True, collate_fn=len), per_epoch):
+                        pass
+                self.resume_exact = True
+                if skip:
+                    batches = _SkipFirst(BatchSampler(RandomSampler(self.train_ds, generator=g), bs, drop_last=True),
+                                         skip)
+                    return DataLoader(self.train_ds, batch_sampler=batches, generator=g, collate_fn=self.collator(),
+                                      num_workers=workers)
+        return DataLoader(self.train_ds, batch_size=bs, shuffle=True, generator=g,
+                          collate_fn=self.collator(), num_workers=workers, drop_last=True)
+
+    # saved in every Lightning checkpoint and restored before ``train_dataloader`` on resume
+    def state_dict(self) -> dict:
+        return {"global_step": self.trainer.global_step if self.trainer is not None else 0,
+                "seed": self.seed, "batch_size": self.train_cfg.batch_size, "train_size": len(self.train_ds)}
+
+    def load_state_dict(self, state: dict) -> None:
+        same = (state.get("seed"), state.get("batch_size"), state.get("train_size")) == \
+            (self.seed, self.train_cfg.batch_size, len(self.train_ds))
+        if not same:
+            raise FusionBenchError(f"the checkpoint was written for another training order ({state}); "
+                                   "delete the run folder to start this point again")
+        self.resume_step = int(state["global_step"])
 
     def val_dataloader(self):
         return DataLoader(self.val_ds, batch_size=self.train_cfg.batch_size, shuffle=False,
                           collate_fn=self.collator(), num_workers=self.train_cfg.num_workers)
+
+
+class _SkipFirst(Sampler):
+    """A batch sampler whose first pass leaves out its first ``skip`` batches (drawn, so the
+    generator advances as in the uninterrupted pass, but never loaded); later passes are whole."""
+
+    def __init__(self, batches: BatchSampler, skip: int):
+        self.batches, self.skip = batches, skip
+
+    def __iter__(self):
+        it = iter(self.batches)
+        skip, self.skip = self.skip, 0
+        for _ in range(skip):
+            next(it)
+        yield from it
+
+    def __len__(self) -> int:
+        return len(self.batches)

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import math
+import random
 
 import lightning as L
+import numpy as np
 import torch
 
 from fusionbench.config import TrainConfig
@@ -74,6 +76,12 @@ class FusionModule(L.LightningModule):
         keep = {f"model.{n}" for n in self.model.trainable_parameter_names()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["fusionbench_stage"] = self.model.stage
+        # the random streams (dropout, ...) as they are at this step: a resumed run draws what the
+        # uninterrupted one would have
+        # (plain types and tensors: the checkpoint stays loadable with ``weights_only=True``)
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["fusionbench_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                         "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss]}
 
     def on_load_checkpoint(self, checkpoint):
         stage = checkpoint.get("fusionbench_stage")
@@ -82,3 +90,10 @@ class FusionModule(L.LightningModule):
         state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items()}
         self.model.load_trainable_state_dict(state)
         checkpoint["state_dict"] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        rng = checkpoint.get("fusionbench_rng")
+        self.restored_rng = rng is not None
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+            random.setstate(rng["python"])

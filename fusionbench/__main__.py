@@ -1,0 +1,6 @@
+"""``python -m fusionbench``: the ``fusionbench`` command."""
+import sys
+
+from fusionbench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,119 @@
+"""A killed point resumes as if it had never stopped: the same batches in the same order (across an
+epoch boundary, the current epoch's consumed batches skipped), the same dropout draws, the same
+validation and forgetting curves, hence the same weights and the same row."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fusionbench.runner import run_point
+from fusionbench.training.module import FusionModule
+from tests.helpers import tiny_cfg
+
+# 64 training scenes / batch 8 = 8 batches an epoch; checkpoints every 5 steps; killed at step 12,
+# so the restart continues from step 10: epoch 1, its first 2 batches already trained
+OVERRIDES = ["fusion=lora", "fusion.dropout=0.2", "trainer.max_steps=14", "trainer.checkpoint_every_n_steps=5",
+             "trainer.val_every_n_steps=3", "trainer.limit_val_batches=1", "eval.val_items=8",
+             "trainer.log_every_n_steps=1", "trainer.lr=0.005"]
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def _trained(run_dir):
+    ckpt = torch.load(next(run_dir.glob("**/checkpoints/main/last.ckpt")), map_location="cpu", weights_only=False)
+    return ckpt["global_step"], ckpt["state_dict"]
+
+
+def _batches_seen(monkeypatch):
+    seen = []
+    step = FusionModule.training_step
+
+    def record(self, batch, batch_idx):
+        seen.append((self.trainer.global_step, batch["input_ids"].sum().item()))
+        return step(self, batch, batch_idx)
+    monkeypatch.setattr(FusionModule, "training_step", record)
+    return seen
+
+
+def test_resumed_point_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+    whole = tiny_cfg(*OVERRIDES, tmp_path=tmp_path / "whole")
+    seen_whole = _batches_seen(monkeypatch)
+    [row_whole] = run_point(whole)
+    monkeypatch.undo()
+
+    cut = tiny_cfg(*OVERRIDES, tmp_path=tmp_path / "cut")
+    seen_cut = _batches_seen(monkeypatch)
+    record = FusionModule.training_step
+
+    def die_at_12(self, batch, batch_idx):
+        if self.trainer.global_step == 12:
+            raise Killed
+        return record(self, batch, batch_idx)
+    monkeypatch.setattr(FusionModule, "training_step", die_at_12)
+    with pytest.raises(Killed):
+        run_point(cut)
+    assert _trained(tmp_path / "cut")[0] == 10
+    monkeypatch.setattr(FusionModule, "training_step", record)
+    [row_cut] = run_point(cut)
+
+    # the restart trained steps 10..13 on the batches the uninterrupted run used there
+    assert [s for s, _ in seen_cut] == list(range(12)) + list(range(10, 14))
+    assert seen_cut[12:] == seen_whole[10:]
+    assert row_cut["resumed_from_step"] == 10 and row_cut["resume_exact"] is True
+    assert "resumed_from_step" not in row_whole
+    step_whole, weights_whole = _trained(tmp_path / "whole")
+    step_cut, weights_cut = _trained(tmp_path / "cut")
+    assert step_whole == step_cut == 14 and weights_whole.keys() == weights_cut.keys()
+    for name, w in weights_whole.items():
+        assert torch.equal(w, weights_cut[name]), name
+    assert json.loads(row_cut["val_curve"]) == json.loads(row_whole["val_curve"])
+    assert row_cut["mm/choice/acc"] == row_whole["mm/choice/acc"]
+    assert row_cut["train_loss_final"] == row_whole["train_loss_final"]
+
+
+def test_a_checkpoint_of_another_training_order_is_refused(tmp_path, monkeypatch):
+    cfg = tiny_cfg("fusion=linear", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=5", tmp_path=tmp_path)
+    record = FusionModule.training_step
+
+    def die_at_5(self, batch, batch_idx):
+        if self.trainer.global_step == 5:
+            raise Killed
+        return record(self, batch, batch_idx)
+    monkeypatch.setattr(FusionModule, "training_step", die_at_5)
+    with pytest.raises(Killed):
+        run_point(cfg)
+    monkeypatch.undo()
+    ckpt = next(tmp_path.glob("**/last.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state["FusionDataModule"]["train_size"] += 1
+    torch.save(state, ckpt)
+    from fusionbench.errors import FusionBenchError
+    with pytest.raises(FusionBenchError, match="another training order"):
+        run_point(cfg)
+
+
+def test_curves_travel_in_the_checkpoint():
+    """The forgetting and validation curves keep their earlier points across a resume, and the
+    forgetting curve's step-0 point (scored at ``on_train_start``) is not scored again mid-run."""
+    from fusionbench.training.callbacks import ForgettingCurve, ValidationCurve
+
+    class Trainer:
+        global_step, loggers = 10, []
+
+    scored = []
+    curve = ForgettingCurve(suite=None, base={}, tokenizer=None, every_n_steps=4, batch_size=2)
+    curve._score = lambda trainer, module: scored.append(trainer.global_step)
+    curve.load_state_dict({"points": [{"step": 0}, {"step": 4}, {"step": 8}]})
+    curve.on_train_start(Trainer(), None)
+    assert scored == [] and [p["step"] for p in curve.state_dict()["points"]] == [0, 4, 8]
+    fresh = ForgettingCurve(suite=None, base={}, tokenizer=None, every_n_steps=4, batch_size=2)
+    fresh._score = curve._score
+    fresh.on_train_start(Trainer(), None)
+    assert scored == [10]
+    val = ValidationCurve(None, None, batch_size=2)
+    val.load_state_dict({"points": [{"step": 3, "val/lm_loss": 1.0}]})
+    assert val.state_dict() == {"points": [{"step": 3, "val/lm_loss": 1.0}]}
