@@ -264,7 +264,7 @@ def test_text_rows_run_the_frozen_weights(name, arch):
 def test_text_rows_check_catches_a_strategy_that_routes_text_through_its_experts(monkeypatch):
     """The deliberately broken variant: text rows go through the trainable copies whenever an
     image is present. The text-only contract cannot see it; this check does."""
-    from fusionbench.fusion.visual_expert import VisualExpertLinear
+    from fusionbench.fusion.inject import ImageRowExpert
     from tests.helpers import train_a_few_steps
 
     model = tiny_model("visual_expert")
@@ -273,5 +273,5 @@ def test_text_rows_check_catches_a_strategy_that_routes_text_through_its_experts
     def leaky(self, x):
         return self.expert(x) if self.conditioning.image_mask is not None else self.base_layer(x)
 
-    monkeypatch.setattr(VisualExpertLinear, "forward", leaky)
+    monkeypatch.setattr(ImageRowExpert, "forward", leaky)
     assert any("text rows differ" in b for b in text_rows_check(model))

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fusionbench.errors import FusionBenchError
 from fusionbench.fusion.moe import UpcycledMoE
-from fusionbench.fusion.visual_expert import TokenRouting, VisualExpertLinear
+from fusionbench.fusion.inject import ImageRowExpert, TokenRouting
 from fusionbench.model import IMAGE_TOKEN_ID
 from tests.helpers import image_batch, text_batch, tiny_cfg, tiny_model
 
@@ -20,7 +20,7 @@ def _perturb(params, scale=0.05, seed=0):
 
 
 def _experts(model):
-    return [m for m in model.lm.modules() if isinstance(m, VisualExpertLinear)]
+    return [m for m in model.lm.modules() if isinstance(m, ImageRowExpert)]
 
 
 def _image_inputs(model, batch):
@@ -80,7 +80,7 @@ def test_expert_linear_routed_equals_unrouted_reference():
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 24)
     routing = TokenRouting()
-    layer = VisualExpertLinear(base, routing)
+    layer = ImageRowExpert(base, routing)
     _perturb(layer.expert.parameters(), scale=0.5)
     x = torch.randn(3, 10, 16)
     mask = torch.rand(3, 10) < 0.4
@@ -115,7 +115,7 @@ def test_visual_expert_model_routed_equals_unrouted_reference(arch, monkeypatch)
             return self.base_layer(x)
         return torch.where(mask.unsqueeze(-1), self.expert(x), self.base_layer(x))
 
-    monkeypatch.setattr(VisualExpertLinear, "forward", unrouted)
+    monkeypatch.setattr(ImageRowExpert, "forward", unrouted)
     with torch.no_grad():
         reference = model.logits(*args)
     assert (routed - reference).abs().max().item() <= 1e-6
@@ -205,10 +205,10 @@ def test_cached_generation_treats_new_tokens_as_text():
 
 def test_visual_expert_layer_selection():
     model = tiny_model("{name: visual_expert, layers: top_half}")
-    names = {n for n, m in model.lm.named_modules() if isinstance(m, VisualExpertLinear)}
+    names = {n for n, m in model.lm.named_modules() if isinstance(m, ImageRowExpert)}
     assert names and all(".layers.2." in n or ".layers.3." in n for n in names)
     model = tiny_model("{name: visual_expert, layers: [0, -1]}")
-    names = {n for n, m in model.lm.named_modules() if isinstance(m, VisualExpertLinear)}
+    names = {n for n, m in model.lm.named_modules() if isinstance(m, ImageRowExpert)}
     assert {n.split(".layers.")[1].split(".")[0] for n in names} == {"0", "3"}
 
 
@@ -392,7 +392,7 @@ def test_projections_sharing_an_input_share_one_gather_and_gradients_match_refer
     the input and of every expert / base weight equal those of the dense reference."""
     torch.manual_seed(0)
     routing = TokenRouting()
-    layers = [VisualExpertLinear(torch.nn.Linear(16, d), routing) for d in (24, 8, 8)]
+    layers = [ImageRowExpert(torch.nn.Linear(16, d), routing) for d in (24, 8, 8)]
     for layer in layers:
         _perturb(layer.expert.parameters(), scale=0.5)
         layer.base_layer.requires_grad_(True)

@@ -21,9 +21,13 @@ strategy shares with all its layers and sets for one LM call (or one ``generate(
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Callable, ClassVar, Iterator
 
+import torch
 from torch import nn
+
+from fusionbench.errors import FusionBenchError
 
 _MISSING = object()
 
@@ -124,3 +128,95 @@ def injected_parameter_names(root: nn.Module, prefix: str = "") -> set[str]:
     """Names (as ``root.named_parameters()`` spells them, with ``prefix``) of every parameter the
     injected layers under ``root`` add: the trainable set of an injecting strategy."""
     return {f"{prefix}{n}.{p}" if n else f"{prefix}{p}" for n, m in injected(root) for p, _ in m.own_parameters()}
+
+
+class TokenRouting(Conditioning):
+    """The conditioning shared by every :class:`ImageRowExpert` of one model: the image mask
+    ``[B, T]`` of the current LM call (``image_mask``; None: no image, every token is text), with
+    the row plan derived from it cached for the call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._plans: dict[int, tuple[torch.Tensor, torch.Tensor, int] | None] = {}
+        self._sorted: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _changed(self) -> None:
+        self._plans, self._sorted = {}, None
+
+    @property
+    def image_mask(self) -> torch.Tensor | None:
+        return self.get("image_mask")
+
+    @image_mask.setter
+    def image_mask(self, mask: torch.Tensor | None) -> None:  # outside a ``set`` block (tests)
+        self._state["image_mask"] = mask
+        self._changed()
+
+    def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """``(order, inverse, n_text)`` for ``x [B, T, D]``: flat row indices with text rows first
+        and image rows after, the permutation back, and how many text rows; None when every row
+        is text. Positions beyond the mask (cached generation: the new tokens) are text; a step
+        shorter than the mask (a decode step after the prefill) is all text. Computed once per
+        sequence length and shared by every projection of the LM call."""
+        mask = self.image_mask
+        if mask is None:
+            return None
+        if x.dim() != 3 or x.shape[0] != mask.shape[0]:
+            raise FusionBenchError(f"image-row expert: input of shape {list(x.shape)} does not match the image "
+                                   f"mask of shape {list(mask.shape)} (expected [batch, seq, features])")
+        t = x.shape[1]
+        if t not in self._plans:
+            self._plans[t] = self._split(mask, t)
+        return self._plans[t]
+
+    def sorted_rows(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """``x``'s rows in ``order`` (text rows, then image rows), gathered once per input tensor:
+        projections that read the same input (q/k/v, gate/up) share one gather, and its gradient
+        is scattered back once."""
+        if self._sorted is None or self._sorted[0] is not x:
+            self._sorted = (x, x.reshape(-1, x.shape[-1]).index_select(0, order))
+        return self._sorted[1]
+
+    @staticmethod
+    def _split(mask: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        tm = mask.shape[1]
+        if t < tm:
+            return None
+        if t > tm:
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], t - tm)], dim=1)
+        flat = mask.reshape(-1).bool()
+        image_rows = flat.nonzero().squeeze(1)
+        if not image_rows.numel():
+            return None
+        text_rows = (~flat).nonzero().squeeze(1)
+        order = torch.cat([text_rows, image_rows])
+        return order, torch.argsort(order), text_rows.numel()
+
+
+class ImageRowExpert(InjectedLayer):
+    """A row-wise module (a projection, a norm: ``[B, T, D] -> [B, T, D']``, each row on its own)
+    with a trainable copy, ``expert``, for image rows; text rows run ``base_layer``, the LM's frozen
+    original. Each runs only on its own rows: the rows are gathered text-first (once per input,
+    shared by modules that read the same input), each part goes through its module, one gather puts
+    them back in place. Without an image mask it *is* ``base_layer``. CogVLM's visual expert
+    (projections) and mPLUG-Owl2's modality-adaptive norms (norms) are this layer."""
+
+    rows = "image"
+
+    def __init__(self, base_layer: nn.Module, routing: TokenRouting):
+        super().__init__(base_layer, routing)
+        self.expert = copy.deepcopy(base_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing: TokenRouting = self.conditioning
+        plan = routing.plan(x)
+        if plan is None:
+            return self.base_layer(x)
+        order, inverse, n_text = plan
+        b, t, _ = x.shape
+        rows = routing.sorted_rows(x, order)
+        text_out = self.base_layer(rows[:n_text])
+        image_out = self.expert(rows[n_text:])
+        dtype = torch.promote_types(text_out.dtype, image_out.dtype)
+        out = torch.cat([text_out.to(dtype), image_out.to(dtype)]).index_select(0, inverse)
+        return out.reshape(b, t, -1)

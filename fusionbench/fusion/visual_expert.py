@@ -8,17 +8,15 @@ get experts: an image row's output there reaches nothing (its logits are never s
 q / o / the MLP would count as trainable without ever receiving a gradient."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from fusionbench.errors import FusionBenchError
 from fusionbench.fusion._lm import decoder_layers, layer_indices
 from fusionbench.fusion.base import register
-from fusionbench.fusion.inject import Conditioning, InjectedLayer, inject_layers, injected_parameter_names
+from fusionbench.fusion.inject import ImageRowExpert, TokenRouting, inject_layers, injected_parameter_names
 from fusionbench.fusion.projector import MLPOptions, MLPProjector
 
 
@@ -39,96 +37,6 @@ def _projection_types() -> tuple[type, ...]:
     except ImportError:  # pragma: no cover - every supported transformers has it
         return (nn.Linear,)
     return (nn.Linear, Conv1D)
-
-
-class TokenRouting(Conditioning):
-    """The conditioning shared by every :class:`VisualExpertLinear` of one model: the image mask
-    ``[B, T]`` of the current LM call (``image_mask``; None: no image, every token is text), with
-    the row plan derived from it cached for the call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._plans: dict[int, tuple[torch.Tensor, torch.Tensor, int] | None] = {}
-        self._sorted: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _changed(self) -> None:
-        self._plans, self._sorted = {}, None
-
-    @property
-    def image_mask(self) -> torch.Tensor | None:
-        return self.get("image_mask")
-
-    @image_mask.setter
-    def image_mask(self, mask: torch.Tensor | None) -> None:  # outside a ``set`` block (tests)
-        self._state["image_mask"] = mask
-        self._changed()
-
-    def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """``(order, inverse, n_text)`` for ``x [B, T, D]``: flat row indices with text rows first
-        and image rows after, the permutation back, and how many text rows; None when every row
-        is text. Positions beyond the mask (cached generation: the new tokens) are text; a step
-        shorter than the mask (a decode step after the prefill) is all text. Computed once per
-        sequence length and shared by every projection of the LM call."""
-        mask = self.image_mask
-        if mask is None:
-            return None
-        if x.dim() != 3 or x.shape[0] != mask.shape[0]:
-            raise FusionBenchError(f"visual_expert: input of shape {list(x.shape)} does not match the image "
-                                   f"mask of shape {list(mask.shape)} (expected [batch, seq, features])")
-        t = x.shape[1]
-        if t not in self._plans:
-            self._plans[t] = self._split(mask, t)
-        return self._plans[t]
-
-    def sorted_rows(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        """``x``'s rows in ``order`` (text rows, then image rows), gathered once per input tensor:
-        projections that read the same input (q/k/v, gate/up) share one gather, and its gradient
-        is scattered back once."""
-        if self._sorted is None or self._sorted[0] is not x:
-            self._sorted = (x, x.reshape(-1, x.shape[-1]).index_select(0, order))
-        return self._sorted[1]
-
-    @staticmethod
-    def _split(mask: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        tm = mask.shape[1]
-        if t < tm:
-            return None
-        if t > tm:
-            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], t - tm)], dim=1)
-        flat = mask.reshape(-1).bool()
-        image_rows = flat.nonzero().squeeze(1)
-        if not image_rows.numel():
-            return None
-        text_rows = (~flat).nonzero().squeeze(1)
-        order = torch.cat([text_rows, image_rows])
-        return order, torch.argsort(order), text_rows.numel()
-
-
-class VisualExpertLinear(InjectedLayer):
-    """An injected projection: ``base_layer`` (the LM's frozen original) for text rows, ``expert``
-    (a trainable copy) for image rows. Each weight runs only on its own rows: the rows are gathered
-    text-first (once per input, shared by projections of the same input), each part goes through
-    its weight, one gather puts them back in place. Without an image mask it *is* ``base_layer``."""
-
-    rows = "image"
-
-    def __init__(self, base_layer: nn.Module, routing: TokenRouting):
-        super().__init__(base_layer, routing)
-        self.expert = copy.deepcopy(base_layer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routing: TokenRouting = self.conditioning
-        plan = routing.plan(x)
-        if plan is None:
-            return self.base_layer(x)
-        order, inverse, n_text = plan
-        b, t, _ = x.shape
-        rows = routing.sorted_rows(x, order)
-        text_out = self.base_layer(rows[:n_text])
-        image_out = self.expert(rows[n_text:])
-        dtype = torch.promote_types(text_out.dtype, image_out.dtype)
-        out = torch.cat([text_out.to(dtype), image_out.to(dtype)]).index_select(0, inverse)
-        return out.reshape(b, t, -1)
 
 
 @dataclass
@@ -172,7 +80,7 @@ class VisualExpert(MLPProjector):
             # scored); only its keys / values reach the loss, through the text rows after it
             last = self._is_last(vlm, layer)
             inject_layers(layer, lambda n, m: isinstance(m, types) and (not last or _feeds_keys_or_values(n)),
-                          lambda n, m: VisualExpertLinear(m, self.routing))
+                          lambda n, m: ImageRowExpert(m, self.routing))
 
     def conditioning(self, vlm, features, image_mask):
         return self.routing.set(image_mask=image_mask)
