@@ -331,6 +331,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from fusionbench.memory import retain_freed_memory
+
+    malloc = "retain" if retain_freed_memory() else "default"  # as training runs (fusionbench.memory)
     strategies = args.strategies or FUSIONS.names()
     for name in strategies:
         FUSIONS.get(name)  # unknown names fail before any compute
@@ -343,7 +346,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for name in strategies:
         fusion = strategy_override(name) if args.options == "yaml" else f"fusion={name}"
         point = load_config(args.config, ["grid={}", "stages=[]", *args.overrides, fusion])
-        row = {"benchmark": "efficiency", "strategy": name, "batch_size": point.trainer.batch_size,
+        row = {"benchmark": "efficiency", "strategy": name, "batch_size": point.trainer.batch_size, "malloc": malloc,
                "options": args.options, "fusion": OmegaConf.to_container(point.fusion),
                "lm": point.lm.source, "vision": point.vision.source, "device_type": device.type,
                **measure(point, device, args.steps, args.autocast, args.compile, args.profile,

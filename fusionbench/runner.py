@@ -248,6 +248,9 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
     loaded), a stage with an earlier checkpoint continues from it (``trainer.fit(ckpt_path=...)``),
     and stages in ``done_stages`` (rows already in the results) are not evaluated again. With a
     multi-process Lightning strategy (``ddp``) every rank trains, rank 0 alone evaluates and writes."""
+    from fusionbench.memory import retain_freed_memory
+
+    retain_freed_memory()  # gradients re-allocated every step come from the heap, not fresh pages
     plan = stage_plan(cfg)
     prep = Prepared(cfg, text_suite=evaluate and cfg.eval.text_suite, evaluate=evaluate)  # everything that can fail on bad input fails here, before training
     model, data, tok = prep.model, prep.data, prep.tokenizer

@@ -208,3 +208,18 @@ def test_benchmark_profile_and_prefix_cache_in_flops_as_run(tmp_path):
                       "--strategies", "linear", "--device", "cpu"])[0]
     assert r["flops_step_as_run"] < off["flops_step_as_run"] < off["eff/flops_train_step"]
     assert off["eff/flops_train_step"] == r["eff/flops_train_step"]  # counting ignores both caches
+
+
+def test_freed_memory_is_retained_unless_switched_off():
+    """fusionbench.memory: on glibc the mallopt setting takes effect in a training process, and
+    FUSIONBENCH_MALLOC=default leaves malloc alone (each in a fresh interpreter: it is per process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from fusionbench.memory import retain_freed_memory as r; print(r(), r())"
+    env = {k: v for k, v in os.environ.items() if k != "FUSIONBENCH_MALLOC"}
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "FUSIONBENCH_MALLOC": "default"})
+    assert on.stdout.split() == ["True", "True"] and off.stdout.split() == ["False", "False"]

@@ -40,15 +40,20 @@ def _fresh_lm(*overrides):
 # -- visual expert ------------------------------------------------------------------------------
 
 ARCH_PROJECTIONS = {"llama": 7, "qwen2": 7, "gpt2": 4}  # q,k,v,o,gate,up,down | c_attn,c_proj,c_fc,c_proj
+ARCH_INJECTED = {"llama": 5, "qwen2": 5, "gpt2": 3}     # q,k,v,o + the mlp block | c_attn,c_proj + the mlp block
 LAST_LAYER_KV = {"llama": 2, "qwen2": 2, "gpt2": 1}    # the LM's last layer: k,v | the fused c_attn
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_visual_expert_wraps_every_projection_of_each_layer(arch):
+    """Attention projections one by one, the MLP block whole (one row split for gate/up/down):
+    every projection of every layer has an expert copy, the last layer k / v only."""
     model = tiny_model("visual_expert", f"lm.tiny.arch={arch}")
     n_layers = tiny_cfg().lm.tiny.num_hidden_layers
     experts = _experts(model)
-    assert len(experts) == ARCH_PROJECTIONS[arch] * (n_layers - 1) + LAST_LAYER_KV[arch]
+    assert len(experts) == ARCH_INJECTED[arch] * (n_layers - 1) + LAST_LAYER_KV[arch]
+    copied = [m for e in experts for m in e.expert.modules() if hasattr(m, "weight") and m.weight.dim() == 2]
+    assert len(copied) == ARCH_PROJECTIONS[arch] * (n_layers - 1) + LAST_LAYER_KV[arch]
     for m in experts:  # initialised from the LM's own weights, separate tensors
         for (n, a), (_, b) in zip(m.base_layer.named_parameters(), m.expert.named_parameters()):
             assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), n

@@ -3,7 +3,9 @@ Models"): image tokens enter the LM through an MLP projector, and in each select
 attention QKV, attention output and MLP weights get a trainable *visual expert* copy, initialised
 from the LM's own weights, that only image tokens use. Text tokens keep the frozen original weights,
 so text-only input is exactly the base LM and per-token FLOPs are unchanged (the expert replaces a
-matmul for image rows, it never adds one). In the LM's last layer only the key / value projections
+matmul for image rows, it never adds one). Where the decoder layer has an ``mlp`` block (Llama, Qwen2,
+Gemma, GPT-2, ...) the block is copied whole (row-wise as a whole: the rows are split once per block,
+not once per projection). In the LM's last layer only the key / value projections
 get experts: an image row's output there reaches nothing (its logits are never scored), so copies of
 q / o / the MLP would count as trainable without ever receiving a gradient."""
 from __future__ import annotations
@@ -79,8 +81,11 @@ class VisualExpert(MLPProjector):
             # in the LM's last layer an image row's output feeds nothing (its logits are never
             # scored); only its keys / values reach the loss, through the text rows after it
             last = self._is_last(vlm, layer)
-            inject_layers(layer, lambda n, m: isinstance(m, types) and (not last or _feeds_keys_or_values(n)),
-                          lambda n, m: ImageRowExpert(m, self.routing))
+            # the MLP block is row-wise as a whole: one expert copy of the block splits the rows once
+            # (instead of once per gate / up / down projection); the same weights and numbers
+            inject_layers(layer, lambda n, m: (n == "mlp" and not last) or (
+                isinstance(m, types) and (not last or _feeds_keys_or_values(n))),
+                lambda n, m: ImageRowExpert(m, self.routing))
 
     def conditioning(self, vlm, features, image_mask):
         return self.routing.set(image_mask=image_mask)
