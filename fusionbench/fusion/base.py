@@ -199,8 +199,12 @@ class FusionStrategy(nn.Module):
 
     def trainable(self, vlm: "VisionLanguageModel", stage: str | None = None) -> set[str]:
         """Names (as in ``vlm.named_parameters()``) of the parameters that train in ``stage``.
-        Default: every parameter the strategy owns; LM and vision encoder frozen."""
-        return {f"fusion.{n}" for n, _ in self.named_parameters()}
+        Default: every parameter the strategy owns and every parameter its injected layers add
+        (:func:`~fusionbench.fusion.inject.injected_parameter_names`); the LM's and the vision
+        encoder's own weights frozen."""
+        from fusionbench.fusion.inject import injected_parameter_names
+
+        return {f"fusion.{n}" for n, _ in self.named_parameters()} | injected_parameter_names(vlm)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary losses of the last forward (e.g. MoE load balancing), already weighted."""

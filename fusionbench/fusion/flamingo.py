@@ -24,7 +24,7 @@ from torch import nn
 from fusionbench.errors import FusionBenchError
 from fusionbench.fusion._lm import decoder_layers, layer_indices
 from fusionbench.fusion.base import FusionOptions, FusionStrategy, register
-from fusionbench.fusion.inject import Conditioning, InjectedLayer, inject_layers, injected_parameter_names
+from fusionbench.fusion.inject import Conditioning, InjectedLayer, inject_layers
 
 
 @dataclass
@@ -226,8 +226,5 @@ class Flamingo(FusionStrategy):
         return self._conditioning.set(latents=None, bypass=True)
 
     # -- 3. what trains -----------------------------------------------------------------------------
-    def trainable(self, vlm, stage=None) -> set[str]:
-        return {f"fusion.{n}" for n, _ in self.named_parameters()} | injected_parameter_names(vlm.lm, "lm.")
-
     def extra_repr(self) -> str:
         return f"strategy='flamingo', cross_attention_layers={self.layers_with_cross_attention}"

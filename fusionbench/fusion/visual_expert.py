@@ -18,7 +18,7 @@ from torch import nn
 from fusionbench.errors import FusionBenchError
 from fusionbench.fusion._lm import decoder_layers, layer_indices
 from fusionbench.fusion.base import register
-from fusionbench.fusion.inject import ImageRowExpert, TokenRouting, inject_layers, injected_parameter_names
+from fusionbench.fusion.inject import ImageRowExpert, TokenRouting, inject_layers
 from fusionbench.fusion.projector import MLPOptions, MLPProjector
 
 
@@ -92,6 +92,3 @@ class VisualExpert(MLPProjector):
 
     def text_only(self, vlm):
         return self.routing.set(image_mask=None)
-
-    def trainable(self, vlm, stage=None) -> set[str]:
-        return super().trainable(vlm, stage) | injected_parameter_names(vlm)
