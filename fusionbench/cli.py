@@ -1,4 +1,4 @@
-"""Command line: ``fusionbench {run,sweep,train,eval,assets,report,text-tasks,list}``."""
+"""Command line: ``fusionbench {run,sweep,train,eval,assets,report,power,text-tasks,results,list}``."""
 from __future__ import annotations
 
 import argparse
@@ -31,10 +31,28 @@ def _cmd_sweep(args) -> int:
     return 1 if result["failed"] else 0
 
 
+def _cmd_results(args) -> int:
+    from pathlib import Path
+
+    from fusionbench.results import check
+
+    files = args.files or sorted(str(p) for p in Path("results").glob("*.jsonl"))
+    status = 0
+    for f in files:
+        r = check(f, repair=args.repair)
+        bad = r["corrupt_lines"]
+        what = ("ok" if not bad else f"{len(bad)} corrupt line(s): {', '.join(map(str, bad[:10]))}"
+                + (f" -> moved to {f}.corrupt" if r["repaired"] else " (--repair moves them out)"))
+        print(f"{f}: {r['rows']} rows, {what}")
+        status = status or (1 if bad and not r["repaired"] else 0)
+    return status
+
+
 def _cmd_eval(args) -> None:
     from fusionbench.runner import evaluate_run
 
-    evaluate_run(args.run_dir, args.overrides, stage=args.stage, results_file=args.results_file)
+    evaluate_run(args.run_dir, args.overrides, stage=args.stage, results_file=args.results_file,
+                 allow_partial=args.allow_partial)
 
 
 def _cmd_assets(args) -> None:
@@ -116,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.mm_items=400")
     p.add_argument("--stage", default=None, help="which stage's checkpoint (default: the last stage)")
     p.add_argument("--results-file", default=None, help="table to append to (default: the run's results_file)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="evaluate a checkpoint from before the stage's last step (the row records its real step)")
     p = sub.add_parser("assets", help="list the backbones and data files, and prepare them")
     p.add_argument("--prepare", nargs="*", metavar="ASSET", help="prepare these (no name: all embedded defaults)")
     p = sub.add_parser("report", help="figures and LaTeX tables in paper/ from the tables in results/")
@@ -143,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="prompt formats to try on the generative tasks (fewshot: BIG-bench's 3-shot layout)")
     p.add_argument("--n", type=int, default=200, help="items per task (at most)")
     p.add_argument("--out", default="results/local/text_task_selection.jsonl", help="table to append to")
+    p = sub.add_parser("results", help="results tables: `check` counts rows and corrupt lines (--repair moves them out)")
+    p = p.add_subparsers(dest="action", required=True).add_parser("check", help="rows and corrupt lines of each table")
+    p.add_argument("files", nargs="*", help="results tables (default: results/*.jsonl)")
+    p.add_argument("--repair", action="store_true", help="move corrupt lines to <file>.corrupt, keep the rest")
     sub.add_parser("list", help="list registered fusion strategies and datasets")
     args = parser.parse_args(argv)
     try:
@@ -162,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_text_tasks(args)
         elif args.cmd == "power":
             _cmd_power(args)
+        elif args.cmd == "results":
+            return _cmd_results(args)
         elif args.cmd == "list":
             _cmd_list(args)
     except FusionBenchError as e:

@@ -237,7 +237,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     """Read a YAML file, resolving ``defaults: [base.yaml, ...]`` relative to it (later wins)."""
     path = path.resolve()
     if not path.exists():
-        raise FusionBenchError(f"config file not found: {path}")
+        raise FusionBenchError(f"config file not found: {path}"
+                               + (f" (named in the defaults of {seen[-1]})" if seen else ""))
     if path in seen:
         raise FusionBenchError(f"config inheritance loop at {path}")
     try:
@@ -278,11 +279,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    import yaml
+
     for item in overrides:
-        key, _ = item.split("=", 1)
-        cfg = _apply(cfg, key, OmegaConf.from_dotlist([item]).get(key) if key in ("fusion", "grid", "stages", "seeds")
-                     else None, item)
+        key, value = item.split("=", 1)
+        try:
+            node = OmegaConf.from_dotlist([item]).get(key)
+        except yaml.YAMLError as e:
+            raise FusionBenchError(f"override {key}: the value {value!r} is not valid YAML ({str(e).splitlines()[0]})"
+                                   + ("; in a {key: value} mapping YAML needs a space after each colon"
+                                      if ":" in value else "")) from None
+        _no_glued_colons(key, node, value)
+        cfg = _apply(cfg, key, node if key in ("fusion", "grid", "stages", "seeds") else None, item)
     return cfg
+
+
+def _no_glued_colons(key: str, node: Any, value: str) -> None:
+    """``{name:mlp}`` is valid YAML for the key ``"name:mlp"`` with no value: never what was meant."""
+    items = node.items() if isinstance(node, (dict, DictConfig)) else enumerate(node) if isinstance(node, (list, ListConfig)) else []
+    for k, v in items:
+        if isinstance(k, str) and ":" in k and v is None:
+            raise FusionBenchError(f"override {key}: {value!r} has the key {k!r}; in a {{key: value}} mapping YAML "
+                                   "needs a space after each colon")
+        _no_glued_colons(key, v, value)
 
 
 def _apply(cfg: DictConfig, key: str, node: Any, item: str | None = None) -> DictConfig:
@@ -408,11 +427,70 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
     if needs and not any(importlib.util.find_spec(p) for p in needs):
         raise FusionBenchError(f"trainer.logger={cfg.trainer.logger} needs the package {needs[0]!r}, which is not "
                                f"installed (pip install {needs[0]}); or use trainer.logger=csv")
-    if cfg.trainer.max_length < 8:
-        raise FusionBenchError("trainer.max_length must be at least 8")
     if cfg.trainer.optimizer_impl not in ("fused", "foreach"):
         raise FusionBenchError(f"trainer.optimizer_impl must be 'fused' or 'foreach', got {cfg.trainer.optimizer_impl!r}")
+    check_ranges(cfg.trainer, cfg.data, cfg.vision, cfg.eval)
+    for i, stage in enumerate(cfg.stages):
+        if isinstance(stage, DictConfig) and ("trainer" in stage or "data" in stage):
+            check_ranges(OmegaConf.merge(cfg.trainer, stage.get("trainer") or {}),
+                         OmegaConf.merge(cfg.data, stage.get("data") or {}), where=f"stages[{i}] ")
     return cfg
+
+
+#: (key, lowest allowed, what it means) of every integer option with a range
+_INT_RANGES = [
+    ("trainer.max_steps", 1, "optimizer steps"), ("trainer.batch_size", 1, "examples per step"),
+    ("trainer.warmup_steps", 0, "linear warm-up steps"), ("trainer.num_nodes", 1, "machines"),
+    ("trainer.num_workers", 0, "data loader workers"), ("trainer.log_every_n_steps", 1, "steps"),
+    ("trainer.max_length", 8, "tokens"), ("trainer.checkpoint_every_n_steps", 0, "steps, 0: only at the end"),
+    ("trainer.val_every_n_steps", 0, "steps, 0: once at the end"), ("trainer.limit_val_batches", 0, "batches"),
+    ("data.train_size", 1, "examples"), ("data.val_size", 0, "examples"), ("data.test_size", 0, "examples"),
+    ("data.image_size", 8, "pixels"), ("vision.image_size", 8, "pixels"), ("vision.pool_tokens", 0, "tokens, 0: all"),
+    ("eval.mm_items", 0, "test items, 0: off"), ("eval.max_new_tokens", 1, "tokens"), ("eval.batch_size", 1, "examples"),
+    ("eval.val_items", 0, "val items, 0: off"), ("eval.efficiency_items", 1, "examples"),
+    ("eval.probe_train", 2, "examples"), ("eval.probe_test", 2, "examples"), ("eval.caption_items", 1, "items"),
+    ("eval.caption_max_new_tokens", 1, "tokens"), ("eval.curve_every_n_steps", 0, "steps, 0: off"),
+    ("eval.curve_items_per_task", 1, "items"), ("eval.curve_prose_chunks", 0, "chunks"),
+    ("eval.text.n_per_task", 1, "items"), ("eval.text.ppl_chunks", 0, "chunks, 0: off"),
+    ("eval.text.ppl_chunk_tokens", 2, "tokens"), ("eval.text.gen_items", 1, "items"),
+    ("eval.text.gen_max_new_tokens", 1, "tokens"),
+]
+
+
+def check_ranges(trainer: Any, data: Any, vision: Any = None, ev: Any = None, where: str = "") -> None:
+    """Every number checked before any compute: one line naming the key, the value and the range."""
+    import math
+
+    nodes = {"trainer": trainer, "data": data, "vision": vision, "eval": ev}
+    for key, low, what in _INT_RANGES:
+        node = nodes[key.split(".")[0]]
+        if node is None:
+            continue
+        value = OmegaConf.select(node, key.split(".", 1)[1])
+        if value is not None and value < low:
+            if key == "trainer.max_steps" and trainer.flops_budget > 0:
+                continue  # replaced by the steps that fit the FLOP budget
+            raise FusionBenchError(f"{where}{key}={value} is out of range: it must be >= {low} ({what})")
+    for key, value, ok, rule in [
+        ("trainer.lr", trainer.lr, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+        ("trainer.weight_decay", trainer.weight_decay, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+        ("trainer.grad_clip", trainer.grad_clip, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: off)"),
+        ("trainer.flops_budget", trainer.flops_budget, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: off)"),
+    ]:
+        if not ok(float(value)):
+            raise FusionBenchError(f"{where}{key}={value} is out of range: it must be {rule}")
+    if trainer.flops_budget <= 0 and trainer.warmup_steps > trainer.max_steps:
+        raise FusionBenchError(f"{where}trainer.warmup_steps={trainer.warmup_steps} is more than trainer.max_steps="
+                               f"{trainer.max_steps}: the learning rate would never reach trainer.lr")
+    devices = trainer.devices
+    if not (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1))
+            or (isinstance(devices, str) and devices.lstrip("-").isdigit() and (int(devices) >= 1 or int(devices) == -1))
+            or (isinstance(devices, (list, ListConfig)) and len(devices) and all(isinstance(d, int) and d >= 0 for d in devices))):
+        raise FusionBenchError(f"{where}trainer.devices={devices!r} is not a device count: it must be an integer >= 1, "
+                               "-1 (all), 'auto' or a list of device indices")
+    if data.train_size < trainer.batch_size:
+        raise FusionBenchError(f"{where}data.train_size={data.train_size} is smaller than trainer.batch_size="
+                               f"{trainer.batch_size}: no full batch to train on (the last partial batch is dropped)")
 
 
 def grid_points(cfg: DictConfig) -> list[tuple[dict[str, Any], DictConfig]]:

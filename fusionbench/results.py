@@ -1,6 +1,7 @@
-"""The results table: one JSON object per run (JSON Lines), appended atomically, with provenance."""
+"""The results table: one JSON object per run (JSON Lines), appended under a lock, with provenance."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -9,9 +10,11 @@ import subprocess
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
+
+from fusionbench.errors import FusionBenchError
 
 PACKAGES = ("torch", "transformers", "peft", "lightning", "datasets", "omegaconf", "fusionbench",
             "accelerate", "gguf", "lm_eval", "tokenizers", "safetensors", "numpy", "pandas", "scipy")
@@ -83,33 +86,153 @@ def provenance() -> dict[str, Any]:
             "python": platform.python_version(), **versions, **lock_provenance()}
 
 
+# -- the store: JSON Lines, appended under a lock ------------------------------------------------
+# Every writer appends whole lines with one O_APPEND write under an exclusive lock on the file and
+# fsyncs; a kill can therefore leave at most one partial line, at the end. Readers skip such a tail
+# (and say so); the next writer moves it to ``<file>.corrupt`` before appending, so it is never
+# buried mid-file. A corrupt line anywhere else is an error naming the file and line
+# (``fusionbench results check --repair`` moves it out).
+
+
+def _warn(msg: str) -> None:
+    import sys
+
+    print(f"[fusionbench] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, flags: int = os.O_RDWR | os.O_CREAT | os.O_APPEND) -> Iterator[int]:
+    """An fd on ``path`` held under an exclusive ``flock`` (all writers of the store take it)."""
+    import fcntl
+
+    fd = os.open(path, flags, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _move_partial_tail(path: Path, fd: int) -> None:
+    """Under the lock: a last line without its newline (a writer killed mid-write) goes to
+    ``<file>.corrupt`` and is cut off, so the next row starts on a line of its own."""
+    size = os.fstat(fd).st_size
+    if not size or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    chunk, start = b"", size
+    while start > 0 and b"\n" not in chunk:
+        start = max(0, start - 65536)
+        chunk = os.pread(fd, size - start, start)
+    cut = start + chunk.rfind(b"\n") + 1 if b"\n" in chunk else 0
+    tail = os.pread(fd, size - cut, cut)
+    try:
+        if isinstance(json.loads(tail), dict):  # a whole row without its newline (edited by hand): keep it
+            _write_all(fd, b"\n")
+            return
+    except ValueError:
+        pass
+    with open(f"{path}.corrupt", "ab") as f:
+        f.write(tail + b"\n")
+    os.ftruncate(fd, cut)
+    _warn(f"{path}: moved a partial last line ({len(tail)} bytes, a write cut short) to {path}.corrupt")
+
+
+def check_writable(path: str | Path) -> None:
+    """One clear error, before any compute, when rows could not be appended to ``path``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path):
+            pass
+    except OSError as e:
+        raise FusionBenchError(f"results_file {path} is not writable ({e.strerror}): set results_file to a "
+                               "writable place; nothing was trained") from None
+
+
 def append_row(path: str | Path, row: dict[str, Any]) -> None:
-    """Append one row; the file is replaced atomically, so a crash never leaves half a row."""
+    """Append one row: one ``O_APPEND`` write of the whole line under an exclusive lock, fsynced.
+    Concurrent writers (two sweeps sharing a results folder) never lose or interleave rows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_bytes() if path.exists() else b""
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
     line = json.dumps(row, sort_keys=True, default=str).encode() + b"\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(old + line)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _locked(path) as fd:
+        _move_partial_tail(path, fd)
+        _write_all(fd, line)
+        os.fsync(fd)
+
+
+def _parse(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]], bool]:
+    """Rows, corrupt ``(line number, text)`` and whether the last of them is a partial tail."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    partial_tail = bool(data) and not data.endswith(b"\n")
+    rows, bad = [], []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+            rows.append(obj)
+        except ValueError:
+            bad.append((i, raw.decode(errors="replace")))
+    return rows, bad, partial_tail and bool(bad) and bad[-1][0] == len(lines)
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Every row of a results table. A partial last line (a write in progress or cut short) is
+    skipped with a warning; a corrupt line before it is an error naming file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows, bad, partial_tail = _parse(path)
+    if partial_tail:
+        lineno, _ = bad.pop()
+        _warn(f"{path}:{lineno}: skipping a partial last line (a write in progress or cut short)")
+    if bad:
+        lineno, text = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise FusionBenchError(f"{path}:{lineno}: not a JSON row: {text[:80]!r}{more}; "
+                               f"`fusionbench results check --repair {path}` moves corrupt lines to {path.name}.corrupt")
+    return rows
+
+
+def check(path: str | Path, repair: bool = False) -> dict[str, Any]:
+    """``fusionbench results check``: rows and corrupt lines of a table; with ``repair`` the corrupt
+    lines go to ``<file>.corrupt`` (with their line numbers) and the table keeps the rest, rewritten
+    atomically under the writers' lock."""
+    path = Path(path)
+    if not path.exists():
+        raise FusionBenchError(f"no such results table: {path}")
+    rows, bad, _ = _parse(path)
+    if repair and bad:
+        with _locked(path):
+            rows, bad, _ = _parse(path)  # again, under the lock
+            with open(f"{path}.corrupt", "a") as f:
+                for lineno, text in bad:
+                    f.write(f"# {path.name}:{lineno}\n{text}\n")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"".join(json.dumps(r, sort_keys=True, default=str).encode() + b"\n" for r in rows))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    return {"file": str(path), "rows": len(rows), "corrupt_lines": [n for n, _ in bad], "repaired": bool(repair and bad)}
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
+    rows = read_rows(path)
+    if not rows:
         return pd.DataFrame()
     # json, not pd.read_json: the latter "infers" types and turns per-item strings such as
     # "0110..." (mm/choice/items) into floats
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     df = pd.DataFrame(rows)
     for col in df.columns:  # integral float columns without gaps read as integers (counts, layers)
         x = df[col]

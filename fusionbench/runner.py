@@ -17,7 +17,7 @@ from fusionbench.assets.paths import cache_dir
 from fusionbench.config import config_hash, grid_points
 from fusionbench.errors import FusionBenchError
 from fusionbench.model import VisionLanguageModel
-from fusionbench.results import append_row, code_hash, device_name, git_sha, provenance
+from fusionbench.results import append_row, check_writable, code_hash, device_name, git_sha, provenance
 from fusionbench.training import FusionDataModule, FusionModule
 
 
@@ -251,6 +251,8 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
     from fusionbench.memory import retain_freed_memory
 
     retain_freed_memory()  # gradients re-allocated every step come from the heap, not fresh pages
+    if evaluate:
+        check_writable(cfg.results_file)  # before any compute: the rows must have somewhere to go
     plan = stage_plan(cfg)
     prep = Prepared(cfg, text_suite=evaluate and cfg.eval.text_suite, evaluate=evaluate)  # everything that can fail on bad input fails here, before training
     model, data, tok = prep.model, prep.data, prep.tokenizer
@@ -292,7 +294,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
         if resume is not None and resume >= tcfg.max_steps:
             log(f"stage {stage.name}: already trained ({resume} steps, {ckpt_dir / 'last.ckpt'}); loading it")
             load_stage_checkpoint(model, ckpt_dir / "last.ckpt", stage.name)
-            extra["resumed_from_step"] = resume
+            extra["resumed_from_step"] = extra["steps"] = resume
         else:
             module = FusionModule(model, tcfg)
             callbacks = []
@@ -339,6 +341,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                 # (False: a checkpoint of an older fusionbench, or a distributed run)
                 extra["resume_exact"] = bool(data.resume_exact) and getattr(module, "restored_rng", False)
             is_zero = trainer.is_global_zero
+            extra["steps"] = trainer.global_step  # the optimizer steps actually taken
             if tcfg.checkpoint and (checkpoint_step(ckpt_dir / "last.ckpt") or 0) < tcfg.max_steps:
                 trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the stage's final weights, whatever the schedule
             final_loss = trainer.callback_metrics.get("train/loss")
@@ -394,7 +397,7 @@ def result_row(cfg: DictConfig, stage: DictConfig, model: VisionLanguageModel, r
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, stage: str | None = None,
-                 results_file: str | None = None) -> dict[str, Any]:
+                 results_file: str | None = None, allow_partial: bool = False) -> dict[str, Any]:
     """``fusionbench eval RUN_DIR``: rebuild a trained run from its saved config and the checkpoint
     of its last (or the named) stage, evaluate it like ``run`` does, append a row (``source:
     eval``). Overrides may change only ``eval.*`` (what is measured), never what was trained."""
@@ -415,6 +418,14 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, stage:
     ckpt = run_dir / "checkpoints" / chosen.name / "last.ckpt"
     if not ckpt.exists():
         raise FusionBenchError(f"no checkpoint {ckpt} (was the run trained with trainer.checkpoint=true?)")
+    steps = checkpoint_step(ckpt)
+    if steps is None:
+        raise FusionBenchError(f"cannot read the checkpoint {ckpt}")
+    if steps < chosen.trainer.max_steps and chosen.trainer.flops_budget <= 0 and not allow_partial:
+        raise FusionBenchError(f"{ckpt} is from step {steps} of {chosen.trainer.max_steps}: the run did not finish "
+                               "(resume it with the same command, or evaluate it as it is with --allow-partial; "
+                               "the row then says steps: {steps})".replace("{steps}", str(steps)))
+    check_writable(results_file or cfg.results_file)
     prep = Prepared(cfg, text_suite=cfg.eval.text_suite)
     model = prep.model
     load_stage_checkpoint(model, ckpt, chosen.name)
@@ -427,7 +438,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, stage:
 
     t0 = time.time()
     metrics = evaluate_model(cfg, prep, model, data, majority_answers(data.train_ds))
-    row = result_row(cfg, chosen, model, run_dir, metrics, eval_s=time.time() - t0, source="eval",
+    row = result_row(cfg, chosen, model, run_dir, metrics, eval_s=time.time() - t0, source="eval", steps=steps,
                      checkpoint=str(ckpt))
     append_row(results_file or cfg.results_file, row)
     _summary(row)

@@ -11,7 +11,7 @@ from tests.helpers import ROOT, TINY
 
 def test_defaults_inheritance_and_overrides(tmp_path):
     base = tmp_path / "base.yaml"
-    base.write_text("trainer:\n  max_steps: 7\n  lr: 0.5\n")
+    base.write_text("trainer:\n  max_steps: 7\n  warmup_steps: 2\n  lr: 0.5\n")
     child = tmp_path / "child.yaml"
     child.write_text("defaults: [base.yaml]\ntrainer:\n  lr: 0.25\nfusion: linear\n")
     cfg = load_config(child, ["trainer.batch_size=3"])
@@ -36,6 +36,24 @@ def test_fusion_override_switches_strategy_and_drops_old_options():
     (["fusion=mpl"], "unknown fusion strategy 'mpl'. Did you mean 'mlp'?"),
     (["fusion={name: mlp, hiden_size: 3}"], "unknown option 'fusion.hiden_size' for strategy 'mlp'. Did you mean 'fusion.hidden_size'?"),
     (["trainer.max_steps"], "not of the form key=value"),
+    # numbers out of range: one line naming the key and the range, before any model or data is built
+    (["trainer.lr=-1"], "trainer.lr=-1.0 is out of range: it must be a finite number > 0"),
+    (["trainer.lr=nan"], "trainer.lr=nan is out of range"),
+    (["trainer.lr=inf"], "trainer.lr=inf is out of range"),
+    (["trainer.max_steps=-5"], "trainer.max_steps=-5 is out of range: it must be >= 1"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0 is out of range: it must be >= 1"),
+    (["trainer.batch_size=0"], "trainer.batch_size=0 is out of range: it must be >= 1"),
+    (["trainer.devices=banana"], "trainer.devices='banana' is not a device count"),
+    (["trainer.devices=0"], "trainer.devices=0 is not a device count"),
+    (["eval.mm_items=-3"], "eval.mm_items=-3 is out of range: it must be >= 0"),
+    (["trainer.warmup_steps=5"], "trainer.warmup_steps=5 is more than trainer.max_steps=3"),
+    (["data.train_size=4"], "data.train_size=4 is smaller than trainer.batch_size=8: no full batch"),
+    (["data.image_size=0"], "data.image_size=0 is out of range: it must be >= 8"),
+    (["stages=[{name: main, trainer: {lr: -0.1}}]"], "stages[0] trainer.lr=-0.1 is out of range"),
+    # values YAML cannot parse name the key; a glued colon is explained
+    (["grid={fusion:[linear, mlp]}"], "override grid: the value '{fusion:[linear, mlp]}' is not valid YAML"),
+    (["fusion={name:mlp}"], "has the key 'name:mlp'; in a {key: value} mapping YAML needs a space after each colon"),
+    (["seeds=[0,1"], "override seeds: the value '[0,1' is not valid YAML"),
 ])
 def test_bad_config_is_one_clear_error(override, message):
     with pytest.raises(FusionBenchError) as err:
@@ -111,3 +129,17 @@ def test_a_strategy_switch_then_its_options_on_the_command_line():
     assert cfg.fusion.name == "qformer" and cfg.fusion.num_queries == 4
     with pytest.raises(FusionBenchError, match="Did you mean 'fusion.dropout'"):
         load_config(TINY, ["fusion=lora", "fusion.dropotu=0.2"])
+
+
+def test_missing_defaults_file_names_the_file_that_refers_to_it(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("defaults: [nope.yaml]\nname: x\n")
+    with pytest.raises(FusionBenchError, match=r"nope.yaml \(named in the defaults of .*child.yaml\)"):
+        load_config(child)
+
+
+def test_every_experiment_config_passes_the_range_checks():
+    from fusionbench.config import grid_points
+
+    for path in sorted((ROOT / "experiments").rglob("*.yaml")):
+        grid_points(load_config(path))

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 def test_real_default_backbones_train_and_evaluate(tmp_path):
     cfg = load_config(ROOT / "experiments" / "quickstart.yaml", [
-        "grid={}", "fusion=linear", "trainer.max_steps=2", "trainer.batch_size=2", "trainer.checkpoint=false",
+        "grid={}", "fusion=linear", "trainer.max_steps=2", "trainer.warmup_steps=0", "trainer.batch_size=2", "trainer.checkpoint=false",
         "data.train_size=8", "data.val_size=6", "data.test_size=9", "eval.mm_items=4", "eval.batch_size=4",
         "eval.val_items=4",
         "eval.text.n_per_task=3", "eval.text.ppl_chunks=2", "eval.text.ppl_chunk_tokens=32",

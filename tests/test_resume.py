@@ -117,3 +117,30 @@ def test_curves_travel_in_the_checkpoint():
     val = ValidationCurve(None, None, batch_size=2)
     val.load_state_dict({"points": [{"step": 3, "val/lm_loss": 1.0}]})
     assert val.state_dict() == {"points": [{"step": 3, "val/lm_loss": 1.0}]}
+
+
+def test_rows_count_the_steps_taken_and_eval_refuses_a_partial_checkpoint(tmp_path, monkeypatch, capsys):
+    """`steps` is the optimizer steps actually taken; `fusionbench eval` on a run killed at step 5
+    of 8 says so, and with --allow-partial records step 5."""
+    from fusionbench.cli import main
+    from fusionbench.results import read_rows
+
+    cfg = tiny_cfg("fusion=linear", "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=5", tmp_path=tmp_path)
+    record = FusionModule.training_step
+
+    def die_at_6(self, batch, batch_idx):
+        if self.trainer.global_step == 6:
+            raise Killed
+        return record(self, batch, batch_idx)
+    monkeypatch.setattr(FusionModule, "training_step", die_at_6)
+    with pytest.raises(Killed):
+        run_point(cfg)
+    monkeypatch.undo()
+    run_dir = next((tmp_path / "runs").glob("*/linear-*"))
+    out = tmp_path / "eval.jsonl"
+    assert main(["eval", str(run_dir), "--results-file", str(out)]) == 2
+    assert "is from step 5 of 8: the run did not finish" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--results-file", str(out), "--allow-partial"]) == 0
+    assert [r["steps"] for r in read_rows(out)] == [5]
+    [row] = run_point(cfg)  # resumes and finishes
+    assert row["steps"] == 8 and row["resumed_from_step"] == 5

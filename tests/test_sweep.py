@@ -176,7 +176,8 @@ def test_gpu_study_script_runs_its_config_at_tiny_scale_on_cpu(tmp_path):
     res, paper = tmp_path / "results", tmp_path / "paper"
     tiny = ["lm.source=tiny", "vision.source=tiny_cnn", "vision.image_size=32", "vision.depth=3", "vision.width=32",
             "vision.pool_tokens=0", "data.train_size=32", "data.val_size=16", "data.test_size=24", "data.image_size=32",
-            "trainer.max_steps=2", "trainer.batch_size=8", "trainer.max_length=256", "trainer.accelerator=cpu", "trainer.compile=false",
+            "trainer.max_steps=2", "trainer.warmup_steps=0", "trainer.batch_size=8", "trainer.max_length=256",
+            "trainer.accelerator=cpu", "trainer.compile=false",
             "trainer.val_every_n_steps=0", "trainer.checkpoint_every_n_steps=0", "eval.batch_size=8",
             "eval.val_items=8", "eval.mm_items=8", "eval.text_suite=false", "eval.probes=false", "seeds=[0]",
             "contrasts=[]", "grid={variant: [{fusion: {name: mlp, hidden_size: 0}}, {label: moe, fusion: {name: moe, "

@@ -49,6 +49,9 @@ class FusionDataModule(L.LightningDataModule):
         self.val_ds = build_split(self.data_cfg, "val")
         for name, ds in (("train", train), ("val", self.val_ds)):
             check_lengths(self.tokenizer, ds, self.num_image_tokens, self.train_cfg.max_length, f"{self.data_cfg.name}/{name}")
+        if len(train) < self.train_cfg.batch_size:
+            raise FusionBenchError(f"dataset {self.data_cfg.name!r} has {len(train)} training examples, fewer than "
+                                   f"trainer.batch_size={self.train_cfg.batch_size}: no full batch to train on")
         self.train_ds = blind_images(train, self.data_cfg.images, self.data_cfg.seed)
 
     @staticmethod

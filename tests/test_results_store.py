@@ -1,0 +1,107 @@
+"""The results store: concurrent appends lose nothing, a kill mid-append never poisons the table,
+corrupt lines are named (file and line) and repaired, a read-only results folder fails before any
+compute."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fusionbench.cli import main
+from fusionbench.errors import FusionBenchError
+from fusionbench.results import append_row, check, read_results, read_rows
+from tests.helpers import ROOT
+
+
+def _writer(path: str, proc: int, n: int) -> None:
+    for i in range(n):
+        append_row(path, {"proc": proc, "i": i, "payload": "x" * (100 + 37 * i % 4000)})
+
+
+def test_concurrent_appends_lose_no_row(tmp_path):
+    """6 processes x 60 appends to one table: all 360 rows, each once, every line whole
+    (the rename-based append this replaced lost 88-98 of 200)."""
+    path = str(tmp_path / "res.jsonl")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(path, p, 60)) for p in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    rows = read_rows(path)
+    assert sorted((r["proc"], r["i"]) for r in rows) == [(p, i) for p in range(6) for i in range(60)]
+    assert check(path)["corrupt_lines"] == []
+
+
+def test_kill_during_appends_leaves_a_readable_table(tmp_path):
+    """A real SIGKILL while a process appends large rows as fast as it can: every complete row
+    stays readable, at most a partial last line is skipped, and the next append moves it out."""
+    path = tmp_path / "res.jsonl"
+    code = ("import sys; from fusionbench.results import append_row\n"
+            "i = 0\n"
+            "while True:\n"
+            "    append_row(sys.argv[1], {'i': i, 'payload': 'y' * 2_000_000}); i += 1\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT)
+    deadline = time.time() + 60
+    while time.time() < deadline and (not path.exists() or path.stat().st_size < 5_000_000):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rows = read_rows(path)
+    assert rows and [r["i"] for r in rows] == list(range(len(rows)))
+    append_row(path, {"i": "after"})
+    assert [r["i"] for r in read_rows(path)][-1] == "after" and check(path)["corrupt_lines"] == []
+
+
+def test_partial_last_line_is_skipped_then_moved_aside(tmp_path, capsys):
+    path = tmp_path / "res.jsonl"
+    append_row(path, {"a": 1})
+    with open(path, "ab") as f:
+        f.write(b'{"a": 2, "b": "cut sho')  # what a kill mid-write leaves
+    assert [r["a"] for r in read_rows(path)] == [1]
+    assert "res.jsonl:2: skipping a partial last line" in capsys.readouterr().err
+    append_row(path, {"a": 3})
+    assert [r["a"] for r in read_rows(path)] == [1, 3]
+    assert (tmp_path / "res.jsonl.corrupt").read_text().startswith('{"a": 2, "b": "cut sho')
+    assert list(read_results(path).a) == [1, 3]
+
+
+def test_corrupt_line_mid_file_is_an_error_naming_file_and_line_and_check_repairs_it(tmp_path, capsys):
+    path = tmp_path / "res.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2, oops\n{"a": 3}\n')
+    with pytest.raises(FusionBenchError, match=r"res.jsonl:2: not a JSON row.*results check --repair"):
+        read_results(path)
+    assert main(["results", "check", str(path)]) == 1
+    assert "2 rows, 1 corrupt line(s): 2" in capsys.readouterr().out
+    assert main(["results", "check", "--repair", str(path)]) == 0
+    assert [r["a"] for r in read_rows(path)] == [1, 3]
+    assert "res.jsonl:2" in (tmp_path / "res.jsonl.corrupt").read_text()
+    assert main(["results", "check", str(path)]) == 0
+
+
+def test_a_whole_row_without_its_newline_is_kept(tmp_path):
+    path = tmp_path / "res.jsonl"
+    path.write_text(json.dumps({"a": 1}))  # edited by hand, no final newline
+    append_row(path, {"a": 2})
+    assert [r["a"] for r in read_rows(path)] == [1, 2] and not (tmp_path / "res.jsonl.corrupt").exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_folder"])
+def test_unwritable_results_file_fails_before_training(tmp_path, capsys, where):
+    """(A path under a regular file, or a folder: unwritable even for root, which CI may be.)"""
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "afolder.jsonl").mkdir()
+    target = tmp_path / "afile" / "res.jsonl" if where == "under_a_file" else tmp_path / "afolder.jsonl"
+    code = main(["run", str(ROOT / "tests" / "tiny.yaml"), f"output_dir={tmp_path / 'runs'}", f"results_file={target}"])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "is not writable" in captured.err and "nothing was trained" in captured.err
+    assert "training" not in captured.err.split("is not writable")[0]
+    assert not (tmp_path / "runs").exists()
