@@ -148,8 +148,10 @@ def check_writable(path: str | Path) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(path):
-            pass
+        existed = path.exists()
+        with _locked(path) as fd:
+            if not existed and os.fstat(fd).st_size == 0:
+                path.unlink()  # checked, not created: a run that fails later leaves no empty table
     except OSError as e:
         raise FusionBenchError(f"results_file {path} is not writable ({e.strerror}): set results_file to a "
                                "writable place; nothing was trained") from None

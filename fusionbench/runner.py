@@ -69,6 +69,10 @@ class Prepared:
             e = cfg.eval
             self.curve_suite = self.suite.subset(e.curve_items_per_task, e.curve_prose_chunks)
             self.curve_base = self._base_text_scores(self.curve_suite, f"curve{e.curve_items_per_task}-{e.curve_prose_chunks}")
+        context = lm_context_length(self.lm)
+        if context and cfg.trainer.max_length > context:
+            raise FusionBenchError(f"trainer.max_length={cfg.trainer.max_length} is longer than the LM's context "
+                                   f"({context} positions, lm.source={cfg.lm.source}): lower trainer.max_length")
         self.model = VisionLanguageModel.from_config(cfg, backbones=(self.vision, self.lm, self.tokenizer))
         self.data = FusionDataModule(cfg.data, cfg.trainer, self.tokenizer, self.vision.preprocess,
                                      self.model.num_image_tokens, seed=cfg.seed)
@@ -210,6 +214,17 @@ def make_logger(kind: str, run_dir: Path, stage: str):
 
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.output_dir) / cfg.name / f"{cfg.fusion.name}-{config_hash(cfg)}-s{cfg.seed}"
+
+
+def lm_context_length(lm) -> int | None:
+    """Positions the LM was built for (Llama / Qwen2 / Gemma ``max_position_embeddings``, GPT-2
+    ``n_positions``); None when its config does not say."""
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def checkpoint_step(path: Path) -> int | None:

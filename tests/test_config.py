@@ -143,3 +143,16 @@ def test_every_experiment_config_passes_the_range_checks():
 
     for path in sorted((ROOT / "experiments").rglob("*.yaml")):
         grid_points(load_config(path))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
+def test_max_length_beyond_the_lm_context_is_refused_before_training(tmp_path, capsys, arch):
+    """Every LM family: a prompt budget longer than the LM's positions is one line, before training
+    (GPT-2 used to fail with an IndexError deep in its position embedding, Llama not at all)."""
+    from fusionbench.cli import main
+
+    code = main(["run", str(TINY), f"lm.tiny.arch={arch}", "lm.tiny.max_position_embeddings=64",
+                 "trainer.max_length=128", f"output_dir={tmp_path / 'runs'}", f"results_file={tmp_path / 'r.jsonl'}"])
+    assert code == 2
+    assert "trainer.max_length=128 is longer than the LM's context (64 positions" in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()
