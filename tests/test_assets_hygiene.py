@@ -1,0 +1,58 @@
+"""What killed downloads and conversions leave behind is cleaned up or never trusted."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from fusionbench.assets.lm import checkpoint_ready
+from fusionbench.assets.paths import cache_dir, install_dir, remove_stale_partials
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_partials_of_dead_processes_are_removed_live_ones_kept(tmp_path):
+    dead = _dead_pid()
+    stale = tmp_path / f".bigbench-1.0.0.tar.gz.part-{dead}"
+    stale.write_bytes(b"x" * 1000)
+    stale_dir = tmp_path / f".smollm2.tmp-{dead}"
+    stale_dir.mkdir()
+    (stale_dir / "config.json").write_text("{}")
+    live = tmp_path / f".other.tar.gz.part-{os.getpid()}"
+    live.write_bytes(b"y")
+    keep = tmp_path / "bigbench-1.0.0.tar.gz"
+    keep.write_bytes(b"z")
+    assert set(remove_stale_partials(tmp_path)) == {stale, stale_dir}
+    assert not stale.exists() and not stale_dir.exists() and live.exists() and keep.exists()
+
+
+def test_download_clears_a_killed_download_before_looking(monkeypatch):
+    from fusionbench.assets.pypi import download
+
+    dest = cache_dir("pypi", "some_pkg")
+    (dest / "some_pkg-1.0-py3-none-any.whl").write_bytes(b"wheel")
+    part = dest / f".some_pkg-2.0.tar.gz.part-{_dead_pid()}"
+    part.write_bytes(b"half")
+    assert download("some-pkg==1.0").name == "some_pkg-1.0-py3-none-any.whl"
+    assert not part.exists()
+
+
+def test_a_checkpoint_needs_its_tokenizer_and_is_installed_whole(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"w")
+    assert not checkpoint_ready(out)  # files moved in one by one by an older writer, cut short
+    tmp = tmp_path / f".model.tmp-{os.getpid()}"
+    tmp.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (tmp / name).write_text("new")
+    install_dir(tmp, out)
+    assert checkpoint_ready(out) and not tmp.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                      "tokenizer_config.json"]
+    assert (out / "config.json").read_text() == "new"
