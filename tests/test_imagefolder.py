@@ -1,0 +1,106 @@
+"""data.name: imagefolder: a researcher's own images and questions, through the same splits,
+training and choice scoring as the built-in sources; bad images are one line naming the file."""
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+from PIL import Image
+
+from fusionbench.cli import main
+from fusionbench.config import load_config
+from fusionbench.data import DATASETS
+from fusionbench.errors import FusionBenchError
+from fusionbench.results import read_rows
+from tests.helpers import TINY
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def _folder(tmp_path, n=90, fmt="jsonl"):
+    root = tmp_path / "mydata"
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        name = list(COLOURS)[i % 3]
+        Image.new("RGB", (40, 40), COLOURS[name]).save(root / "img" / f"{i:03d}.png")
+        rows.append({"image": f"img/{i:03d}.png", "question": "What colour is the picture?", "answer": name,
+                     "candidates": sorted(COLOURS), "qtype": "colour"})
+    if fmt == "jsonl":
+        (root / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        lines = ["image,question,answer,candidates,qtype"] + [
+            f"{r['image']},{r['question']},{r['answer']},{'|'.join(r['candidates'])},{r['qtype']}" for r in rows]
+        (root / "annotations.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _cfg(root, *extra):
+    return load_config(TINY, ["data.name=imagefolder", f"data.options.path={root}", "data.train_size=1000",
+                              "data.val_size=1000", "data.test_size=1000", *extra])
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_splits_by_image_balanced_test_with_choices(tmp_path, fmt):
+    root = _folder(tmp_path, fmt=fmt)
+    cfg = _cfg(root, *(["data.options.annotations=annotations.csv"] if fmt == "csv" else []))
+    splits = {s: DATASETS.get("imagefolder")(cfg.data, s) for s in ("train", "val", "test")}
+    images = {s: {x["path"] for x in d.cast_column("image", datasets.Image(decode=False))["image"]}
+              for s, d in splits.items()}
+    assert sum(len(d) for d in splits.values()) <= 90 and all(len(d) for d in splits.values())
+    assert not (images["train"] & images["test"]) and not (images["train"] & images["val"])
+    test = splits["test"]
+    counts = {a: test["answer"].count(a) for a in COLOURS}
+    assert len(set(counts.values())) == 1  # balanced: every gold answer equally often
+    assert all(c == sorted(COLOURS) for c in test["choices"]) and set(test["qtype"]) == {"colour"}
+    assert splits["train"][0]["image"].size == (40, 40)
+
+
+def test_runs_end_to_end_and_writes_a_choice_scored_row(tmp_path):
+    root = _folder(tmp_path)
+    assert main(["run", str(TINY), "data.name=imagefolder", f"data.options.path={root}", "data.train_size=1000",
+                 "data.val_size=1000", "data.test_size=1000", f"output_dir={tmp_path / 'runs'}",
+                 f"results_file={tmp_path / 'r.jsonl'}"]) == 0
+    [row] = read_rows(tmp_path / "r.jsonl")
+    assert row["data"] == "imagefolder" and 0 <= row["mm/choice/acc"] <= 1
+    assert row["mm/choice/colour/n"] > 0 and abs(row["mm/choice/chance"] - 1 / 3) < 1e-9
+
+
+def test_a_broken_image_is_one_line_naming_the_file_or_skipped_with_a_count(tmp_path, capsys):
+    root = _folder(tmp_path)
+    cfg = _cfg(root)
+    train = DATASETS.get("imagefolder")(cfg.data, "train")
+    rows = [json.loads(line) for line in (root / "annotations.jsonl").read_text().splitlines()]
+    from fusionbench.data.sources.imagefolder import _split_of
+    bad = next(r["image"] for r in rows if _split_of(r["image"]) == "train")
+    (root / bad).write_bytes((root / bad).read_bytes()[:40])  # truncated
+    with pytest.raises(FusionBenchError, match=rf"{bad}: not a readable image.*bad_images=skip"):
+        DATASETS.get("imagefolder")(cfg.data, "train")
+    skipping = _cfg(root, "data.options.bad_images=skip")
+    kept = DATASETS.get("imagefolder")(skipping.data, "train")
+    assert len(kept) == len(train) - 1
+    assert "skipped 1 question(s) on 1 unreadable image(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"options.path": ""}, "needs data.options.path"),
+    ({"options.annotations": "nope.jsonl"}, "no annotations file"),
+    ({"options.bad_images": "ignore"}, "must be 'fail' or 'skip'"),
+])
+def test_bad_options_are_clear_errors(tmp_path, change, message):
+    root = _folder(tmp_path, n=12)
+    overrides = [f"data.{k}={v}" for k, v in change.items()]
+    cfg = _cfg(root, *overrides)
+    with pytest.raises(FusionBenchError, match=message):
+        DATASETS.get("imagefolder")(cfg.data, "train")
+
+
+def test_an_answer_outside_its_candidates_is_refused(tmp_path):
+    root = _folder(tmp_path, n=30)
+    rows = [json.loads(line) for line in (root / "annotations.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["candidates"] = ["cyan", "magenta"]
+    (root / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FusionBenchError, match="is not among its candidates"):
+        DATASETS.get("imagefolder")(_cfg(root).data, "train")
