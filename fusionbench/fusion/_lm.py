@@ -18,8 +18,7 @@ PROJECTIONS = (nn.Linear, Conv1D)
 
 
 def peft_model(lm: nn.Module, config: Any) -> nn.Module:
-    """peft's ``get_peft_model``, without the warning about a transformers attribute (deprecated in
-    v5) that peft probes."""
+    """peft's ``get_peft_model``, quiet about the transformers attribute (deprecated in v5) it probes."""
     from peft import get_peft_model
 
     with warnings.catch_warnings():

@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from fusionbench.errors import FusionBenchError
+from fusionbench.fusion.inject import injected_parameter_names
 from fusionbench.registry import Registry
 
 if TYPE_CHECKING:
@@ -199,8 +200,6 @@ class FusionStrategy(nn.Module):
         Default: every parameter the strategy owns and every parameter its injected layers add
         (:func:`~fusionbench.fusion.inject.injected_parameter_names`); the LM's and the vision
         encoder's own weights frozen."""
-        from fusionbench.fusion.inject import injected_parameter_names
-
         return {f"fusion.{n}" for n, _ in self.named_parameters()} | injected_parameter_names(vlm)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:

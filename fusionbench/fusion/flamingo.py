@@ -110,11 +110,10 @@ class GatedCrossAttention(nn.Module):
 
 
 class FlamingoLayer(InjectedLayer):
-    """A decoder layer with a gated cross-attention block before it. ``base_layer`` is called with
-    the caller's arguments unchanged (only ``hidden_states`` replaced) and its output returned as is.
-    The conditioning's ``latents`` (set by :meth:`Flamingo.conditioning`) are the visual input; with
-    none set the layer is the base layer, unless ``text_path`` (OpenFlamingo's behaviour) runs the
-    gated FFN; with ``bypass`` set (:meth:`Flamingo.base_lm`) it is always the base layer."""
+    """A decoder layer with a gated cross-attention block before it, reading the conditioning's
+    ``latents``; ``base_layer`` gets the caller's arguments (only ``hidden_states`` replaced). With no
+    latents it is the base layer unless ``text_path`` (OpenFlamingo's behaviour) runs the gated FFN;
+    with ``bypass`` (:meth:`Flamingo.base_lm`) it is always the base layer."""
 
     rows = "all"  # text after the image attends to it, by design
 
@@ -155,7 +154,6 @@ class Flamingo(FusionStrategy):
 
     Options = FlamingoOptions
     FROZEN_TEXT_PREFIX = False  # cross-attention layers sit in the text path
-
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
@@ -217,6 +215,5 @@ class Flamingo(FusionStrategy):
         """Every injected block bypassed: the base LM, also with ``text_path_drift``."""
         return self._conditioning.set(latents=None, bypass=True)
 
-    # -- 3. what trains -----------------------------------------------------------------------------
     def extra_repr(self) -> str:
         return f"strategy='flamingo', cross_attention_layers={self.layers_with_cross_attention}"
