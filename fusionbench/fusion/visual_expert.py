@@ -5,9 +5,9 @@ from the LM's own weights, that only image tokens use. Text tokens keep the froz
 so text-only input is exactly the base LM and per-token FLOPs are unchanged (the expert replaces a
 matmul for image rows, it never adds one). Where the decoder layer has an ``mlp`` block (Llama, Qwen2,
 Gemma, GPT-2, ...) the block is copied whole (row-wise as a whole: the rows are split once per block,
-not once per projection). In the LM's last layer only the key / value projections
-get experts: an image row's output there reaches nothing (its logits are never scored), so copies of
-q / o / the MLP would count as trainable without ever receiving a gradient."""
+not once per projection). In the LM's last layer only the key / value projections get experts: an
+image row's output there reaches nothing (its logits are never scored), so copies of q / o / the MLP
+would count as trainable without ever receiving a gradient."""
 from __future__ import annotations
 
 from dataclasses import dataclass
