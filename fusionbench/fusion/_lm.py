@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Any
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from fusionbench.errors import FusionBenchError
+
+
+#: Linear layers as HF decoders build them: ``nn.Linear`` and GPT-2's transposed ``Conv1D``
+PROJECTIONS = (nn.Linear, Conv1D)
+
+
+def peft_model(lm: nn.Module, config: Any) -> nn.Module:
+    """peft's ``get_peft_model``, quiet about the transformers attribute (deprecated in v5) it probes."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        return get_peft_model(lm, config)
 
 
 def decoder_layers(lm: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -5,10 +5,7 @@ A strategy decides three things (see ``docs/adding_a_fusion.md``):
 1. **what it adds and where**: modules beside the LM (projectors, Q-Former, resampler), built in
    ``__init__`` as submodules of the strategy; or modules injected into the LM (cross-attention,
    LoRA, expert copies of Linear layers, MoE MLPs) in :meth:`FusionStrategy.inject`, through
-   :func:`fusionbench.fusion.inject.inject_layers`: it walks ``named_modules()`` and replaces
-   matches with :class:`~fusionbench.fusion.inject.InjectedLayer` wrappers that keep the original
-   as ``base_layer`` (PEFT's pattern), declare which rows they touch and read their per-call
-   conditioning from one shared :class:`~fusionbench.fusion.inject.Conditioning`.
+   :mod:`fusionbench.fusion.inject` (PEFT's pattern: wrappers that keep the original as ``base_layer``).
 2. **how images reach the LM**: as ``num_image_tokens`` embeddings spliced into ``inputs_embeds`` at
    the image placeholder (:meth:`image_embeddings`), and/or as conditioning state set on injected
    modules for the duration of one LM call (:meth:`conditioning`), which keeps ``generate()``
@@ -22,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
@@ -31,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from fusionbench.errors import FusionBenchError
+from fusionbench.fusion.inject import injected_parameter_names
 from fusionbench.registry import Registry
 
 if TYPE_CHECKING:
@@ -67,7 +66,6 @@ def fusion_options(node: Any) -> DictConfig:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or ""
         fields = [f.name for f in dataclasses.fields(cls.Options)]
-        import difflib
         close = difflib.get_close_matches(key.split(".")[-1], fields, n=1)
         hint = f" Did you mean 'fusion.{close[0]}'?" if close else ""
         if "not in struct" in str(e) or "Key '" in str(e):
@@ -202,8 +200,6 @@ class FusionStrategy(nn.Module):
         Default: every parameter the strategy owns and every parameter its injected layers add
         (:func:`~fusionbench.fusion.inject.injected_parameter_names`); the LM's and the vision
         encoder's own weights frozen."""
-        from fusionbench.fusion.inject import injected_parameter_names
-
         return {f"fusion.{n}" for n, _ in self.named_parameters()} | injected_parameter_names(vlm)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:

@@ -1,16 +1,12 @@
 """Honeybee's C-Abstractor (Cha et al., 2024, "Honeybee: Locality-enhanced Projector for Multimodal
-LLM"): the vision feature tokens are put back on their square grid ``[B, C, H, W]``, passed through
-``depth`` ResNet bottleneck blocks, adaptively average-pooled to a ``sqrt(num_queries)`` square, passed
-through ``depth`` more blocks and projected by an MLP into the frozen LM's embedding space; the
-result is spliced in as ``num_queries`` image tokens (like ``linear``/``mlp``). Unlike a resampler
-(Q-Former, Perceiver), the number of image tokens is decoupled from the grid *and* each output token
-summarises a spatial neighbourhood, so the layout of the image survives the compression (Honeybee's
-"locality preservation"). The LM sees images only at its input, so its text path is untouched.
-
-Follows Honeybee's ``CAbstractor``: a learned position embedding on the input tokens, RegNet-style
-bottleneck blocks (1x1 conv, 3x3 depthwise conv, squeeze-excitation, 1x1 conv; LayerNorm over
-channels and SiLU; a 1x1 conv shortcut where the width changes), ``AdaptiveAvgPool2d`` in between,
-and a ``mlp_depth``-layer SiLU MLP read-out. A leading CLS token (ViT towers) is dropped."""
+LLM"), following its ``CAbstractor``: the vision feature tokens are put back on their square grid
+``[B, C, H, W]`` (a leading CLS token dropped), passed through RegNet bottleneck blocks, adaptively
+average-pooled to a ``sqrt(num_queries)`` square, passed through more blocks and projected by an MLP
+into the frozen LM's embedding space, as ``num_queries`` image tokens (like ``linear``/``mlp``).
+Unlike a resampler (Q-Former, Perceiver), the number of image tokens is decoupled from the grid *and*
+each output token summarises a spatial neighbourhood, so the layout of the image survives the
+compression (Honeybee's "locality preservation"). The LM sees images only at its input, so its text
+path is untouched."""
 from __future__ import annotations
 
 import math

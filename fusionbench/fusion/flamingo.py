@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fusionbench.errors import FusionBenchError
 from fusionbench.fusion._lm import decoder_layers, layer_indices
 from fusionbench.fusion.base import FusionOptions, FusionStrategy, register
 from fusionbench.fusion.inject import Conditioning, InjectedLayer, inject_layers
+from fusionbench.fusion.qformer import attend
 
 
 @dataclass
@@ -43,14 +43,6 @@ class FlamingoOptions(FusionOptions):
     layer_indices: Any = None
     #: FFN width of the gated blocks as a multiple of the LM hidden size (Flamingo: 4)
     ffn_mult: int = 4
-
-
-def _attend(q_proj, kv_proj, out_proj, heads: int, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    b, n, _ = x.shape
-    q = q_proj(x).view(b, n, heads, -1).transpose(1, 2)
-    k, v = kv_proj(context).view(b, context.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)
-    y = F.scaled_dot_product_attention(q, k, v)
-    return out_proj(y.transpose(1, 2).reshape(b, n, -1))
 
 
 def _ffn(dim: int, mult: int) -> nn.Sequential:
@@ -74,7 +66,7 @@ class PerceiverLayer(nn.Module):
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         lat = self.norm_latents(latents)
         context = torch.cat([self.norm_media(media), lat], dim=1)
-        latents = latents + _attend(self.q, self.kv, self.out, self.heads, lat, context)
+        latents = latents + attend(self.q, self.kv, self.out, self.heads, lat, context)
         return latents + self.ffn(latents)
 
 
@@ -113,16 +105,15 @@ class GatedCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor | None) -> torch.Tensor:
         if latents is not None:
-            x = x + torch.tanh(self.attn_gate) * _attend(self.q, self.kv, self.out, self.heads, self.norm(x), latents)
+            x = x + torch.tanh(self.attn_gate) * attend(self.q, self.kv, self.out, self.heads, self.norm(x), latents)
         return x + torch.tanh(self.ff_gate) * self.ffn(x)
 
 
 class FlamingoLayer(InjectedLayer):
-    """A decoder layer with a gated cross-attention block before it. ``base_layer`` is called with
-    the caller's arguments unchanged (only ``hidden_states`` replaced) and its output returned as is.
-    The conditioning's ``latents`` (set by :meth:`Flamingo.conditioning`) are the visual input; with
-    none set the layer is the base layer, unless ``text_path`` (OpenFlamingo's behaviour) runs the
-    gated FFN; with ``bypass`` set (:meth:`Flamingo.base_lm`) it is always the base layer."""
+    """A decoder layer with a gated cross-attention block before it, reading the conditioning's
+    ``latents``; ``base_layer`` gets the caller's arguments (only ``hidden_states`` replaced). With no
+    latents it is the base layer unless ``text_path`` (OpenFlamingo's behaviour) runs the gated FFN;
+    with ``bypass`` (:meth:`Flamingo.base_lm`) it is always the base layer."""
 
     rows = "all"  # text after the image attends to it, by design
 
@@ -163,7 +154,6 @@ class Flamingo(FusionStrategy):
 
     Options = FlamingoOptions
     FROZEN_TEXT_PREFIX = False  # cross-attention layers sit in the text path
-
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
@@ -225,6 +215,5 @@ class Flamingo(FusionStrategy):
         """Every injected block bypassed: the base LM, also with ``text_path_drift``."""
         return self._conditioning.set(latents=None, bypass=True)
 
-    # -- 3. what trains -----------------------------------------------------------------------------
     def extra_repr(self) -> str:
         return f"strategy='flamingo', cross_attention_layers={self.layers_with_cross_attention}"

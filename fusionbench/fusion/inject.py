@@ -2,16 +2,9 @@
 ``BaseTunerLayer`` do it (our own code): walk ``named_modules()``, match, replace the match with a
 wrapper that keeps the original as ``base_layer``.
 
-A strategy that changes what happens *inside* the LM (or the vision tower) declares two things:
-
-* **what** to inject: ``inject_layers(root, match, factory)`` replaces every module of ``root`` for
-  which ``match(name, module)`` is true with ``factory(name, module)`` and returns the new layers;
-* **which rows** it touches: an :class:`InjectedLayer` subclass sets ``rows``: ``"image"`` (it acts
-  on image-token positions only; at every other position its output must be exactly its
-  ``base_layer``'s, which ``tests/test_fusion_contract.py`` checks with hooks for every strategy) or
-  ``"all"`` (it changes the text path by design while an image is present, e.g. Flamingo's gated
-  cross-attention).
-
+A strategy that changes what happens *inside* the LM (or the vision tower) declares **what** to
+inject (:func:`inject_layers`) and **which rows** it touches (:attr:`InjectedLayer.rows`; the
+``"image"`` promise is checked with hooks for every strategy by ``tests/test_fusion_contract.py``).
 The base class does the rest: attributes the LM reads from the original (``weight``,
 ``layer_idx``, ``attention_type``, ...) pass through to ``base_layer``; the layer's own parameters
 are the trainable ones (:func:`injected_parameter_names`, never ``base_layer.*``); and per-call
@@ -67,17 +60,14 @@ class InjectedLayer(nn.Module):
     original is answered by ``base_layer``."""
 
     #: ``"image"``: acts on image positions only (text positions: exactly ``base_layer``);
-    #: ``"all"``: may change text positions while an image is present
+    #: ``"all"``: may change text positions while an image is present (e.g. Flamingo's gated
+    #: cross-attention)
     rows: ClassVar[str] = "image"
 
     def __init__(self, base_layer: nn.Module, conditioning: Conditioning):
         super().__init__()
         self.base_layer = base_layer
-        self._conditioning = conditioning  # a plain attribute: shared state, not a submodule
-
-    @property
-    def conditioning(self) -> Conditioning:
-        return self._conditioning
+        self.conditioning = conditioning  # a plain attribute (not a module): shared by every layer
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -3,9 +3,7 @@ attention and MLP layers, trained together. The text path changes (adapters stay
 text-only evaluation: that is the forgetting measured); ``base_lm()`` switches the adapters off."""
 from __future__ import annotations
 
-import contextlib
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,11 +11,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fusionbench.errors import FusionBenchError
-from fusionbench.fusion._lm import decoder_layers
+from fusionbench.fusion._lm import PROJECTIONS, decoder_layers, peft_model
 from fusionbench.fusion.base import register
 from fusionbench.fusion.projector import MLPOptions, MLPProjector
-
-ADAPTABLE = (nn.Linear, Conv1D)
 
 
 @dataclass
@@ -34,18 +30,12 @@ class LoraOptions(MLPOptions):
     target_modules: Any = "all-linear"
 
 
-def block_linear_names(lm: nn.Module) -> tuple[str, list[str]]:
-    """``(blocks path, sorted names inside one block)`` of every Linear / Conv1D in the decoder blocks."""
-    path, blocks = decoder_layers(lm)
-    inner = {n for block in blocks for n, m in block.named_modules() if isinstance(m, ADAPTABLE)}
-    return path, sorted(inner)
-
-
 def resolve_targets(lm: nn.Module, spec: Any) -> tuple[str | list[str], list[str]]:
     """``(peft target_modules, LM module paths it selects)``; :class:`FusionBenchError` if a
     requested name or pattern selects no Linear / Conv1D layer."""
-    path, inner = block_linear_names(lm)
-    adaptable = [n for n, m in lm.named_modules() if isinstance(m, ADAPTABLE)]
+    path, blocks = decoder_layers(lm)
+    inner = sorted({n for block in blocks for n, m in block.named_modules() if isinstance(m, PROJECTIONS)})
+    adaptable = [n for n, m in lm.named_modules() if isinstance(m, PROJECTIONS)]
     if isinstance(spec, str) and spec == "all-linear":
         if not inner:
             raise FusionBenchError(f"lora: no Linear / Conv1D layers inside the decoder blocks of {type(lm).__name__}")
@@ -95,7 +85,7 @@ class LoraFusion(MLPProjector):
         resolve_targets(vlm.lm, o.target_modules)
 
     def inject(self, vlm):
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         o = self.options
         target, selected = resolve_targets(vlm.lm, o.target_modules)
@@ -104,19 +94,15 @@ class LoraFusion(MLPProjector):
         config = LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=target,
                             fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
         try:
-            with warnings.catch_warnings():  # peft probes a transformers attribute deprecated in v5
-                warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-                vlm.lm = get_peft_model(vlm.lm, config)
+            vlm.lm = peft_model(vlm.lm, config)
         except ValueError as e:
             raise FusionBenchError(f"lora: peft could not apply target_modules {o.target_modules!r}: "
                                    f"{str(e).splitlines()[0]}") from None
 
-    @contextlib.contextmanager
     def base_lm(self, vlm):
         """The base LM exactly: LoRA adapters off (peft ``disable_adapter``)."""
-        with vlm.lm.disable_adapter():
-            yield
+        return vlm.lm.disable_adapter()
 
     def trainable(self, vlm, stage=None):
         lora = {n for n, _ in vlm.named_parameters() if ".lora_A." in n or ".lora_B." in n}
-        return {f"fusion.{n}" for n, _ in self.named_parameters()} | lora
+        return super().trainable(vlm, stage) | lora

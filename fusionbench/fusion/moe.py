@@ -236,24 +236,14 @@ class MoEConnector(MLPProjector):
             moe.sparse = True
 
     def trainable(self, vlm, stage=None) -> set[str]:
-        stage = stage or "main"
-
-        def params(prefix: str, module: nn.Module | None, sub: str) -> set[str]:
-            part = getattr(module, sub)
-            return {f"{prefix}.{sub}.{p}" for p, _ in part.named_parameters()} if part is not None else set()
-
-        connector = self.projector
-        if stage == "dense":
-            return params("fusion.projector", connector, "dense")
-        if stage == "unfreeze":
-            out = params("fusion.projector", connector, "dense")
-            for name, moe in self._vision_moes:
-                out |= params(name, moe, "dense")
-            return out
-        out = set()
-        for name, moe in self.moe_modules():
-            out |= params(name, moe, "experts") | params(name, moe, "router")
-        return out
+        """``dense``: the dense connector; ``unfreeze``: every dense block (connector and vision);
+        sparse stages: every expert and router."""
+        moes = self.moe_modules()
+        if stage in ("dense", "unfreeze"):
+            parts = [(f"{name}.dense", moe.dense) for name, moe in (moes[:1] if stage == "dense" else moes)]
+        else:
+            parts = [(f"{name}.{sub}", getattr(moe, sub)) for name, moe in moes for sub in ("experts", "router")]
+        return {n for prefix, part in parts if part is not None for n, _ in part.named_parameters(prefix=prefix)}
 
     # -- losses -----------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -7,7 +7,6 @@ prepended to every input, text-only ones included, so the text path changes by d
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -18,8 +17,9 @@ from torch import nn
 from transformers import DynamicCache
 
 from fusionbench.errors import FusionBenchError
-from fusionbench.fusion._lm import cache_kwarg, decoder_layers, passed_cache
+from fusionbench.fusion._lm import cache_kwarg, decoder_layers, passed_cache, peft_model
 from fusionbench.fusion.base import FusionOptions, FusionStrategy, register
+from fusionbench.fusion.inject import Conditioning
 
 POOLINGS = ("tokens", "pooled")
 
@@ -120,8 +120,9 @@ class PrefixFusion(FusionStrategy):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
         self.encoder: ImagePrefixEncoder | None = None  # built in inject (needs the LM geometry)
         self._task_prefix = options.task_prefix_tokens > 0
-        self._base_mode = False  # inside base_lm(): no task prefix
-        self._text_prefix_active = False  # inside text_only() with the task prefix on
+        #: per-call state: ``base`` (inside base_lm(): no task prefix), ``text_prefix`` (inside
+        #: text_only() with the task prefix on: text-only calls get it)
+        self._state = Conditioning()
 
     # -- construction -------------------------------------------------------------------------
     def validate(self, vlm):
@@ -142,12 +143,10 @@ class PrefixFusion(FusionStrategy):
                                           self.options.prefix_length, self.options.pooling,
                                           layers, kv_heads, head_dim)
         if self._task_prefix:
-            from peft import PrefixTuningConfig, get_peft_model
+            from peft import PrefixTuningConfig
 
-            config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.options.task_prefix_tokens)
-            with warnings.catch_warnings():  # peft probes a transformers attribute deprecated in v5
-                warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-                vlm.lm = get_peft_model(vlm.lm, config)
+            vlm.lm = peft_model(vlm.lm, PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                           num_virtual_tokens=self.options.task_prefix_tokens))
             self._peft_lm = weakref.ref(vlm.lm)
             # text-only training forward goes through get_decoder(), which peft does not see
             vlm.lm.get_decoder().register_forward_pre_hook(self._text_prefix_hook, with_kwargs=True)
@@ -155,7 +154,7 @@ class PrefixFusion(FusionStrategy):
     # -- the prefix cache -----------------------------------------------------------------------
     def _task_kv(self, lm, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (key, value) of the peft task prefix (empty when off or inside ``base_lm``)."""
-        if not self._task_prefix or self._base_mode:
+        if not self._task_prefix or self._state.get("base"):
             return []
         prompt = lm.get_prompt(batch)  # a DynamicCache, one layer per LM layer
         if len(prompt.layers) != self.encoder.geometry[0]:
@@ -191,27 +190,25 @@ class PrefixFusion(FusionStrategy):
         return self._extend(self.prefix_cache(vlm.lm, features.shape[0], features), attention_mask,
                             vlm.lm.get_decoder())
 
+    def _task_prefix_kwargs(self, lm, x: torch.Tensor, mask: torch.Tensor | None, model: nn.Module) -> dict[str, Any]:
+        """:meth:`_extend` kwargs putting the task prefix alone before text-only input ``x``."""
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+        return self._extend(self.prefix_cache(lm, x.shape[0], None), mask, model)
+
     def _text_prefix_hook(self, module, args, kwargs):
         """Text-only calls into the decoder without a cache get the task prefix (forward pass). A
         call that already carries a cache (``generate``'s, which holds the prefix) is left alone,
         whichever keyword the cache came by."""
-        if not self._text_prefix_active or passed_cache(kwargs) is not None:
+        if not self._state.get("text_prefix") or passed_cache(kwargs) is not None:
             return None
         x = kwargs.get("inputs_embeds")
         if x is None:
             x = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
-        kwargs.update(self._extend(self.prefix_cache(self._peft_lm(), x.shape[0], None), mask, module))
+        kwargs.update(self._task_prefix_kwargs(self._peft_lm(), x, kwargs.get("attention_mask"), module))
         return args, kwargs
 
     # -- LM calls -------------------------------------------------------------------------------
-    def _hf_generate(self, lm):
-        """The underlying transformers ``generate`` (peft's fails on ``inputs_embeds`` for prompt
-        learning; the prefix is passed as the cache here instead)."""
-        return lm.base_model.generate if self._task_prefix else lm.generate
-
     def _generate_shim(self, vlm, hf_generate):
         """``generate`` with a prefix cache: transformers expects ``inputs_embeds`` to cover the
         cached positions too (it slices off ``cache length`` rows), so zero rows stand in for the
@@ -219,12 +216,9 @@ class PrefixFusion(FusionStrategy):
 
         def generate(*args, **kwargs):
             embeds = kwargs.get("inputs_embeds")
-            if passed_cache(kwargs) is None and self._text_prefix_active and embeds is not None:
-                mask = kwargs.get("attention_mask")
-                if mask is None:
-                    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-                kwargs.update(self._extend(self.prefix_cache(vlm.lm, embeds.shape[0], None), mask,
-                                           vlm.lm.get_decoder()))
+            if passed_cache(kwargs) is None and self._state.get("text_prefix") and embeds is not None:
+                kwargs.update(self._task_prefix_kwargs(vlm.lm, embeds, kwargs.get("attention_mask"),
+                                                       vlm.lm.get_decoder()))
             cache = passed_cache(kwargs)
             if cache is not None and embeds is not None:
                 stand_in = embeds.new_zeros(embeds.shape[0], cache.get_seq_length(), embeds.shape[2])
@@ -235,31 +229,27 @@ class PrefixFusion(FusionStrategy):
 
     @contextlib.contextmanager
     def _calls(self, vlm) -> Iterator[None]:
-        """LM call state: our generate; peft's own prefix injection in forward off (we pass it)."""
+        """LM call state: our generate; with a task prefix, peft's own prefix injection in forward
+        off (we pass it) and transformers' ``generate`` under ours (peft's fails on
+        ``inputs_embeds`` for prompt learning)."""
+        lm = vlm.lm
         with contextlib.ExitStack() as stack:
             if self._task_prefix:
-                stack.enter_context(_instance_override(vlm.lm, "forward", vlm.lm.base_model.forward))
-            stack.enter_context(_instance_override(vlm.lm, "generate",
-                                                   self._generate_shim(vlm, self._hf_generate(vlm.lm))))
+                stack.enter_context(_instance_override(lm, "forward", lm.base_model.forward))
+            hf_generate = lm.base_model.generate if self._task_prefix else lm.generate
+            stack.enter_context(_instance_override(lm, "generate", self._generate_shim(vlm, hf_generate)))
             yield
 
-    @contextlib.contextmanager
     def conditioning(self, vlm, features, image_mask):
-        with self._calls(vlm):
-            yield
+        return self._calls(vlm)
 
     @contextlib.contextmanager
     def text_only(self, vlm):
         if not self._task_prefix:
             yield
             return
-        prev = self._text_prefix_active
-        self._text_prefix_active = not self._base_mode
-        try:
-            with self._calls(vlm):
-                yield
-        finally:
-            self._text_prefix_active = prev
+        with self._state.set(text_prefix=not self._state.get("base")), self._calls(vlm):
+            yield
 
     @contextlib.contextmanager
     def base_lm(self, vlm):
@@ -269,17 +259,10 @@ class PrefixFusion(FusionStrategy):
             with super().base_lm(vlm):
                 yield
             return
-        prev = self._base_mode
-        self._base_mode = True
-        try:
-            with vlm.lm.disable_adapter():
-                yield
-        finally:
-            self._base_mode = prev
+        with self._state.set(base=True), vlm.lm.disable_adapter():
+            yield
 
-    # -- what trains ----------------------------------------------------------------------------
     def trainable(self, vlm, stage=None):
-        names = {f"fusion.{n}" for n, _ in self.named_parameters()}
-        if self._task_prefix:
-            names |= {n for n, _ in vlm.named_parameters() if n.startswith("lm.prompt_encoder.")}
-        return names
+        """The prefix encoder and peft's task prefix (``lm.prompt_encoder``, present only with one)."""
+        prompt = {n for n, _ in vlm.named_parameters() if n.startswith("lm.prompt_encoder.")}
+        return super().trainable(vlm, stage) | prompt

@@ -37,8 +37,17 @@ class QFormerOptions(FusionOptions):
     ffn_mult: int = 4
 
 
+def attend(q_proj, kv_proj, out_proj, heads: int, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention of ``x`` to ``context`` (``kv_proj``: keys and values in one matmul)."""
+    b, n, _ = x.shape
+    q = q_proj(x).view(b, n, heads, -1).transpose(1, 2)
+    k, v = kv_proj(context).view(b, context.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)
+    y = F.scaled_dot_product_attention(q, k, v)
+    return out_proj(y.transpose(1, 2).reshape(b, n, -1))
+
+
 class Attention(nn.Module):
-    """Multi-head (self- or cross-) attention with ``F.scaled_dot_product_attention``."""
+    """Multi-head (self- or cross-) attention."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
@@ -48,11 +57,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.out(y.transpose(1, 2).reshape(b, n, d))
+        return attend(self.q, self.kv, self.out, self.heads, x, context)
 
 
 class QFormerBlock(nn.Module):
@@ -78,10 +83,10 @@ class QFormerBlock(nn.Module):
 @register("qformer")
 class QFormer(FusionStrategy):
     """BLIP-2 Q-Former connector: ``num_queries`` image tokens; LM frozen."""
-    FROZEN_TEXT_PREFIX = True  # see FusionStrategy.frozen_text_prefix_for
 
     Options = QFormerOptions
     TEXT_INVARIANT = True
+    FROZEN_TEXT_PREFIX = True
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)

@@ -5,9 +5,9 @@ from the LM's own weights, that only image tokens use. Text tokens keep the froz
 so text-only input is exactly the base LM and per-token FLOPs are unchanged (the expert replaces a
 matmul for image rows, it never adds one). Where the decoder layer has an ``mlp`` block (Llama, Qwen2,
 Gemma, GPT-2, ...) the block is copied whole (row-wise as a whole: the rows are split once per block,
-not once per projection). In the LM's last layer only the key / value projections
-get experts: an image row's output there reaches nothing (its logits are never scored), so copies of
-q / o / the MLP would count as trainable without ever receiving a gradient."""
+not once per projection). In the LM's last layer only the key / value projections get experts: an
+image row's output there reaches nothing (its logits are never scored), so copies of q / o / the MLP
+would count as trainable without ever receiving a gradient."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from fusionbench.errors import FusionBenchError
-from fusionbench.fusion._lm import decoder_layers, layer_indices
+from fusionbench.fusion._lm import PROJECTIONS, decoder_layers, layer_indices
 from fusionbench.fusion.base import register
 from fusionbench.fusion.inject import ImageRowExpert, TokenRouting, inject_layers
 from fusionbench.fusion.projector import MLPOptions, MLPProjector
@@ -28,17 +28,7 @@ _KV_NAMES = ("k_proj", "v_proj", "key", "value", "c_attn", "qkv", "qkv_proj", "q
 
 
 def _feeds_keys_or_values(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf in _KV_NAMES
-
-
-def _projection_types() -> tuple[type, ...]:
-    """Linear layers as HF decoders build them: ``nn.Linear`` and GPT-2's transposed ``Conv1D``."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - every supported transformers has it
-        return (nn.Linear,)
-    return (nn.Linear, Conv1D)
+    return name.rsplit(".", 1)[-1] in _KV_NAMES
 
 
 @dataclass
@@ -60,31 +50,23 @@ class VisualExpert(MLPProjector):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
         self.routing = TokenRouting()
 
-    def _selected(self, vlm) -> list[tuple[str, nn.Module]]:
+    def _selected(self, vlm) -> list[tuple[str, nn.Module, bool]]:
+        """``(name, decoder layer, is it the LM's last)`` of every selected layer."""
         path, layers = decoder_layers(vlm.lm)
         idx = layer_indices(self.options.layers, len(layers), "fusion.layers")
-        return [(f"{path}.{i}", layers[i]) for i in idx]
-
-    def _is_last(self, vlm, layer: nn.Module) -> bool:
-        _, layers = decoder_layers(vlm.lm)
-        return layer is layers[len(layers) - 1]
+        return [(f"{path}.{i}", layers[i], i == len(layers) - 1) for i in idx]
 
     def validate(self, vlm) -> None:
-        types = _projection_types()
-        for name, layer in self._selected(vlm):
-            if not any(isinstance(m, types) for m in layer.modules()):
+        for name, layer, _ in self._selected(vlm):
+            if not any(isinstance(m, PROJECTIONS) for m in layer.modules()):
                 raise FusionBenchError(f"visual_expert: decoder layer {name} has no Linear / Conv1D projections")
 
     def inject(self, vlm) -> None:
-        types = _projection_types()
-        for _, layer in self._selected(vlm):
-            # in the LM's last layer an image row's output feeds nothing (its logits are never
-            # scored); only its keys / values reach the loss, through the text rows after it
-            last = self._is_last(vlm, layer)
-            # the MLP block is row-wise as a whole: one expert copy of the block splits the rows once
-            # (instead of once per gate / up / down projection); the same weights and numbers
+        for _, layer, last in self._selected(vlm):
+            # the whole MLP block is one expert (rows split once, not per projection); in the last
+            # layer only key / value projections (see the module docstring)
             inject_layers(layer, lambda n, m: (n == "mlp" and not last) or (
-                isinstance(m, types) and (not last or _feeds_keys_or_values(n))),
+                isinstance(m, PROJECTIONS) and (not last or _feeds_keys_or_values(n))),
                 lambda n, m: ImageRowExpert(m, self.routing))
 
     def conditioning(self, vlm, features, image_mask):
