@@ -432,8 +432,12 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
     check_ranges(cfg.trainer, cfg.data, cfg.vision, cfg.eval)
     for i, stage in enumerate(cfg.stages):
         if isinstance(stage, DictConfig) and ("trainer" in stage or "data" in stage):
-            check_ranges(OmegaConf.merge(cfg.trainer, stage.get("trainer") or {}),
-                         OmegaConf.merge(cfg.data, stage.get("data") or {}), where=f"stages[{i}] ")
+            try:
+                trainer = OmegaConf.merge(cfg.trainer, stage.get("trainer") or {})
+                data = OmegaConf.merge(cfg.data, stage.get("data") or {})
+            except OmegaConfBaseException:
+                continue  # an unknown key: the stage plan names it, with the stage (runner.stage_plan)
+            check_ranges(trainer, data, where=f"stages[{i}] ")
     return cfg
 
 

@@ -110,7 +110,7 @@ def test_positions_logits_match_full_logits():
     (["trainer.max_stpes=3"], "unknown config key 'trainer.max_stpes'"),
     (["lm.source=some-org/not-a-model"], "cannot load language model 'some-org/not-a-model'"),
     (["vision.source=some-org/not-a-vit"], "cannot load vision encoder 'some-org/not-a-vit'"),
-    (["data.train_size=0"], "the train split would be empty"),
+    (["data.train_size=0"], "data.train_size=0 is out of range: it must be >= 1"),
     (["data.name=nope"], "unknown dataset 'nope'"),
     (["trainer.max_length=40"], "over trainer.max_length=40"),
     (["fusion={name: visual_expert, layers: [0, 9]}"], "layer 9 does not exist"),
