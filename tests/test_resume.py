@@ -23,6 +23,17 @@ class Killed(RuntimeError):
     pass
 
 
+def _kill_at(monkeypatch, step: int) -> None:
+    """Training raises :class:`Killed` when it reaches ``step`` (after the checkpoints before it)."""
+    record = FusionModule.training_step
+
+    def die(self, batch, batch_idx):
+        if self.trainer.global_step == step:
+            raise Killed
+        return record(self, batch, batch_idx)
+    monkeypatch.setattr(FusionModule, "training_step", die)
+
+
 def _trained(run_dir):
     ckpt = torch.load(next(run_dir.glob("**/checkpoints/main/last.ckpt")), map_location="cpu", weights_only=False)
     return ckpt["global_step"], ckpt["state_dict"]
@@ -48,12 +59,7 @@ def test_resumed_point_equals_the_uninterrupted_one(tmp_path, monkeypatch):
     cut = tiny_cfg(*OVERRIDES, tmp_path=tmp_path / "cut")
     seen_cut = _batches_seen(monkeypatch)
     record = FusionModule.training_step
-
-    def die_at_12(self, batch, batch_idx):
-        if self.trainer.global_step == 12:
-            raise Killed
-        return record(self, batch, batch_idx)
-    monkeypatch.setattr(FusionModule, "training_step", die_at_12)
+    _kill_at(monkeypatch, 12)
     with pytest.raises(Killed):
         run_point(cut)
     assert _trained(tmp_path / "cut")[0] == 10
@@ -77,13 +83,7 @@ def test_resumed_point_equals_the_uninterrupted_one(tmp_path, monkeypatch):
 
 def test_a_checkpoint_of_another_training_order_is_refused(tmp_path, monkeypatch):
     cfg = tiny_cfg("fusion=linear", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=5", tmp_path=tmp_path)
-    record = FusionModule.training_step
-
-    def die_at_5(self, batch, batch_idx):
-        if self.trainer.global_step == 5:
-            raise Killed
-        return record(self, batch, batch_idx)
-    monkeypatch.setattr(FusionModule, "training_step", die_at_5)
+    _kill_at(monkeypatch, 5)
     with pytest.raises(Killed):
         run_point(cfg)
     monkeypatch.undo()
@@ -126,13 +126,7 @@ def test_rows_count_the_steps_taken_and_eval_refuses_a_partial_checkpoint(tmp_pa
     from fusionbench.results import read_rows
 
     cfg = tiny_cfg("fusion=linear", "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=5", tmp_path=tmp_path)
-    record = FusionModule.training_step
-
-    def die_at_6(self, batch, batch_idx):
-        if self.trainer.global_step == 6:
-            raise Killed
-        return record(self, batch, batch_idx)
-    monkeypatch.setattr(FusionModule, "training_step", die_at_6)
+    _kill_at(monkeypatch, 6)
     with pytest.raises(Killed):
         run_point(cfg)
     monkeypatch.undo()
