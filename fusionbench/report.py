@@ -487,8 +487,8 @@ MAIN_COLUMNS = {
 
 
 #: the columns of a table whose rows scored no test item (e.g. the learning-rate sweep, chosen on val)
-VAL_COLUMNS = {"val/choice_acc_final": "val choice acc (final)", "val/image_gain_final": "val image gain (final)",
-               "val/lm_loss_final": "val loss (final)"}
+VAL_COLUMNS = {"val/choice_acc_final": "val choice acc (final)", "val/chance_final": "val chance",
+               "val/image_gain_final": "val image gain (final)", "val/lm_loss_final": "val loss (final)"}
 
 
 def table_frame(s: pd.DataFrame, latex: bool = True) -> pd.DataFrame:

@@ -265,6 +265,7 @@ def test_validation_curve_in_the_logger_and_the_row(tmp_path):
     assert all(p["val/image_gain"] == pytest.approx(p["val/choice_acc"] - p["val/acc_shuffled"])
                and p["val/image_gain_ci_lo"] <= p["val/image_gain"] <= p["val/image_gain_ci_hi"] for p in curve)
     assert row["converged"] in (True, False) and row["val/choice_acc_final"] == curve[-1]["val/choice_acc"]
+    assert all(0 < p["val/chance"] < 1 for p in curve) and row["val/chance_final"] == curve[-1]["val/chance"]
     logged = next((tmp_path / "runs").glob("**/logs/main/metrics.csv")).read_text()
     assert "val/choice_acc" in logged.splitlines()[0]
 

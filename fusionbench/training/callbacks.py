@@ -78,6 +78,7 @@ class ValidationCurve(L.Callback):
                 m = evaluate_choice(pl_module.model, self.items, self.preprocess, self.batch_size, seed=self.seed,
                                     controls=self.controls)
             point["val/choice_acc"] = m["mm/choice/acc"]
+            point["val/chance"] = m["mm/choice/chance"]  # the blind floor beside it (1 / #candidates)
             if self.controls:
                 for k in ("acc_shuffled", "image_gain", "image_gain_ci_lo", "image_gain_ci_hi"):
                     point[f"val/{k}"] = m[f"mm/choice/{k}"]
