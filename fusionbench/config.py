@@ -13,7 +13,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fusionbench.errors import FusionBenchError
+from fusionbench.errors import FusionBenchError, did_you_mean
 
 
 @dataclass
@@ -331,9 +331,7 @@ def _explain(e: OmegaConfBaseException, path: Any) -> str:
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         options = _keys_at(parent)
-        import difflib
-        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], options, n=1)
-        hint = f" Did you mean {(parent + '.' if parent else '') + close[0]!r}?" if close else ""
+        hint = did_you_mean(key.rsplit(".", 1)[-1], options, lambda c: repr((parent + "." if parent else "") + c))
         return f"unknown config key {key!r}{where}.{hint}"
     return f"invalid config value for {key!r}{where}: {msg}"
 

@@ -1,4 +1,12 @@
 """One exception type for every input problem caught before compute starts."""
+import difflib
+from typing import Callable, Iterable
+
+
+def did_you_mean(word: str, options: Iterable[str], spell: Callable[[str], str] = repr) -> str:
+    """``" Did you mean 'x'?"`` for the option closest to ``word`` ("" when none is close)."""
+    close = difflib.get_close_matches(str(word), list(options), n=1)
+    return f" Did you mean {spell(close[0])}?" if close else ""
 
 
 class FusionBenchError(Exception):

@@ -1,12 +1,11 @@
 """Name -> class/function registries. Adding a variant is one decorated definition in one file."""
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from typing import Callable, Generic, TypeVar
 
-from fusionbench.errors import FusionBenchError
+from fusionbench.errors import FusionBenchError, did_you_mean
 
 T = TypeVar("T")
 
@@ -42,8 +41,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         self._load()
         if name not in self._items:
-            close = difflib.get_close_matches(str(name), self._items, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(name, self._items)
             raise FusionBenchError(
                 f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._items))}")
         return self._items[name]

@@ -89,19 +89,18 @@ def test_expert_linear_routed_equals_unrouted_reference():
     _perturb(layer.expert.parameters(), scale=0.5)
     x = torch.randn(3, 10, 16)
     mask = torch.rand(3, 10) < 0.4
-    routing.image_mask = mask
-    routed = layer(x)
-    reference = torch.where(mask.unsqueeze(-1), layer.expert(x), base(x))  # dense: both weights everywhere
-    assert (routed - reference).abs().max().item() <= 1e-6
-    # longer input than the mask (new tokens): the extra positions are text
-    longer = torch.randn(3, 12, 16)
-    ref = torch.where(torch.cat([mask, mask.new_zeros(3, 2)], 1).unsqueeze(-1), layer.expert(longer), base(longer))
-    assert (layer(longer) - ref).abs().max().item() <= 1e-6
-    # a decode step (shorter than the mask) and no routing state: exactly the base layer
-    step = torch.randn(3, 1, 16)
-    assert torch.equal(layer(step), base(step))
-    routing.image_mask = None
-    assert torch.equal(layer(x), base(x))
+    with routing.set(image_mask=mask):
+        routed = layer(x)
+        reference = torch.where(mask.unsqueeze(-1), layer.expert(x), base(x))  # dense: both weights everywhere
+        assert (routed - reference).abs().max().item() <= 1e-6
+        # longer input than the mask (new tokens): the extra positions are text
+        longer = torch.randn(3, 12, 16)
+        ref = torch.where(torch.cat([mask, mask.new_zeros(3, 2)], 1).unsqueeze(-1), layer.expert(longer), base(longer))
+        assert (layer(longer) - ref).abs().max().item() <= 1e-6
+        # a decode step (shorter than the mask): exactly the base layer
+        step = torch.randn(3, 1, 16)
+        assert torch.equal(layer(step), base(step))
+    assert torch.equal(layer(x), base(x))  # no routing state: the base layer
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
@@ -115,7 +114,7 @@ def test_visual_expert_model_routed_equals_unrouted_reference(arch, monkeypatch)
         routed = model.logits(*args)
 
     def unrouted(self, x):  # image rows via the expert weights computed densely, then selected
-        mask = self.conditioning.image_mask
+        mask = self.conditioning.get("image_mask")
         if mask is None or x.shape[1] != mask.shape[1]:
             return self.base_layer(x)
         return torch.where(mask.unsqueeze(-1), self.expert(x), self.base_layer(x))
@@ -416,10 +415,9 @@ def test_projections_sharing_an_input_share_one_gather_and_gradients_match_refer
     original = routing.sorted_rows
     routing.sorted_rows = lambda x, order: (gathers.append(x) if routing._sorted is None or routing._sorted[0] is not x
                                             else None) or original(x, order)
-    routing.image_mask = mask
-    gx, gp = loss_of(lambda layer, x: layer(x))
+    with routing.set(image_mask=mask):
+        gx, gp = loss_of(lambda layer, x: layer(x))
     assert len(gathers) == 1
-    routing.image_mask = None
     rx, rp = loss_of(lambda layer, x: torch.where(mask.unsqueeze(-1), layer.expert(x), layer.base_layer(x)))
     torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-6)
     assert len(gp) == len(rp) == 12

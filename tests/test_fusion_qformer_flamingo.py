@@ -36,7 +36,7 @@ def _text_logits(model):
 
 def _set_gates(model, attn: float, ff: float):
     with torch.no_grad():
-        for layer in model.fusion.gated_layers():
+        for layer in model.fusion.gated_layers:
             layer.xattn.attn_gate.fill_(attn)
             layer.xattn.ff_gate.fill_(ff)
 
@@ -53,10 +53,9 @@ def test_qformer_gives_num_queries_image_tokens():
 
 def test_qformer_cross_attention_every_second_block():
     model = tiny_model("{name: qformer, num_layers: 5, cross_attention_every: 2}")
-    assert model.fusion.cross_attention_blocks() == [0, 2, 4]
     assert [b.cross_attn is not None for b in model.fusion.blocks] == [True, False, True, False, True]
     model = tiny_model("{name: qformer, num_layers: 3, cross_attention_every: 1}")
-    assert model.fusion.cross_attention_blocks() == [0, 1, 2]
+    assert all(b.cross_attn is not None for b in model.fusion.blocks)
 
 
 def test_qformer_image_changes_the_output_and_default_width_is_small():
@@ -81,7 +80,7 @@ def test_qformer_bad_options_are_clear_errors(bad, match):
 def test_flamingo_gates_start_at_zero_and_untrained_model_is_the_base_lm_with_images():
     model = tiny_model("flamingo")
     model.eval()
-    layers = model.fusion.gated_layers()
+    layers = model.fusion.gated_layers
     assert len(layers) == model.lm.config.num_hidden_layers  # cross_attention_every=1 by default
     for layer in layers:
         assert layer.xattn.attn_gate.item() == 0.0 and layer.xattn.ff_gate.item() == 0.0
@@ -106,7 +105,7 @@ def test_flamingo_open_gates_condition_on_the_image_but_text_only_stays_the_base
     assert torch.equal(text, _base_logits(ids, mask))
     assert model.fusion.text_invariant
     # conditioning is cleared after each call
-    assert all(layer.latents is None for layer in model.fusion.gated_layers())
+    assert all(layer.conditioning.get("latents") is None for layer in model.fusion.gated_layers)
 
 
 def test_flamingo_text_path_drift_moves_text_only_logits_and_base_lm_recovers_them():
@@ -155,11 +154,11 @@ def test_flamingo_on_other_decoder_families(arch):
     from fusionbench.data.format import Collator
 
     model = tiny_model("{name: flamingo, cross_attention_every: 2}", f"lm.tiny.arch={arch}")
-    assert len(model.fusion.gated_layers()) == 2
+    assert len(model.fusion.gated_layers) == 2
     batch, rows = image_batch(model)
     out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
     out.loss.backward()
-    gates = [layer.xattn.attn_gate.grad for layer in model.fusion.gated_layers()]
+    gates = [layer.xattn.attn_gate.grad for layer in model.fusion.gated_layers]
     assert all(g is not None and g.abs().item() > 0 for g in gates)
     model.eval()
     # zero gates: the base LM with images; open gates: image-conditioned, text-only still the base

@@ -1,25 +1,15 @@
-"""The one interface every fusion strategy implements.
+"""The one interface every fusion strategy implements (``docs/adding_a_fusion.md`` walks through it).
 
-A strategy decides three things (see ``docs/adding_a_fusion.md``):
-
-1. **what it adds and where**: modules beside the LM (projectors, Q-Former, resampler), built in
-   ``__init__`` as submodules of the strategy; or modules injected into the LM (cross-attention,
-   LoRA, expert copies of Linear layers, MoE MLPs) in :meth:`FusionStrategy.inject`, through
-   :mod:`fusionbench.fusion.inject` (PEFT's pattern: wrappers that keep the original as ``base_layer``).
-2. **how images reach the LM**: as ``num_image_tokens`` embeddings spliced into ``inputs_embeds`` at
-   the image placeholder (:meth:`image_embeddings`), and/or as conditioning state set on injected
-   modules for the duration of one LM call (:meth:`conditioning`), which keeps ``generate()``
-   working; extra LM keyword arguments (e.g. ``past_key_values`` prefixes) via :meth:`lm_kwargs`.
-3. **what trains in each stage**: :meth:`trainable` names the parameters that train in a stage.
-
-Every strategy has an explicit **text-only mode** (:meth:`text_only`): no image, and the text path
-a frozen-text strategy promises is exactly the base LM's (tested for every registered strategy).
-"""
+A strategy decides (1) what it adds: modules beside the LM, built in ``__init__``, and/or modules
+injected into it in :meth:`FusionStrategy.inject` (:mod:`fusionbench.fusion.inject`); (2) how images
+reach the LM: embeddings spliced in at the image placeholder (:meth:`image_embeddings`), per-call
+conditioning of the injected modules (:meth:`conditioning`, so ``generate()`` works), extra LM kwargs
+(:meth:`lm_kwargs`); (3) what trains in each stage (:meth:`trainable`). Every strategy has an explicit
+text-only mode (:meth:`text_only`), exactly the base LM where it promises a frozen text path (tested)."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
@@ -28,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from fusionbench.errors import FusionBenchError
+from fusionbench.errors import FusionBenchError, did_you_mean
 from fusionbench.fusion.inject import injected_parameter_names
 from fusionbench.registry import Registry
 
@@ -66,8 +56,7 @@ def fusion_options(node: Any) -> DictConfig:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or ""
         fields = [f.name for f in dataclasses.fields(cls.Options)]
-        close = difflib.get_close_matches(key.split(".")[-1], fields, n=1)
-        hint = f" Did you mean 'fusion.{close[0]}'?" if close else ""
+        hint = did_you_mean(key.split(".")[-1], fields, lambda c: f"'fusion.{c}'")
         if "not in struct" in str(e) or "Key '" in str(e):
             raise FusionBenchError(f"unknown option 'fusion.{key}' for strategy {name!r}.{hint} "
                                    f"Options: {', '.join(fields)}") from None
@@ -80,12 +69,11 @@ class FusionStrategy(nn.Module):
 
     Options: ClassVar[type] = FusionOptions
     registry_name: ClassVar[str] = ""
-    #: the class's declaration of :attr:`text_invariant` (options may refine it: override
-    #: :meth:`text_invariant_for`); subclasses state their own, they are not read from a parent
-    TEXT_INVARIANT: ClassVar[bool] = True
-    #: the class's declaration of :attr:`frozen_text_prefix` (options may refine it: override
-    #: :meth:`frozen_text_prefix_for`)
-    FROZEN_TEXT_PREFIX: ClassVar[bool] = False
+    #: what the strategy does to the LM's text path, stated in each class's own body (a test checks
+    #: it: never inherited silently). "frozen": text runs the frozen LM and no state of the strategy;
+    #: "conditioned": text-only input is the base LM, but with an image text reads the strategy's
+    #: state; "trained": LM weights change. Options may refine it: override :meth:`text_invariant_for`.
+    TEXT_PATH: ClassVar[str] = "frozen"
 
     @classmethod
     def default_options(cls) -> DictConfig:
@@ -96,7 +84,7 @@ class FusionStrategy(nn.Module):
     def text_invariant_for(cls, options: Any) -> bool:
         """Does the LM's text path stay exactly the base LM's in text-only mode, with these options?
         (tested when True; recorded in every row as ``text_invariant``)"""
-        return cls.TEXT_INVARIANT
+        return cls.TEXT_PATH != "trained"
 
     @classmethod
     def frozen_text_prefix_for(cls, options: Any) -> bool:
@@ -104,7 +92,7 @@ class FusionStrategy(nn.Module):
         with no state of this strategy (so their keys/values never change while it trains)? Then a
         training forward computes a prompt prefix shared by the whole batch once and reuses its KV
         cache (``trainer.cache_text_prefix``; tested equal to the uncached forward when True)."""
-        return cls.FROZEN_TEXT_PREFIX and cls.text_invariant_for(options)
+        return cls.TEXT_PATH == "frozen" and cls.text_invariant_for(options)
 
     @property
     def text_invariant(self) -> bool:

@@ -97,10 +97,8 @@ def reg_stage(depth: int, in_ch: int, out_ch: int) -> nn.Sequential:
 class CAbstractor(FusionStrategy):
     """Honeybee C-Abstractor: conv blocks -> adaptive average pool -> conv blocks -> MLP;
     ``num_queries`` image tokens; LM frozen."""
-    FROZEN_TEXT_PREFIX = True  # see FusionStrategy.frozen_text_prefix_for
-
     Options = CAbstractorOptions
-    TEXT_INVARIANT = True
+    TEXT_PATH = "frozen"
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)

@@ -123,20 +123,16 @@ class FlamingoLayer(InjectedLayer):
         self.xattn = xattn
         self.text_path = text_path
 
-    @property
-    def latents(self) -> torch.Tensor | None:
-        return self.conditioning.get("latents")
-
     def train(self, mode: bool = True):
         super().train(mode)
         self.base_layer.train(False)  # the frozen decoder layer keeps dropout off while the block trains
         return self
 
     def forward(self, *args, **kwargs):
-        if self.conditioning.get("bypass") or (self.latents is None and not self.text_path):
+        latents = self.conditioning.get("latents")
+        if self.conditioning.get("bypass") or (latents is None and not self.text_path):
             return self.base_layer(*args, **kwargs)
         hidden = args[0] if args else kwargs["hidden_states"]
-        latents = self.latents
         if latents is not None and latents.shape[0] != hidden.shape[0]:  # e.g. beam search expansion
             latents = latents.repeat_interleave(hidden.shape[0] // latents.shape[0], dim=0)
         dtype = self.xattn.attn_gate.dtype
@@ -153,7 +149,7 @@ class Flamingo(FusionStrategy):
     """Perceiver resampler + tanh-gated cross-attention before selected frozen LM decoder layers."""
 
     Options = FlamingoOptions
-    FROZEN_TEXT_PREFIX = False  # cross-attention layers sit in the text path
+    TEXT_PATH = "conditioned"  # text after the image cross-attends to it (text_path_drift: see below)
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
@@ -163,8 +159,8 @@ class Flamingo(FusionStrategy):
         self.hidden_size = dim
         self.resampler = PerceiverResampler(vision_dim, vision_tokens, dim, o.resampler_depth, o.num_heads,
                                             o.num_latents)
-        # the injected layers live inside the LM (a plain list, so they are not registered twice)
-        self._layers: list[FlamingoLayer] = []
+        #: the injected wrappers, in layer order (they live inside the LM: a plain list, not registered twice)
+        self.gated_layers: list[FlamingoLayer] = []
         self._conditioning = Conditioning()
         self.layers_with_cross_attention: list[int] = []
 
@@ -187,8 +183,6 @@ class Flamingo(FusionStrategy):
     def validate(self, vlm):
         _, layers = decoder_layers(vlm.lm)
         self.select_layers(len(layers))
-        if any(isinstance(layer, FlamingoLayer) for layer in layers):
-            raise FusionBenchError("this LM already has Flamingo cross-attention layers injected")
 
     def inject(self, vlm):
         path, layers = decoder_layers(vlm.lm)
@@ -198,11 +192,7 @@ class Flamingo(FusionStrategy):
         new = inject_layers(vlm.lm, lambda name, m: name in chosen, lambda name, m: FlamingoLayer(
             m, GatedCrossAttention(self.lm_hidden_size, self.hidden_size, o.num_heads, o.ffn_mult),
             self._conditioning, text_path=bool(o.text_path_drift)))
-        self._layers = [layer for _, layer in new]
-
-    def gated_layers(self) -> list[FlamingoLayer]:
-        """The injected wrappers, in layer order."""
-        return list(self._layers)
+        self.gated_layers = [layer for _, layer in new]
 
     # -- 2. how images reach the LM ---------------------------------------------------------------
     def conditioning(self, vlm, features, image_mask):

@@ -11,9 +11,7 @@ from fusionbench.fusion.projector import MLPProjector
 class FullFinetune(MLPProjector):
     """LLaVA-1.5 MLP projector + every LM parameter trainable (tied embeddings count once);
     the vision encoder stays frozen."""
-    FROZEN_TEXT_PREFIX = False  # see FusionStrategy.frozen_text_prefix_for
-
-    TEXT_INVARIANT = False
+    TEXT_PATH = "trained"
 
     def trainable(self, vlm, stage=None) -> set[str]:
         return super().trainable(vlm, stage) | {n for n, _ in vlm.named_parameters() if n.startswith("lm.")}

@@ -1,15 +1,11 @@
-"""Injecting trainable layers into a backbone, the way PEFT's ``BaseTuner.inject_adapter`` /
-``BaseTunerLayer`` do it (our own code): walk ``named_modules()``, match, replace the match with a
-wrapper that keeps the original as ``base_layer``.
+"""Injecting trainable layers into a backbone as PEFT's ``BaseTuner.inject_adapter`` does (our own
+code): walk ``named_modules()``, replace each match with a wrapper that keeps it as ``base_layer``.
 
-A strategy that changes what happens *inside* the LM (or the vision tower) declares **what** to
-inject (:func:`inject_layers`) and **which rows** it touches (:attr:`InjectedLayer.rows`; the
-``"image"`` promise is checked with hooks for every strategy by ``tests/test_fusion_contract.py``).
-The base class does the rest: attributes the LM reads from the original (``weight``,
-``layer_idx``, ``attention_type``, ...) pass through to ``base_layer``; the layer's own parameters
-are the trainable ones (:func:`injected_parameter_names`, never ``base_layer.*``); and per-call
-conditioning (the image mask, visual features) comes from one :class:`Conditioning` object the
-strategy shares with all its layers and sets for one LM call (or one ``generate()``).
+A strategy declares **what** to inject (:func:`inject_layers`) and **which rows** it touches
+(:attr:`InjectedLayer.rows`, checked with hooks for every strategy by the contract tests). The base
+class passes attributes through to ``base_layer``, its own parameters are the trainable ones
+(:func:`injected_parameter_names`), and per-call state (image mask, visual features) comes from one
+:class:`Conditioning` the strategy shares with its layers and sets for one LM call or ``generate()``.
 """
 from __future__ import annotations
 
@@ -77,10 +73,6 @@ class InjectedLayer(nn.Module):
                 raise
             return getattr(self.base_layer, name)  # weight, bias, layer_idx, attention_type, ...
 
-    def own_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The parameters this layer adds (what trains), not those of ``base_layer``."""
-        return ((n, p) for n, p in self.named_parameters() if not n.startswith("base_layer."))
-
 
 def inject_layers(root: nn.Module, match: Callable[[str, nn.Module], bool],
                   factory: Callable[[str, nn.Module], nn.Module]) -> list[tuple[str, nn.Module]]:
@@ -117,7 +109,8 @@ def injected(root: nn.Module) -> list[tuple[str, InjectedLayer]]:
 def injected_parameter_names(root: nn.Module, prefix: str = "") -> set[str]:
     """Names (as ``root.named_parameters()`` spells them, with ``prefix``) of every parameter the
     injected layers under ``root`` add: the trainable set of an injecting strategy."""
-    return {f"{prefix}{n}.{p}" if n else f"{prefix}{p}" for n, m in injected(root) for p, _ in m.own_parameters()}
+    return {f"{prefix}{n}.{p}" for n, m in injected(root) for p, _ in m.named_parameters()
+            if not p.startswith("base_layer.")}
 
 
 class TokenRouting(Conditioning):
@@ -133,22 +126,13 @@ class TokenRouting(Conditioning):
     def _changed(self) -> None:
         self._plans, self._sorted = {}, None
 
-    @property
-    def image_mask(self) -> torch.Tensor | None:
-        return self.get("image_mask")
-
-    @image_mask.setter
-    def image_mask(self, mask: torch.Tensor | None) -> None:  # outside a ``set`` block (tests)
-        self._state["image_mask"] = mask
-        self._changed()
-
     def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """``(order, inverse, n_text)`` for ``x [B, T, D]``: flat row indices with text rows first
         and image rows after, the permutation back, and how many text rows; None when every row
         is text. Positions beyond the mask (cached generation: the new tokens) are text; a step
         shorter than the mask (a decode step after the prefill) is all text. Computed once per
         sequence length and shared by every projection of the LM call."""
-        mask = self.image_mask
+        mask = self.get("image_mask")
         if mask is None:
             return None
         if x.dim() != 3 or x.shape[0] != mask.shape[0]:

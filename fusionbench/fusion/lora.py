@@ -36,32 +36,23 @@ def resolve_targets(lm: nn.Module, spec: Any) -> tuple[str | list[str], list[str
     path, blocks = decoder_layers(lm)
     inner = sorted({n for block in blocks for n, m in block.named_modules() if isinstance(m, PROJECTIONS)})
     adaptable = [n for n, m in lm.named_modules() if isinstance(m, PROJECTIONS)]
-    if isinstance(spec, str) and spec == "all-linear":
-        if not inner:
-            raise FusionBenchError(f"lora: no Linear / Conv1D layers inside the decoder blocks of {type(lm).__name__}")
-        target: str | list[str] = rf"{re.escape(path)}\.\d+\.({'|'.join(re.escape(n) for n in inner)})"
-    elif isinstance(spec, str):
+    if isinstance(spec, str):
+        target: str | list[str] = spec if spec != "all-linear" else \
+            rf"{re.escape(path)}\.\d+\.({'|'.join(re.escape(n) for n in inner)})"
         try:
-            re.compile(spec)
+            selected = [n for n in adaptable if re.fullmatch(target, n)]
         except re.error as e:
             raise FusionBenchError(f"fusion.target_modules {spec!r} is not a valid regex: {e}") from None
-        target = spec
+        unmatched = [] if selected else [spec]
     else:
         target = [str(t) for t in spec]
-        if not target:
-            raise FusionBenchError("fusion.target_modules is empty")
-        unmatched = [t for t in target if not any(n == t or n.endswith("." + t) for n in adaptable)]
-        if unmatched:
-            raise FusionBenchError(
-                f"fusion.target_modules {unmatched} match no Linear / Conv1D layer of {type(lm).__name__}; "
-                f"names inside its decoder blocks: {', '.join(inner)} (or use 'all-linear')")
-    if isinstance(target, str):
-        selected = [n for n in adaptable if re.fullmatch(target, n)]
-        if not selected:
-            raise FusionBenchError(f"fusion.target_modules {spec!r} matches no Linear / Conv1D layer of "
-                                   f"{type(lm).__name__}; names inside its decoder blocks: {', '.join(inner)}")
-    else:
-        selected = [n for n in adaptable if any(n == t or n.endswith("." + t) for t in target)]
+        hits = {t: [n for n in adaptable if n == t or n.endswith("." + t)] for t in target}
+        selected = [n for ns in hits.values() for n in ns]
+        unmatched = [t for t, ns in hits.items() if not ns] or ([] if target else ["(an empty list)"])
+    if unmatched:
+        raise FusionBenchError(f"fusion.target_modules {unmatched} matches no Linear / Conv1D layer of "
+                               f"{type(lm).__name__}; names inside its decoder blocks: {', '.join(inner) or 'none'} "
+                               f"(or use 'all-linear')")
     return target, selected
 
 
@@ -69,15 +60,12 @@ def resolve_targets(lm: nn.Module, spec: Any) -> tuple[str | list[str], list[str
 class LoraFusion(MLPProjector):
     """MLP projector + peft LoRA on the LM's Linear / Conv1D layers (B = 0 at start: untrained,
     the LM is exactly the base LM). Trains the projector and every ``lora_A`` / ``lora_B``."""
-    FROZEN_TEXT_PREFIX = False  # see FusionStrategy.frozen_text_prefix_for
-
     Options = LoraOptions
-    TEXT_INVARIANT = False
+    TEXT_PATH = "trained"  # the adapters stay on for text
 
     def validate(self, vlm):
         o = self.options
-        if o.r < 1:
-            raise FusionBenchError(f"fusion.r must be >= 1, got {o.r}")
+        self.require_positive("r")
         if o.alpha <= 0:
             raise FusionBenchError(f"fusion.alpha must be > 0, got {o.alpha}")
         if not 0.0 <= o.dropout < 1.0:

@@ -40,8 +40,7 @@ class ModalityAdaptiveLN(MLPProjector):
     image positions (text positions: the frozen norms)."""
 
     Options = MALNOptions
-    TEXT_INVARIANT = True       # text rows run the frozen norms
-    FROZEN_TEXT_PREFIX = True   # and the text before the image has no image row to route
+    TEXT_PATH = "frozen"  # text rows run the frozen norms
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)

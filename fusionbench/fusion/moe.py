@@ -57,10 +57,6 @@ class UpcycledMoE(nn.Module):
         #: ``(load_balance, router_z)`` of the last sparse forward, unweighted
         self.last_aux: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    @property
-    def num_experts(self) -> int:
-        return len(self.experts)
-
     @torch.no_grad()
     def upcycle(self) -> None:
         """Sparse upcycling: every expert becomes a copy of the (trained) dense block."""
@@ -97,14 +93,14 @@ class UpcycledMoE(nn.Module):
             out = out.index_add(0, tokens, y)
         # Switch Transformer load balancing: E * sum_e f_e * P_e (f: share of the N*k assignments,
         # P: mean router probability); 1.0 when routing is uniform. ST-MoE z-loss: mean logsumexp^2.
-        share = F.one_hot(top_i, self.num_experts).sum(dim=(0, 1)).float() / top_i.numel()
-        balance = self.num_experts * (share * probs.mean(dim=0)).sum()
+        share = F.one_hot(top_i, len(self.experts)).sum(dim=(0, 1)).float() / top_i.numel()
+        balance = len(self.experts) * (share * probs.mean(dim=0)).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         self.last_aux = (balance, z)
         return out.reshape(*lead, -1)
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, top_k={self.top_k}, sparse={self.sparse}"
+        return f"experts={len(self.experts)}, top_k={self.top_k}, sparse={self.sparse}"
 
 
 def _first_linear_in_features(block: nn.Module) -> int:
@@ -115,14 +111,12 @@ def _first_linear_in_features(block: nn.Module) -> int:
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    """A trainable-only state dict (``vlm.trainable_state_dict()``) or a Lightning checkpoint."""
+    """A trainable-only state dict (``vlm.trainable_state_dict()``) or a Lightning checkpoint of
+    ours (both load with ``weights_only=True``)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # Lightning checkpoints can hold non-tensor objects; the file is the user's own
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise FusionBenchError(f"fusion.init_from: cannot read {path}: {e}") from None
+    except Exception as e:
+        raise FusionBenchError(f"fusion.init_from: cannot read {path}: {str(e).splitlines()[0]}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
     if not isinstance(obj, dict):
@@ -151,8 +145,7 @@ class MoEConnector(MLPProjector):
     MoE vision MLP blocks; stages ``dense`` -> ``unfreeze`` -> ``upcycle`` (or one ``main``)."""
 
     Options = MoEOptions
-    TEXT_INVARIANT = True
-    FROZEN_TEXT_PREFIX = True   # the experts act on image features only
+    TEXT_PATH = "frozen"  # the experts act on image features only
     stage_names = ("main", "dense", "unfreeze", "upcycle")
     #: experts start as copies of the dense connector (False: independent random inits)
     upcycle_connector = True
@@ -272,7 +265,6 @@ class MoEScratch(MoEConnector):
     initialisations (no dense connector, one ``main`` stage). With ``vision_moe`` the vision experts
     are still upcycled from the pretrained encoder's MLP blocks (the ablation concerns the connector)."""
 
-    TEXT_INVARIANT = True
-    FROZEN_TEXT_PREFIX = True
+    TEXT_PATH = "frozen"
     stage_names = ("main",)
     upcycle_connector = False

@@ -110,7 +110,7 @@ class PrefixFusion(FusionStrategy):
     (the LM appends to it)."""
 
     Options = PrefixOptions
-    FROZEN_TEXT_PREFIX = False  # every token attends to the image prefix
+    TEXT_PATH = "conditioned"  # every token attends to the image prefix (a task prefix: see below)
 
     @classmethod
     def text_invariant_for(cls, options) -> bool:
@@ -127,8 +127,7 @@ class PrefixFusion(FusionStrategy):
     # -- construction -------------------------------------------------------------------------
     def validate(self, vlm):
         o = self.options
-        if o.prefix_length < 1:
-            raise FusionBenchError(f"fusion.prefix_length must be >= 1, got {o.prefix_length}")
+        self.require_positive("prefix_length")
         if o.pooling not in POOLINGS:
             raise FusionBenchError(f"fusion.pooling must be one of {', '.join(POOLINGS)}, got {o.pooling!r}")
         if o.hidden_size < 0 or o.task_prefix_tokens < 0:
@@ -156,10 +155,7 @@ class PrefixFusion(FusionStrategy):
         """Per-layer (key, value) of the peft task prefix (empty when off or inside ``base_lm``)."""
         if not self._task_prefix or self._state.get("base"):
             return []
-        prompt = lm.get_prompt(batch)  # a DynamicCache, one layer per LM layer
-        if len(prompt.layers) != self.encoder.geometry[0]:
-            raise FusionBenchError(f"prefix: peft built a task prefix for {len(prompt.layers)} layers, "
-                                   f"the LM has {self.encoder.geometry[0]}")
+        prompt = lm.get_prompt(batch)  # a DynamicCache, one layer per LM layer (peft reads the LM's config)
         return [(layer.keys, layer.values) for layer in prompt.layers]
 
     def prefix_cache(self, lm, batch: int, features: torch.Tensor | None) -> DynamicCache:

@@ -12,8 +12,7 @@ from fusionbench.fusion.base import FusionOptions, FusionStrategy, register
 @register("linear")
 class LinearProjector(FusionStrategy):
     """LLaVA-1: one linear layer from vision features to LM embeddings, one image token per feature."""
-    TEXT_INVARIANT = True       # the LM is untouched
-    FROZEN_TEXT_PREFIX = True   # and nothing it trains acts before the image
+    TEXT_PATH = "frozen"  # the LM is untouched
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
@@ -41,8 +40,7 @@ class MLPProjector(LinearProjector):
     """LLaVA-1.5: a 2-layer GELU MLP projector."""
 
     Options = MLPOptions
-    TEXT_INVARIANT = True
-    FROZEN_TEXT_PREFIX = True
+    TEXT_PATH = "frozen"
 
     def build_projector(self) -> nn.Module:
         hidden = self.options.hidden_size or self.lm_hidden_size

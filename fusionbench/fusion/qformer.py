@@ -85,8 +85,7 @@ class QFormer(FusionStrategy):
     """BLIP-2 Q-Former connector: ``num_queries`` image tokens; LM frozen."""
 
     Options = QFormerOptions
-    TEXT_INVARIANT = True
-    FROZEN_TEXT_PREFIX = True
+    TEXT_PATH = "frozen"
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
@@ -106,10 +105,6 @@ class QFormer(FusionStrategy):
     @property
     def num_image_tokens(self) -> int:
         return int(self.options.num_queries)
-
-    def cross_attention_blocks(self) -> list[int]:
-        """Indices of the blocks that cross-attend to the vision features."""
-        return [i for i, b in enumerate(self.blocks) if b.cross_attn is not None]
 
     def image_embeddings(self, features):
         if features.shape[1:] != self.vision_pos.shape:

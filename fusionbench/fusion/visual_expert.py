@@ -43,8 +43,7 @@ class VisualExpert(MLPProjector):
     output and MLP projections, applied only at image-token positions (text tokens: frozen LM)."""
 
     Options = VisualExpertOptions
-    TEXT_INVARIANT = True       # text rows run the frozen weights
-    FROZEN_TEXT_PREFIX = True   # and the text before the image has no image row to route
+    TEXT_PATH = "frozen"  # text rows run the frozen weights; the text before the image has no image row
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
