@@ -154,6 +154,39 @@ def test_comparisons_table_paired_contrasts_and_n_a(tmp_path):
     assert comparisons(prepare(pd.DataFrame(rows2))).iloc[0]["verdict"] == "n/a"
 
 
+def test_forgetting_contrasts_pair_prose_chunks_and_the_paper_macros_state_each_verdict(tmp_path):
+    """Delta log-ppl and accuracy drops are compared chunk by chunk / item by item (per-chunk NLL
+    after minus before: their mean is the row's value), not over 3 seed means; every contrast gets a
+    \\fbCmp...Summary sentence, also before its rows exist."""
+    from fusionbench.report import comparison_numbers, comparisons, item_values, prepare
+
+    contrasts = [{"name": "ft forgets", "a": "ft", "b": "mlp", "metric": "forgetting/austen/delta_log_ppl"},
+                 {"name": "ft drops", "a": "ft", "b": "mlp", "metric": "forgetting/t1/acc_drop"},
+                 {"name": "pending", "a": "lora", "b": "mlp", "metric": "forgetting/austen/delta_log_ppl"}]
+    rng = np.random.default_rng(0)
+    base = rng.uniform(3.0, 4.0, 40)
+    rows = _contrast_rows(contrasts, {"ft": {0: "1" * 10, 1: "1" * 10}, "mlp": {0: "1" * 10, 1: "1" * 10}})
+    for r in rows:
+        shift = 0.05 + 0.02 * rng.standard_normal(40) if r["strategy"] == "ft" else np.zeros(40)
+        r["base/text/austen/chunk_nll"] = json.dumps(list(base))
+        r["text/austen/chunk_nll"] = json.dumps(list(base + shift))
+        r["forgetting/austen/delta_log_ppl"] = float(np.mean(base + shift) - np.mean(base))
+        r["base/text/t1/items"] = "1" * 30
+        r["text/t1/items"] = ("0" * 10 + "1" * 20) if r["strategy"] == "ft" else "1" * 30
+        r["forgetting/t1/acc_drop"] = 1 / 3 if r["strategy"] == "ft" else 0.0
+    for r in rows:
+        for metric in ("forgetting/austen/delta_log_ppl", "forgetting/t1/acc_drop"):
+            assert item_values(r, metric).mean() == pytest.approx(r[metric])
+    cmp = comparisons(prepare(pd.DataFrame(rows))).set_index("contrast")
+    assert cmp.loc["ft forgets", "items"] == 40 and cmp.loc["ft forgets", "verdict"] == "supported"
+    assert 0.03 < cmp.loc["ft forgets", "ci_lo"] < cmp.loc["ft forgets", "diff"] < cmp.loc["ft forgets", "ci_hi"] < 0.07
+    assert cmp.loc["ft drops", "items"] == 30 and cmp.loc["ft drops", "diff"] == pytest.approx(1 / 3)
+    tex = comparison_numbers(cmp.reset_index(), tmp_path)[0].read_text()
+    assert re.search(r"\\newcommand\{\\fbCmpFtForgetsSummary\}\{\\emph\{supported\}: \$\+0\.0\d\d\$ \[", tex)
+    assert "2 seeds $\\times$ 40 items" in tex
+    assert "\\newcommand{\\fbCmpPendingSummary}{no verdict yet (no rows of lora)}" in tex
+
+
 def test_contrasts_are_validated_before_compute(tmp_path, capsys):
     assert _run(tmp_path, "contrasts=[{a: mlp}]") == 2
     assert "contrasts[0]" in capsys.readouterr().err
