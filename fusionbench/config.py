@@ -218,7 +218,8 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=list)
     #: pre-registered contrasts the report tests on this experiment's rows:
     #: ``[{name, a, b, metric (default mm/choice/acc), expect: greater|less}]``, ``a``/``b`` naming
-    #: points by their report label (a strategy, or a grid variant's label)
+    #: points by their report label (a strategy, or a grid variant's label); ``b_table: main`` (or
+    #: ``a_table``) takes that side from another results table (same test items required)
     contrasts: list[Any] = field(default_factory=list)
     #: where run directories (checkpoints, logs) go
     output_dir: str = "runs"
@@ -407,9 +408,12 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
         raise FusionBenchError(f"data.images must be 'real', 'shuffled' or 'blank', got {cfg.data.images!r}")
     for i, c in enumerate(cfg.contrasts):
         c = OmegaConf.to_container(c) if OmegaConf.is_config(c) else c
-        if not isinstance(c, dict) or not {"a", "b"} <= set(c) or set(c) - {"name", "a", "b", "metric", "expect", "mde", "discordance"}:
+        if not isinstance(c, dict) or not {"a", "b"} <= set(c) or set(c) - {"name", "a", "b", "metric", "expect", "mde",
+                                                                             "discordance", "a_table", "b_table"}:
             raise FusionBenchError(f"contrasts[{i}] must be a mapping with a, b and optionally name, metric, "
-                                   f"expect (greater|less), mde, discordance, got {c!r}")
+                                   f"expect (greater|less), mde, discordance, a_table, b_table, got {c!r}")
+        if c.get("a_table") and c.get("b_table"):
+            raise FusionBenchError(f"contrasts[{i}]: at most one side may come from another results table")
         if c.get("expect", "greater") not in ("greater", "less"):
             raise FusionBenchError(f"contrasts[{i}].expect must be 'greater' or 'less', got {c['expect']!r}")
         _check_contrast_power(cfg, i, c)

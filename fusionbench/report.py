@@ -605,23 +605,37 @@ def _per_seed(rows: pd.DataFrame, metric: str) -> tuple[dict[int, np.ndarray], s
     return out, unit
 
 
-def comparisons(df: pd.DataFrame) -> pd.DataFrame:
-    """One line per declared contrast ``{name, a, b, metric, expect}`` (``a``/``b``: report labels,
-    ``expect``: ``greater`` (default) or ``less``, the direction the hypothesis predicts for a - b):
-    the paired difference over the seeds both have (items within seeds, then seeds, bootstrapped),
-    its 95% interval, p, the minimum detectable effect at this n and the verdict; ``n/a`` with the
-    reason when a side has no rows, the metric is missing, or the two were scored on other items."""
+def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
+    """One line per contrast ``{name, a, b, metric, expect, a_table, b_table}`` declared by the rows
+    of ``table`` (None: of every row of ``df``): ``a``/``b`` are report labels of that experiment's
+    rows, or of the results table ``a_table``/``b_table`` names (e.g. a compute-matched run against
+    the main study's ``mlp``: only rows scored on the same test items count there); ``expect``:
+    ``greater`` (default) or ``less``, the direction the hypothesis predicts for a - b. The paired
+    difference over the seeds both have (items within seeds, then seeds, bootstrapped), its 95%
+    interval, p, the minimum detectable effect at this n and the verdict; ``n/a`` with the reason
+    when a side has no rows, the metric is missing, or the two were scored on other items."""
     from fusionbench.stats import paired_contrast, verdict
 
-    final = df[df["final"] & (df["source"] == "run")]
+    runs = df[df["final"] & (df["source"] == "run")]
+    final = runs if table is None else runs[runs["table"] == table]
     label = final["base_label"] if "base_label" in final else final["label"]
     lines = []
-    for c in declared_contrasts(df):
+    for c in declared_contrasts(final):
         line = {"contrast": c.get("name", f"{c.get('a')} - {c.get('b')}"), "a": c.get("a"), "b": c.get("b"),
                 "metric": c.get("metric", "mm/choice/acc"), "expect": c.get("expect", "greater")}
         # only rows of the experiment that declared the contrast (older rows of a table may share a label)
         declares = final["config"].map(lambda cf: c in (json.loads(cf).get("contrasts") or []))
-        side = {k: final[declares & (label == line[k])] for k in ("a", "b")}
+        side = {k: final[declares & (label == line[k])] for k in ("a", "b") if not c.get(f"{k}_table")}
+        for k in ("a", "b"):
+            if c.get(f"{k}_table"):
+                other = runs[runs["table"] == c[f"{k}_table"]]
+                side[k] = other[(other["base_label"] if "base_label" in other else other["label"]) == line[k]]
+                line[k] = f"{line[k]} ({c[f'{k}_table']})"
+        own = [k for k in ("a", "b") if not c.get(f"{k}_table")]
+        if own and len(own) < 2 and "mm/choice/test_hash" in runs:  # the other table's rows on the same items
+            mine = set(side[own[0]]["mm/choice/test_hash"].dropna())
+            k = "b" if own == ["a"] else "a"
+            side[k] = side[k][side[k]["mm/choice/test_hash"].isin(mine)]
         missing = [line[k] for k in ("a", "b") if side[k].empty]
         if missing:
             lines.append({**line, "verdict": "n/a", "why": f"no rows of {', '.join(map(str, missing))}"})
@@ -781,9 +795,8 @@ def report(results_dir: str | Path | list[str | Path] = "results", paper_dir: st
     written += efficiency_table(s, tabs)
     written += numbers(s, df[df["source"] == "run"] if len(runs) else df, tabs)
     for table in tables:  # pre-registered contrasts: comparisons.* (main table), <table>_comparisons.*
-        rows = df[df["table"] == table]
-        if declared_contrasts(rows):
-            cmp = comparisons(rows)
+        if declared_contrasts(df[df["table"] == table]):
+            cmp = comparisons(df, table)
             written += comparisons_table(cmp, tabs, "comparisons" if table == main else f"{table}_comparisons")
             if table == main:
                 written += comparison_numbers(cmp, tabs)

@@ -187,10 +187,32 @@ def test_forgetting_contrasts_pair_prose_chunks_and_the_paper_macros_state_each_
     assert "\\newcommand{\\fbCmpPendingSummary}{no verdict yet (no rows of lora)}" in tex
 
 
+def test_a_contrast_side_may_come_from_another_table_scored_on_the_same_items():
+    """Compute-matched runs are compared with the main study's rows (b_table: main); rows of that
+    table scored on other items (an older protocol) never enter the pairing."""
+    from fusionbench.report import comparisons, prepare
+
+    good, bad = "1" * 80 + "0" * 20, "1" * 40 + "0" * 60
+    cm = _contrast_rows([{"name": "cm", "a": "ve", "b": "mlp", "b_table": "main"}], {"ve": {0: good, 1: good}})
+    for r in cm:
+        r["table"] = "cm"
+    main_rows = _contrast_rows([], {"mlp": {0: bad, 1: bad}})
+    old = _contrast_rows([], {"mlp": {0: good}})
+    old[0].update({"config_hash": "old0", "point_hash": "oldmlp", "git_sha": "0000000", "mm/choice/test_hash": "t0"})
+    df = prepare(pd.DataFrame(cm + main_rows + old))
+    r = comparisons(df, "cm").iloc[0]
+    assert r["verdict"] == "supported" and r["diff"] == pytest.approx(0.4) and r["seeds"] == 2
+    assert r["b"] == "mlp (main)"
+    assert comparisons(df, "main").empty  # main declares none
+    lone = prepare(pd.DataFrame(cm))
+    assert comparisons(lone, "cm").iloc[0]["why"] == "no rows of mlp (main)"
+
+
 def test_contrasts_are_validated_before_compute(tmp_path, capsys):
     assert _run(tmp_path, "contrasts=[{a: mlp}]") == 2
     assert "contrasts[0]" in capsys.readouterr().err
     assert _run(tmp_path, "contrasts=[{a: mlp, b: linear, expect: bigger}]") == 2
+    assert _run(tmp_path, "contrasts=[{a: mlp, b: linear, a_table: x, b_table: y}]") == 2
     assert "expect" in capsys.readouterr().err
     # the tiny test set (24 items, 8 spatial) cannot detect 5 points; a question type left out has none
     assert _run(tmp_path, "contrasts=[{a: mlp, b: linear, metric: mm/choice/spatial/acc, mde: 0.05}]") == 2
