@@ -138,6 +138,36 @@ def test_every_experiment_config_expands_into_valid_points(path):
         assert path.read_text().startswith("# Question"), f"{path}: its first comment says which question it answers"
 
 
+@pytest.mark.parametrize("other, differs", [
+    ("ablations/compute_matched.yaml", {"name", "results_file", "contrasts", "trainer.flops_budget"}),
+    ("main_gpu.yaml", None)])
+def test_derived_studies_run_the_main_study_points(other, differs):
+    """compute_matched.yaml runs main.yaml's points with only a FLOPs budget added (its contrasts
+    compare with main's own mlp rows), and main_gpu.yaml has main's variants, in main's order: a
+    learning rate or option changed in main.yaml and not there fails here."""
+    from omegaconf import OmegaConf
+
+    def flat(cfg, prefix=""):
+        out = {}
+        for k, v in (cfg.items() if isinstance(cfg, dict) else []):
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in ("fusion",) else {f"{prefix}{k}": v})
+        return out
+
+    main = {(json.dumps(label), p.seed): p for label, p in grid_points(load_config(ROOT / "experiments" / "main.yaml"))}
+    points = grid_points(load_config(ROOT / "experiments" / other))
+    if differs is None:  # the GPU study: same variants (same options, same learning rate), same order
+        key = lambda p: (p.fusion, p.trainer.lr, p.data.images, [(s.name, s.trainer.get("lr")) for s in p.stages])  # noqa: E731
+        assert list(dict.fromkeys(json.dumps(label) for label, _ in points)) == list(dict.fromkeys(k for k, _ in main))
+        for label, p in points:
+            ref = main[(json.dumps(label), 0)]
+            assert str(key(p)) == str(key(ref)), label
+        return
+    for label, p in points:
+        ref = main[(json.dumps(label), p.seed)]
+        a, b = flat(OmegaConf.to_container(p)), flat(OmegaConf.to_container(ref))
+        assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} <= differs, label
+
+
 def test_variant_axis_applies_a_bundle_of_keys():
     cfg = tiny_cfg("grid={variant: [{fusion: linear}, {label: two-stage, fusion: {name: moe, num_experts: 2},"
                    " stages: [{name: dense}, {name: upcycle, trainer: {max_steps: 2}}]}, {fusion: mlp, trainer.lr: 0.5}]}")
