@@ -24,10 +24,10 @@ def _cmd_sweep(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        for line in describe(cfg):
+        for line in describe(cfg, args.only):
             print(line)
         return 0
-    result = sweep(cfg)
+    result = sweep(cfg, args.only)
     return 1 if result["failed"] else 0
 
 
@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="experiment YAML with a grid and/or seeds, e.g. experiments/main.yaml")
     p.add_argument("overrides", nargs="*", help="dotlist overrides")
     p.add_argument("--dry-run", action="store_true", help="list the points and which are finished; run nothing")
+    p.add_argument("--only", action="append", metavar="LABEL",
+                   help="only the points with this label (a variant's label or a grid value); repeatable")
     p = sub.add_parser("eval", help="evaluate a trained run directory again (new measurements); appends a row")
     p.add_argument("run_dir", help="a run directory: <output_dir>/<experiment>/<strategy>-<hash>-s<seed>")
     p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.mm_items=400")

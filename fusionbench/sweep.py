@@ -55,11 +55,24 @@ def _fmt(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def sweep(cfg: DictConfig) -> dict[str, Any]:
-    """Run every point not yet finished; returns counts ``{done, skipped, failed, total}`` and the
-    failed points."""
+def select(points: list[tuple[dict[str, Any], DictConfig]], only: list[str] | None) -> list[tuple[dict[str, Any], DictConfig]]:
+    """The points whose label has one of the values ``only`` names (a variant's label, a strategy
+    of a ``fusion`` axis, ...; None: every point); a name no point has is an error."""
+    if not only:
+        return points
+    values = [{str(v) for v in label.values()} for label, _ in points]
+    unknown = [o for o in only if not any(o in v for v in values)]
+    if unknown:
+        known = sorted(set().union(*values)) if values else []
+        raise FusionBenchError(f"--only {', '.join(unknown)}: no grid point has that label; labels: {', '.join(known)}")
+    return [p for p, v in zip(points, values) if v & set(only)]
+
+
+def sweep(cfg: DictConfig, only: list[str] | None = None) -> dict[str, Any]:
+    """Run every point not yet finished (``only``: of those :func:`select` picks); returns counts
+    ``{done, skipped, failed, total}`` and the failed points."""
     git_sha(), code_hash()  # provenance: the code loaded at the start (see results.git_sha)
-    points = grid_points(cfg)  # every point validated before the first one starts
+    points = select(grid_points(cfg), only)  # every point validated before the first one starts
     if not points:
         raise FusionBenchError("the grid has no points")
     # one snapshot of what is finished, taken before anything runs (the same on every rank)
@@ -107,11 +120,11 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
     return {**counts, "failures": failed}
 
 
-def describe(cfg: DictConfig) -> list[str]:
+def describe(cfg: DictConfig, only: list[str] | None = None) -> list[str]:
     """One line per point with its state (for ``fusionbench sweep --dry-run``)."""
     done = finished_stages(cfg.results_file)
     lines = []
-    for i, (label, point) in enumerate(grid_points(cfg)):
+    for i, (label, point) in enumerate(select(grid_points(cfg), only)):
         h = config_hash(point)
         stages = [s.name for s in stage_plan(point)]
         have = done.get(h, set())

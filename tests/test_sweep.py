@@ -62,6 +62,12 @@ def test_dry_run_lists_points_and_their_state(tmp_path, capsys):
     assert main(["sweep", "--dry-run", *_args(tmp_path, "grid={fusion: [linear, mlp]}")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].endswith("done") and lines[1].endswith("todo")
+    # --only: the points with that label, nothing else (a label no point has: one clear error)
+    assert main(["sweep", "--dry-run", "--only", "mlp", *_args(tmp_path, "grid={fusion: [linear, mlp]}")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and '"mlp"' in lines[0] and lines[0].endswith("todo")
+    assert main(["sweep", "--only", "mpl", *_args(tmp_path, "grid={fusion: [linear, mlp]}")]) == 2
+    assert "no grid point has that label" in capsys.readouterr().err
 
 
 def _wait_for(predicate, proc, timeout=240.0):
