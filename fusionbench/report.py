@@ -735,15 +735,20 @@ def numbers(s: pd.DataFrame, df: pd.DataFrame, out: Path) -> list[Path]:
         tag = _macro(r["label"])
         for col, name in (("mm/acc", "Acc"), ("mm/spatial/acc", "Spatial"), ("mm/attribute/acc", "Attribute"),
                           ("mm/count/acc", "Count"), ("forgetting/mc_avg", "McForgetting"),
-                          ("forgetting/austen/delta_log_ppl", "DeltaLogPpl")):
+                          ("forgetting/austen/delta_log_ppl", "DeltaLogPpl"),
+                          # choice scoring on the balanced test split and its image control
+                          ("mm/choice/acc", "ChoiceAcc"), ("mm/choice/spatial/acc", "ChoiceSpatial"),
+                          ("mm/choice/acc_shuffled", "ChoiceShuffled"), ("mm/choice/image_gain", "ImageGain"),
+                          ("forgetting/mc_acc_drop", "McAccDrop"), ("text/kl", "TokenKl")):
             if col in r and pd.notna(r[col]):
-                digits = 4 if "delta" in col else 3
+                digits = 4 if "delta" in col or col.endswith("kl") else 3
                 vals[f"{tag}{name}"] = f"{r[col]:.{digits}f}"
                 if pd.notna(r.get(f"{col}_ci95")):
                     vals[f"{tag}{name}Ci"] = f"{r[f'{col}_ci95']:.{digits}f}"
     for col, name in (("mm/spatial/acc_majority", "SpatialMajority"), ("mm/acc_majority", "AccMajority"),
-                      ("mm/spatial/acc_text_only", "SpatialTextOnly")):
-        if col in s:
+                      ("mm/spatial/acc_text_only", "SpatialTextOnly"), ("mm/choice/chance", "ChoiceChance"),
+                      ("mm/choice/spatial/chance", "ChoiceSpatialChance")):
+        if col in s and s[col].notna().any():
             vals[name] = f"{s[col].mean():.3f}"
     if "mm/spatial/acc" in s:
         best = s.loc[s["mm/spatial/acc"].idxmax()]
