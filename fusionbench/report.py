@@ -614,7 +614,7 @@ def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
     difference over the seeds both have (items within seeds, then seeds, bootstrapped), its 95%
     interval, p, the minimum detectable effect at this n and the verdict; ``n/a`` with the reason
     when a side has no rows, the metric is missing, or the two were scored on other items."""
-    from fusionbench.stats import paired_contrast, verdict
+    from fusionbench.stats import holm, paired_contrast, verdict
 
     runs = df[df["final"] & (df["source"] == "run")]
     final = runs if table is None else runs[runs["table"] == table]
@@ -654,7 +654,11 @@ def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
             lines.append({**line, "verdict": "n/a", "why": str(e)})
             continue
         lines.append({**line, **r, "unit": unit, "verdict": verdict(r["ci_lo"], r["ci_hi"], line["expect"]), "why": ""})
-    return pd.DataFrame(lines)
+    out = pd.DataFrame(lines)
+    if "p" in out:  # family-wise: Holm over the contrasts measured so far (the verdicts stay per contrast)
+        measured = out["p"].notna()
+        out.loc[measured, "p_holm"] = holm(list(out.loc[measured, "p"]))
+    return out
 
 
 def comparisons_table(cmp: pd.DataFrame, out: Path, name: str = "comparisons") -> list[Path]:
@@ -666,14 +670,17 @@ def comparisons_table(cmp: pd.DataFrame, out: Path, name: str = "comparisons") -
         rows.append({"contrast": r["contrast"], "a - b": f"{r['a']} - {r['b']}", "metric": r["metric"],
                      "difference [95% CI]": f"{r['diff']:+.3f} [{r['ci_lo']:+.3f}, {r['ci_hi']:+.3f}]" if ok else "n/a",
                      "p": f"{r['p']:.3g}" if ok else "",
+                     "p (Holm)": f"{r['p_holm']:.3g}" if ok else "",
                      "MDE": f"{r['mde']:.3f}" if ok else "",
                      "n": f"{int(r['seeds'])} seeds x {int(r['items'])} items" if ok else "",
                      "verdict": r["verdict"] if ok else f"n/a: {r['why']}"})
-    t = pd.DataFrame(rows, columns=["contrast", "a - b", "metric", "difference [95% CI]", "p", "MDE", "n", "verdict"])
+    t = pd.DataFrame(rows, columns=["contrast", "a - b", "metric", "difference [95% CI]", "p", "p (Holm)", "MDE", "n",
+                                    "verdict"])
     out.mkdir(parents=True, exist_ok=True)
     tex, md = out / f"{name}.tex", out / f"{name}.md"
     tex.write_text(_latex(t, "pre-registered contrasts: paired difference, 95% bootstrap CI (items within seeds, "
-                            "then seeds), two-sided p, minimum detectable effect at 80% power"))
+                            "then seeds), two-sided p (and Holm-adjusted over the table's contrasts), minimum "
+                            "detectable effect at 80% power"))
     md.write_text(_markdown(t))
     return [tex, md]
 
@@ -686,7 +693,7 @@ def verdict_sentence(r: dict[str, Any]) -> str:
     n = f"{int(r['seeds'])} seed{'s' if int(r['seeds']) != 1 else ''}"
     n += f" $\\times$ {int(r['items'])} items" if r.get("unit") == "items" else ""
     return (f"\\emph{{{_escape(r['verdict'])}}}: ${r['diff']:+.3f}$ [${r['ci_lo']:+.3f}$, ${r['ci_hi']:+.3f}$], "
-            f"$p = {r['p']:.2g}$, MDE ${r['mde']:.3f}$, {n}")
+            f"$p = {r['p']:.2g}$ (Holm ${r['p_holm']:.2g}$), MDE ${r['mde']:.3f}$, {n}")
 
 
 def comparison_numbers(cmp: pd.DataFrame, out: Path) -> list[Path]:

@@ -96,3 +96,13 @@ def verdict(ci_lo: float, ci_hi: float, expected: str = "greater") -> str:
     if ci_hi < 0:
         return "supported" if expected == "less" else "contradicted"
     return "inconclusive"
+
+
+def holm(p: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (family-wise error over all of ``p``), in the input order."""
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    out, running = [0.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * float(p[i])))
+        out[i] = running
+    return out

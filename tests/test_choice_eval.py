@@ -14,7 +14,7 @@ from fusionbench.data.sources import scenes as sc
 from fusionbench.errors import FusionBenchError
 from fusionbench.evaluation.choice import candidate_tokens, choice_logprobs, evaluate_choice, item_choices
 from fusionbench.data.format import encode, system_prompt_for
-from fusionbench.stats import bootstrap_diff, paired_contrast, verdict
+from fusionbench.stats import bootstrap_diff, holm, paired_contrast, verdict
 from tests.helpers import tiny_model, train_a_few_steps
 
 
@@ -191,3 +191,8 @@ def test_paired_contrast_uses_seeds_and_items_and_gives_verdicts():
     assert verdict(null["ci_lo"], null["ci_hi"]) == "inconclusive" or abs(null["diff"]) > 0.05
     with pytest.raises(ValueError, match="same items"):
         paired_contrast({0: [1, 0]}, {0: [1, 0, 1]})
+
+
+def test_holm_adjusts_for_every_contrast_of_the_family():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([]) == []

@@ -145,6 +145,9 @@ def test_comparisons_table_paired_contrasts_and_n_a(tmp_path):
     assert r["diff"] == pytest.approx(0.4) and r["ci_lo"] > 0 and r["verdict"] == "supported" and r["seeds"] == 2
     assert cmp.loc["same", "diff"] == 0 and cmp.loc["same", "verdict"] == "inconclusive"
     assert cmp.loc["ghost", "verdict"] == "n/a" and "visual_expert" in cmp.loc["ghost", "why"]
+    # Holm over the measured contrasts: the smaller p doubled (two measured), never below the raw p
+    assert cmp.loc["mlp beats blind", "p_holm"] == pytest.approx(min(1.0, 2 * cmp.loc["mlp beats blind", "p"]))
+    assert cmp.loc["same", "p_holm"] >= cmp.loc["same", "p"] and pd.isna(cmp.loc["ghost", "p_holm"])
     tex, md = comparisons_table(cmp.reset_index(), tmp_path)
     text = md.read_text()
     assert "supported" in text and "n/a: no rows of visual_expert" in text and "+0.400 [" in text
