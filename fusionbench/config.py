@@ -344,6 +344,20 @@ def _keys_at(dotted: str) -> list[str]:
     return list(node.keys()) if isinstance(node, DictConfig) else []
 
 
+def dataset_qtypes(cfg: DictConfig) -> tuple[str, ...]:
+    """Every question type ``cfg.data``'s dataset declares (``QTYPES`` of its module; may be empty)."""
+    import sys
+
+    from fusionbench.data import DATASETS
+
+    return tuple(getattr(sys.modules[DATASETS.get(cfg.data.name).__module__], "QTYPES", ()))
+
+
+def study_qtypes(cfg: DictConfig) -> list[str]:
+    """The question types a config's test split has: ``data.qtypes``, or every type of its dataset."""
+    return list(cfg.data.qtypes) or list(dataset_qtypes(cfg))
+
+
 def _check_contrast_power(cfg: DictConfig, i: int, c: dict) -> None:
     """A contrast on multiple-choice accuracy (``mm/choice/acc`` or ``mm/choice/<qtype>/acc``) with
     a stated ``mde`` needs enough test items of its question type to detect it (80% power, alpha
@@ -353,15 +367,11 @@ def _check_contrast_power(cfg: DictConfig, i: int, c: dict) -> None:
     parts = metric.split("/")
     if not (metric.startswith("mm/choice/") and metric.endswith("/acc") and len(parts) in (3, 4)):
         return
-    import sys
-
-    from fusionbench.data import DATASETS
-
     try:
-        known = tuple(getattr(sys.modules[DATASETS.get(cfg.data.name).__module__], "QTYPES", ()))
+        known = dataset_qtypes(cfg)
+        qtypes = list(cfg.data.qtypes) or list(known)
     except FusionBenchError:
         return  # an unknown dataset is reported by the data module, with the known names
-    qtypes = list(cfg.data.qtypes) or list(known)
     name = c.get("name") or f"{c['a']} - {c['b']}"
     items = int(cfg.data.test_size)
     if len(parts) == 4:

@@ -105,8 +105,28 @@ def _md(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
     return "\n".join(lines)
 
 
-def write_power(pilot: str | Path, out: str | Path, target: float = 0.05, tol: float = 0.02) -> Path:
-    """Read the pilot rows, write the power analysis as Markdown to ``out``."""
+def at_study_size(noise: pd.DataFrame, study: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The minimum detectable effect of a paired contrast at the study's own size: ``study``'s test
+    items (balanced: ``test_size / #question types`` per type) and seeds, with the pilot's noise."""
+    from fusionbench.config import load_config, study_qtypes
+
+    cfg = load_config(study)
+    seeds = len(cfg.seeds) or 1
+    qtypes = study_qtypes(cfg) or [g for g in noise["group"] if g != "all"]
+    lines = []
+    for _, r in noise.iterrows():
+        if r["group"] != "all" and r["group"] not in qtypes:
+            continue
+        n = int(cfg.data.test_size) // (1 if r["group"] == "all" else len(qtypes))
+        sd = 0.0 if math.isnan(r["sd_seed"]) else r["sd_seed"]
+        lines.append({"group": r["group"], "n": n, "seeds": seeds, "mde": mde(r["discordance_used"], sd, n, seeds)})
+    return pd.DataFrame(lines), {"study": str(study), "seeds": seeds, "test_size": int(cfg.data.test_size)}
+
+
+def write_power(pilot: str | Path, out: str | Path, target: float = 0.05, tol: float = 0.02,
+                study: str | Path | None = None) -> Path:
+    """Read the pilot rows, write the power analysis as Markdown to ``out`` (with ``study``, an
+    experiment config: also what that study can and cannot detect at its own size)."""
     from fusionbench.results import read_results
 
     a = analyse(read_results(pilot), target, tol)
@@ -149,6 +169,23 @@ def write_power(pilot: str | Path, out: str | Path, target: float = 0.05, tol: f
         _md(a["targets"]),
         "",
     ]
+    if study is not None:
+        size, info = at_study_size(a["noise"], study)
+        worst = size.loc[size["group"] != "all", "mde"].max() if (size["group"] != "all").any() else float("nan")
+        lines += [
+            f"## What `{info['study']}` can and cannot detect",
+            "",
+            f"Its {info['test_size']} balanced test items and {info['seeds']} seeds, with the pilot's noise:",
+            "",
+            _md(size),
+            "",
+            f"A paired accuracy difference smaller than the MDE above (overall "
+            f"{size.loc[size['group'] == 'all', 'mde'].iloc[0]:.3f}; per question type up to {worst:.3f}) is "
+            "likely to come out *inconclusive*: that verdict is not evidence of no difference. "
+            "Forgetting contrasts are paired over prose chunks and text items; their power is in each "
+            "contrast's own interval (the report's comparisons table), not here.",
+            "",
+        ]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))

@@ -59,4 +59,6 @@ def test_power_report_from_pilot_rows(tmp_path):
     assert main(["power", "--pilot", str(tmp_path / "pilot.jsonl"), "--out", str(out)]) == 0
     text = out.read_text()
     assert "step **300**" in text and "Seeds needed" in text
+    # at the study's own size (experiments/main.yaml: its test items, split evenly over its types, and seeds)
+    assert "can and cannot detect" in text and "| all | 4500 | 3 |" in text and "| spatial | 1500 | 3 |" in text
     assert main(["power", "--pilot", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
