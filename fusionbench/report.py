@@ -774,6 +774,25 @@ def numbers(s: pd.DataFrame, df: pd.DataFrame, out: Path) -> list[Path]:
     return [tex, js]
 
 
+def compute_table(df: pd.DataFrame, out: Path) -> list[Path]:
+    """``compute.md``: per results table the training runs behind it, how long they took (hours of
+    ``train_s`` + ``eval_s``, wall time of each run) and on what, newest code first: what every
+    committed number cost."""
+    runs = df[df["source"] == "run"]
+    lines = []
+    for table, g in runs.groupby("table", sort=True):
+        hours = lambda c: g[c].fillna(0).sum() / 3600 if c in g else 0.0  # noqa: E731
+        lines.append({"table": table, "rows": len(g), "points": g["point_hash"].nunique(),
+                      "train wall h": f"{hours('train_s'):.2f}", "eval wall h": f"{hours('eval_s'):.2f}",
+                      "total wall h": f"{hours('train_s') + hours('eval_s'):.2f}",
+                      "devices": "; ".join(sorted(g["device"].dropna().astype(str).unique())) if "device" in g else ""})
+    t = pd.DataFrame(lines, columns=["table", "rows", "points", "train wall h", "eval wall h", "total wall h", "devices"])
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "compute.md"
+    md.write_text(_markdown(t))
+    return [md]
+
+
 # -- entry point -----------------------------------------------------------------------------------
 def report(results_dir: str | Path | list[str | Path] = "results", paper_dir: str | Path = "paper") -> list[Path]:
     """Figures and tables of ``paper_dir`` from the tables of ``results_dir`` (one folder, or
@@ -806,6 +825,7 @@ def report(results_dir: str | Path | list[str | Path] = "results", paper_dir: st
     written += write_table(s, tabs, "main", caption(main))
     written += efficiency_table(s, tabs)
     written += numbers(s, df[df["source"] == "run"] if len(runs) else df, tabs)
+    written += compute_table(df, tabs)
     for table in tables:  # pre-registered contrasts: comparisons.* (main table), <table>_comparisons.*
         if declared_contrasts(df[df["table"] == table]):
             cmp = comparisons(df, table)

@@ -25,13 +25,15 @@ def test_report_regenerates_figures_and_tables_from_results_alone(tmp_path):
     names = {p.name for p in written}
     # no text suite on the tiny tier: no forgetting figures; everything else is there
     assert {"mm_by_qtype.pdf", "mm_by_qtype.png", "efficiency.png", "main.tex", "main.md", "efficiency.tex",
-            "numbers.tex", "numbers.json"} <= names
+            "numbers.tex", "numbers.json", "compute.md"} <= names
     assert all(p.exists() and p.stat().st_size > 0 for p in written)
     tex = (tmp_path / "paper" / "tables" / "main.tex").read_text()
     assert "full\\_finetune" in tex and "linear" in tex and "\\begin{tabular}" in tex and "$\\pm$" in tex
     md = (tmp_path / "paper" / "tables" / "main.md").read_text()
     assert md.count("\n") == 4 and "| 2 |" in md  # header, rule, two strategies with 2 seeds each
     assert json.loads((tmp_path / "paper" / "tables" / "numbers.json").read_text())["NumSeeds"] == 2
+    compute = (tmp_path / "paper" / "tables" / "compute.md").read_text().splitlines()
+    assert len(compute) == 3 and compute[2].startswith("| runs | 4 | 2 |")  # 2 strategies x 2 seeds, wall hours
     assert main(["report", "--results", str(tmp_path / "nothing"), "--paper", str(tmp_path / "p2")]) == 2
 
 
