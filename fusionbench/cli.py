@@ -74,7 +74,10 @@ def _cmd_report(args) -> None:
 def _cmd_power(args) -> None:
     from fusionbench.power import write_power
 
-    print(write_power(args.pilot, args.out, target=args.mde, tol=args.tol, study=args.study or None))
+    from pathlib import Path
+
+    study = args.study if args.study is not None else ("experiments/main.yaml" if Path("experiments/main.yaml").exists() else None)
+    print(write_power(args.pilot, args.out, target=args.mde, tol=args.tol, study=study or None))
 
 
 def _cmd_text_tasks(args) -> None:
@@ -153,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/power.md", help="Markdown file to write")
     p.add_argument("--mde", type=float, default=0.05, help="the difference the study must detect")
     p.add_argument("--tol", type=float, default=0.02, help="budget: first step within this of the best val accuracy")
-    p.add_argument("--study", default="experiments/main.yaml",
-                   help="the study config whose test items and seeds the MDE is computed for ('' : none)")
+    p.add_argument("--study", default=None,
+                   help="the study config whose test items and seeds the MDE is computed for (default: "
+                        "experiments/main.yaml where it exists; '': none)")
     p = sub.add_parser("text-tasks", help="score the base LM on candidate BIG-bench tasks and formats; keep those "
                                           "that can detect forgetting (fusionbench.evaluation.task_selection)")
     p.add_argument("--lm", default="smollm2", help="lm.source of the base LM")

@@ -580,9 +580,12 @@ def item_values(row: dict[str, Any], metric: str) -> np.ndarray | None:
     if metric.startswith("forgetting/") and metric.endswith("/delta_log_ppl"):
         name = metric[len("forgetting/"): -len("/delta_log_ppl")]
         after, base = row.get(f"text/{name}/chunk_nll"), row.get(f"base/text/{name}/chunk_nll")
+        tokens = row.get(f"text/{name}/tokens")
         if isinstance(after, str) and isinstance(base, str):
             a, b = np.array(json.loads(after), dtype=float), np.array(json.loads(base), dtype=float)
-            return a - b if a.shape == b.shape and len(a) > 1 else None
+            # the mean over chunks is the per-token value only for chunks of equal length
+            equal = isinstance(tokens, (int, float)) and len(a) and float(tokens) % len(a) == 0
+            return a - b if a.shape == b.shape and len(a) > 1 and equal else None
     if metric.startswith("forgetting/") and metric.endswith(("/acc_drop", "/em_drop")):
         name = metric[len("forgetting/"): metric.rindex("/")]
         after, base = items(f"text/{name}/items"), items(f"base/text/{name}/items")
@@ -613,7 +616,9 @@ def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
     ``greater`` (default) or ``less``, the direction the hypothesis predicts for a - b. The paired
     difference over the seeds both have (items within seeds, then seeds, bootstrapped), its 95%
     interval, p, the minimum detectable effect at this n and the verdict; ``n/a`` with the reason
-    when a side has no rows, the metric is missing, or the two were scored on other items."""
+    when a side has no rows, the metric is missing, or the two were scored on other items. A label
+    with rows of several configurations (a learning rate changed after some seeds ran, successive
+    code versions) takes the newest configuration's rows (the last appended), never a mix."""
     from fusionbench.stats import holm, paired_contrast, verdict
 
     runs = df[df["final"] & (df["source"] == "run")]
@@ -631,15 +636,20 @@ def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
                 other = runs[runs["table"] == c[f"{k}_table"]]
                 side[k] = other[(other["base_label"] if "base_label" in other else other["label"]) == line[k]]
                 line[k] = f"{line[k]} ({c[f'{k}_table']})"
-        own = [k for k in ("a", "b") if not c.get(f"{k}_table")]
-        if own and len(own) < 2 and "mm/choice/test_hash" in runs:  # the other table's rows on the same items
-            mine = set(side[own[0]]["mm/choice/test_hash"].dropna())
-            k = "b" if own == ["a"] else "a"
-            side[k] = side[k][side[k]["mm/choice/test_hash"].isin(mine)]
         missing = [line[k] for k in ("a", "b") if side[k].empty]
         if missing:
             lines.append({**line, "verdict": "n/a", "why": f"no rows of {', '.join(map(str, missing))}"})
             continue
+        foreign = [k for k in ("a", "b") if c.get(f"{k}_table")]
+        if foreign:  # the other table's rows scored on the same test items as this experiment's
+            k, own = foreign[0], "b" if foreign[0] == "a" else "a"
+            mine = set(side[own].get("mm/choice/test_hash", pd.Series(dtype=object)).dropna())
+            side[k] = side[k][side[k].get("mm/choice/test_hash", pd.Series(index=side[k].index, dtype=object)).isin(mine)]
+            if side[k].empty:
+                lines.append({**line, "verdict": "n/a", "why": f"no rows of {line[k]} on the same test items"})
+                continue
+        for k in ("a", "b"):  # several configurations under one label: the newest one's rows, never a mix
+            side[k] = side[k][side[k]["point_hash"] == side[k]["point_hash"].iloc[-1]]
         hashes = {k: set(side[k].get("mm/choice/test_hash", pd.Series(dtype=object)).dropna()) for k in ("a", "b")}
         if hashes["a"] and hashes["b"] and hashes["a"] != hashes["b"]:
             lines.append({**line, "verdict": "n/a", "why": "the two sides were scored on different test items"})
@@ -655,10 +665,15 @@ def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
             continue
         lines.append({**line, **r, "unit": unit, "verdict": verdict(r["ci_lo"], r["ci_hi"], line["expect"]), "why": ""})
     out = pd.DataFrame(lines)
-    if "p" in out:  # family-wise: Holm over the contrasts measured so far (the verdicts stay per contrast)
+    if "p" in out:  # family-wise over every declared contrast; one not measured yet counts as p = 1
         measured = out["p"].notna()
-        out.loc[measured, "p_holm"] = holm(list(out.loc[measured, "p"]))
+        out.loc[measured, "p_holm"] = np.array(holm(list(out["p"].fillna(1.0))))[measured.to_numpy()]
     return out
+
+
+def format_p(p: float) -> str:
+    """A bootstrap p as the tables and the paper print it (2000 replicates resolve 0.001 at best)."""
+    return "< 0.001" if p < 0.001 else f"{p:.2g}"
 
 
 def comparisons_table(cmp: pd.DataFrame, out: Path, name: str = "comparisons") -> list[Path]:
@@ -669,8 +684,8 @@ def comparisons_table(cmp: pd.DataFrame, out: Path, name: str = "comparisons") -
         ok = r["verdict"] != "n/a"
         rows.append({"contrast": r["contrast"], "a - b": f"{r['a']} - {r['b']}", "metric": r["metric"],
                      "difference [95% CI]": f"{r['diff']:+.3f} [{r['ci_lo']:+.3f}, {r['ci_hi']:+.3f}]" if ok else "n/a",
-                     "p": f"{r['p']:.3g}" if ok else "",
-                     "p (Holm)": f"{r['p_holm']:.3g}" if ok else "",
+                     "p": format_p(r["p"]) if ok else "",
+                     "p (Holm)": format_p(r["p_holm"]) if ok else "",
                      "MDE": f"{r['mde']:.3f}" if ok else "",
                      "n": f"{int(r['seeds'])} seeds x {int(r['items'])} items" if ok else "",
                      "verdict": r["verdict"] if ok else f"n/a: {r['why']}"})
@@ -693,7 +708,12 @@ def verdict_sentence(r: dict[str, Any]) -> str:
     n = f"{int(r['seeds'])} seed{'s' if int(r['seeds']) != 1 else ''}"
     n += f" $\\times$ {int(r['items'])} items" if r.get("unit") == "items" else ""
     return (f"\\emph{{{_escape(r['verdict'])}}}: ${r['diff']:+.3f}$ [${r['ci_lo']:+.3f}$, ${r['ci_hi']:+.3f}$], "
-            f"$p = {r['p']:.2g}$ (Holm ${r['p_holm']:.2g}$), MDE ${r['mde']:.3f}$, {n}")
+            f"$p {_p_math(r['p'])}$ (Holm ${_p_math(r['p_holm'])}$), MDE ${r['mde']:.3f}$, {n}")
+
+
+def _p_math(p: float) -> str:
+    text = format_p(p)
+    return text if text.startswith("<") else f"= {text}"
 
 
 def comparison_numbers(cmp: pd.DataFrame, out: Path) -> list[Path]:
@@ -709,7 +729,8 @@ def comparison_numbers(cmp: pd.DataFrame, out: Path) -> list[Path]:
         seen.add(tag)
         if r["verdict"] != "n/a":
             for k, v in (("Diff", r["diff"]), ("Lo", r["ci_lo"]), ("Hi", r["ci_hi"]), ("P", r["p"]), ("Mde", r["mde"])):
-                lines.append(f"\\newcommand{{\\fb{tag}{k}}}{{{v:+.3f}}}\n" if k != "P" else f"\\newcommand{{\\fb{tag}{k}}}{{{v:.3g}}}\n")
+                lines.append(f"\\newcommand{{\\fb{tag}{k}}}{{{v:+.3f}}}\n" if k != "P" else
+                             f"\\newcommand{{\\fb{tag}{k}}}{{{_escape(format_p(v)).replace('<', '$<$')}}}\n")
         lines.append(f"\\newcommand{{\\fb{tag}Verdict}}{{{_escape(r['verdict'])}}}\n")
         lines.append(f"\\newcommand{{\\fb{tag}Summary}}{{{verdict_sentence(r)}}}\n")
     out.mkdir(parents=True, exist_ok=True)
@@ -776,8 +797,8 @@ def numbers(s: pd.DataFrame, df: pd.DataFrame, out: Path) -> list[Path]:
 
 def compute_table(df: pd.DataFrame, out: Path) -> list[Path]:
     """``compute.md``: per results table the training runs behind it, how long they took (hours of
-    ``train_s`` + ``eval_s``, wall time of each run) and on what, newest code first: what every
-    committed number cost."""
+    ``train_s`` + ``eval_s``, wall time of each run) and on what: what the committed numbers cost
+    (the rows the report uses: a re-run that replaced an older row of its config counts once)."""
     runs = df[df["source"] == "run"]
     lines = []
     for table, g in runs.groupby("table", sort=True):

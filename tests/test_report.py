@@ -147,9 +147,15 @@ def test_comparisons_table_paired_contrasts_and_n_a(tmp_path):
     assert r["diff"] == pytest.approx(0.4) and r["ci_lo"] > 0 and r["verdict"] == "supported" and r["seeds"] == 2
     assert cmp.loc["same", "diff"] == 0 and cmp.loc["same", "verdict"] == "inconclusive"
     assert cmp.loc["ghost", "verdict"] == "n/a" and "visual_expert" in cmp.loc["ghost", "why"]
-    # Holm over the measured contrasts: the smaller p doubled (two measured), never below the raw p
-    assert cmp.loc["mlp beats blind", "p_holm"] == pytest.approx(min(1.0, 2 * cmp.loc["mlp beats blind", "p"]))
+    # Holm over every declared contrast (the unmeasured one counts as p = 1): the smallest p tripled
+    assert cmp.loc["mlp beats blind", "p_holm"] == pytest.approx(min(1.0, 3 * cmp.loc["mlp beats blind", "p"]))
     assert cmp.loc["same", "p_holm"] >= cmp.loc["same", "p"] and pd.isna(cmp.loc["ghost", "p_holm"])
+    # two configurations under one label (e.g. a learning rate changed after some rows): the newest
+    # configuration's rows only (here one seed, as good as blind), never a mix of the two
+    extra = _contrast_rows(contrasts[:1], {"mlp": {0: bad}})
+    extra[0].update(config_hash="mlp-other-0", point_hash="mlp-other")
+    newest = comparisons(prepare(pd.DataFrame(rows + extra))).set_index("contrast").loc["mlp beats blind"]
+    assert newest["seeds"] == 1 and newest["diff"] == 0 and newest["verdict"] == "inconclusive"
     tex, md = comparisons_table(cmp.reset_index(), tmp_path)
     text = md.read_text()
     assert "supported" in text and "n/a: no rows of visual_expert" in text and "+0.400 [" in text
@@ -174,6 +180,7 @@ def test_forgetting_contrasts_pair_prose_chunks_and_the_paper_macros_state_each_
     for r in rows:
         shift = 0.05 + 0.02 * rng.standard_normal(40) if r["strategy"] == "ft" else np.zeros(40)
         r["base/text/austen/chunk_nll"] = json.dumps(list(base))
+        r["text/austen/tokens"] = 40 * 511  # whole chunks of equal length
         r["text/austen/chunk_nll"] = json.dumps(list(base + shift))
         r["forgetting/austen/delta_log_ppl"] = float(np.mean(base + shift) - np.mean(base))
         r["base/text/t1/items"] = "1" * 30
@@ -182,6 +189,8 @@ def test_forgetting_contrasts_pair_prose_chunks_and_the_paper_macros_state_each_
     for r in rows:
         for metric in ("forgetting/austen/delta_log_ppl", "forgetting/t1/acc_drop"):
             assert item_values(r, metric).mean() == pytest.approx(r[metric])
+    # chunks of unequal length: their plain mean is not the per-token value, so no per-chunk pairing
+    assert item_values({**rows[0], "text/austen/tokens": 40 * 511 - 3}, "forgetting/austen/delta_log_ppl") is None
     cmp = comparisons(prepare(pd.DataFrame(rows))).set_index("contrast")
     assert cmp.loc["ft forgets", "items"] == 40 and cmp.loc["ft forgets", "verdict"] == "supported"
     assert 0.03 < cmp.loc["ft forgets", "ci_lo"] < cmp.loc["ft forgets", "diff"] < cmp.loc["ft forgets", "ci_hi"] < 0.07
@@ -211,6 +220,8 @@ def test_a_contrast_side_may_come_from_another_table_scored_on_the_same_items():
     assert comparisons(df, "main").empty  # main declares none
     lone = prepare(pd.DataFrame(cm))
     assert comparisons(lone, "cm").iloc[0]["why"] == "no rows of mlp (main)"
+    elsewhere = prepare(pd.DataFrame(cm + old))  # main has mlp rows, but only on other items
+    assert comparisons(elsewhere, "cm").iloc[0]["why"] == "no rows of mlp (main) on the same test items"
 
 
 def test_contrasts_are_validated_before_compute(tmp_path, capsys):

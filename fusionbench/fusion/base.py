@@ -72,8 +72,9 @@ class FusionStrategy(nn.Module):
     #: what the strategy does to the LM's text path, stated in each class's own body (a test checks
     #: it: never inherited silently). "frozen": text runs the frozen LM and no state of the strategy;
     #: "conditioned": text-only input is the base LM, but with an image text reads the strategy's
-    #: state; "trained": LM weights change. Options may refine it: override :meth:`text_invariant_for`.
-    TEXT_PATH: ClassVar[str] = "frozen"
+    #: state; "trained": LM weights change (the default: no promise). Options may refine it:
+    #: override :meth:`text_invariant_for`.
+    TEXT_PATH: ClassVar[str] = "trained"
 
     @classmethod
     def default_options(cls) -> DictConfig:
