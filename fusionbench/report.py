@@ -750,7 +750,7 @@ def numbers(s: pd.DataFrame, df: pd.DataFrame, out: Path) -> list[Path]:
     s = s[s["final"]]
     raw = df[(df["table"] == s["table"].iloc[0]) & df["final"]]
     vals: dict[str, Any] = {"NumStrategies": len(s), "NumSeeds": int(s["seeds"].max()),
-                            "NumRuns": len(raw), "Steps": int(raw["steps"].max()) if "steps" in raw else 0}
+                            "NumRuns": len(raw), "Steps": int(raw["steps"].mode().max()) if "steps" in raw else 0}
     if "device" in raw:
         vals["Device"] = str(raw["device"].mode().iloc[0]).replace("cpu:", "CPU: ")
     frozen = raw[raw["frozen_text"]]
