@@ -493,11 +493,16 @@ VAL_COLUMNS = {"val/choice_acc_final": "val choice acc (final)", "val/chance_fin
 
 def table_frame(s: pd.DataFrame, latex: bool = True) -> pd.DataFrame:
     cols = {k: v for k, v in MAIN_COLUMNS.items() if k in s and s[k].notna().any()}
-    if not cols:
+    val_only = not cols
+    if val_only:
         cols = {k: v for k, v in VAL_COLUMNS.items() if k in s and s[k].notna().any()}
     t = pd.DataFrame({"strategy": s["label"]})
     for key, label in cols.items():
         t[label] = [_cell(m, h, 3, latex) for m, h in zip(s[key], s.get(f"{key}_ci95", [np.nan] * len(s)))]
+    if val_only and "val/choice_acc_final" in cols:  # a selection table (e.g. learning rates): each strategy's best
+        acc = s["val/choice_acc_final"]
+        best = acc.groupby(s["strategy"]).transform("max")
+        t["best of its strategy"] = np.where(acc.notna() & (acc == best), "yes", "")
     if "params_trainable" in s:
         t["trainable"] = s["params_trainable"].map(lambda n: f"{n / 1e6:.2f}M")
     t["seeds"] = s["seeds"].astype(int)

@@ -264,3 +264,13 @@ def test_results_reader_keeps_per_item_strings_and_exact_floats(tmp_path):
     assert list(df["mm/choice/items"]) == ["0011", "1100"]
     assert df["acc"].iloc[0] == 0.4375 and f"{df['acc'].mean():.4f}" == "0.4688"
     assert df["n"].dtype == "int64" and df["maybe"].isna().iloc[0]
+
+
+def test_a_selection_table_marks_each_strategys_best_value():
+    """Val-only tables (the learning-rate sweep) say which point of each strategy the study takes."""
+    from fusionbench.report import table_frame
+
+    s = pd.DataFrame({"label": ["mlp lr=1", "mlp lr=2", "ve lr=1", "ve lr=2"], "strategy": ["mlp", "mlp", "ve", "ve"],
+                      "val/choice_acc_final": [0.4, 0.5, 0.45, np.nan], "seeds": [1, 1, 1, 1]})
+    t = table_frame(s, latex=False)
+    assert list(t["best of its strategy"]) == ["", "yes", "yes", ""]
