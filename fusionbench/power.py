@@ -50,8 +50,9 @@ def budget_step(curve: pd.DataFrame, tol: float = 0.02) -> int:
 
 
 def _items(row: pd.Series, group: str) -> np.ndarray | None:
-    s = row.get(f"mm/choice/{group}items")
-    return np.array([int(c) for c in s]) if isinstance(s, str) and s else None
+    from fusionbench.report import item_values
+
+    return item_values(row.to_dict(), f"mm/choice/{group}acc")
 
 
 def analyse(rows: pd.DataFrame, target: float = 0.05, tol: float = 0.02) -> dict[str, Any]:

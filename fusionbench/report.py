@@ -628,7 +628,10 @@ def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
 
     runs = df[df["final"] & (df["source"] == "run")]
     final = runs if table is None else runs[runs["table"] == table]
-    label = final["base_label"] if "base_label" in final else final["label"]
+    def labels(frame: pd.DataFrame) -> pd.Series:  # what contrasts name: the label before disambiguation
+        return frame["base_label"] if "base_label" in frame else frame["label"]
+
+    label = labels(final)
     lines = []
     for c in declared_contrasts(final):
         line = {"contrast": c.get("name", f"{c.get('a')} - {c.get('b')}"), "a": c.get("a"), "b": c.get("b"),
@@ -639,7 +642,7 @@ def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
         for k in ("a", "b"):
             if c.get(f"{k}_table"):
                 other = runs[runs["table"] == c[f"{k}_table"]]
-                side[k] = other[(other["base_label"] if "base_label" in other else other["label"]) == line[k]]
+                side[k] = other[labels(other) == line[k]]
                 line[k] = f"{line[k]} ({c[f'{k}_table']})"
         missing = [line[k] for k in ("a", "b") if side[k].empty]
         if missing:
