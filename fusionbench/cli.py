@@ -176,7 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="*", help="results tables (default: results/*.jsonl)")
     p.add_argument("--repair", action="store_true", help="move corrupt lines to <file>.corrupt, keep the rest")
     sub.add_parser("list", help="list registered fusion strategies and datasets")
-    args = parser.parse_args(argv)
+    # dotlist overrides may also follow an option (`sweep CONFIG --only mlp seeds=[0]`), which plain
+    # parse_args refuses once an option has closed the positional list; anything else stays an error
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if not hasattr(args, "overrides") or e.startswith("-") or "=" not in e]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.cmd == "run":
             _cmd_run(args)

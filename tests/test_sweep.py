@@ -66,6 +66,14 @@ def test_dry_run_lists_points_and_their_state(tmp_path, capsys):
     assert main(["sweep", "--dry-run", "--only", "mlp", *_args(tmp_path, "grid={fusion: [linear, mlp]}")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and '"mlp"' in lines[0] and lines[0].endswith("todo")
+    # an override after an option is still an override (seeds: two lines); a stray word is an error
+    cfg, *overrides = _args(tmp_path, "grid={fusion: [linear, mlp]}")
+    assert main(["sweep", "--dry-run", cfg, "--only", "mlp", *overrides, "seeds=[0,1]"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all('"mlp"' in line for line in lines)
+    with pytest.raises(SystemExit):
+        main(["sweep", "--dry-run", cfg, "--only", "mlp", *overrides, "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
     assert main(["sweep", "--only", "mpl", *_args(tmp_path, "grid={fusion: [linear, mlp]}")]) == 2
     assert "no grid point has that label" in capsys.readouterr().err
 
