@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from fusionbench.errors import FusionBenchError
 
@@ -65,16 +66,17 @@ def _cmd_assets(args) -> None:
 
 
 def _cmd_report(args) -> None:
-    from fusionbench.report import report
+    from fusionbench.report import report, sync_readme
 
     for path in report(args.results or ["results"], args.paper):
         print(path)
+    readme = args.readme if args.readme is not None else ("README.md" if args.paper == "paper" else "")
+    if readme and Path(readme).exists() and sync_readme(readme, Path(args.paper) / "tables"):
+        print(readme)
 
 
 def _cmd_power(args) -> None:
     from fusionbench.power import write_power
-
-    from pathlib import Path
 
     study = args.study if args.study is not None else ("experiments/main.yaml" if Path("experiments/main.yaml").exists() else None)
     print(write_power(args.pilot, args.out, target=args.mde, tol=args.tol, study=study or None))
@@ -150,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                         "results/local (your runs, labelled '(local)')")
     p.add_argument("--paper", default="paper", help="output folder (figures/, tables/); paper/ holds the "
                                                     "committed ones, paper/local/ is git-ignored")
+    p.add_argument("--readme", default=None, metavar="PATH",
+                   help="rewrite this file's '<!-- report: NAME.md -->' blocks with the tables just written "
+                        "(default: README.md when --paper is paper, the committed tables; '': none)")
     p = sub.add_parser("power", help="from a pilot's rows: the step budget, the noise and the minimum "
                                      "detectable effect of the study (fusionbench.power) -> results/power.md")
     p.add_argument("--pilot", default="results/pilot.jsonl", help="the pilot's results table")

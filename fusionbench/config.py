@@ -105,7 +105,7 @@ class TrainConfig:
     #: AdamW implementation: ``fused`` (one kernel over all parameters; CPU and CUDA) or
     #: ``foreach`` (torch's multi-tensor default). The same update rule, different float rounding;
     #: fused is ~6x faster on CPU over the 107M visual-expert parameters. Rows before this option
-    #: existed (results/main.jsonl seeds 0-1) used foreach.
+    #: existed (results/main_v1.jsonl, seeds 0-1) used foreach.
     optimizer_impl: str = "fused"
     #: training forwards compute a prompt prefix shared by the batch (the system prompt: ~19 of
     #: ~52 tokens per quickstart example) once and reuse its KV cache, for strategies whose text

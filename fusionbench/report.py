@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,7 @@ def standard_error(values) -> float:
 def _metric_columns(df: pd.DataFrame) -> list[str]:
     keep = ("mm/", "forgetting/", "text/", "eff/", "probe/", "cap/", "val/")
     cols = [c for c in df.columns if c.startswith(keep) and pd.api.types.is_numeric_dtype(df[c])]
-    return cols + [c for c in ("params_trainable", "params_total", "train_s", "eval_s", "steps",
+    return cols + [c for c in ("params_trainable", "params_total", "train_s", "eval_s", "steps", "lr",
                                "train_loss_final", "flops_per_train_step") if c in df]
 
 
@@ -503,10 +504,23 @@ def table_frame(s: pd.DataFrame, latex: bool = True) -> pd.DataFrame:
         acc = s["val/choice_acc_final"]
         best = acc.groupby(s["strategy"]).transform("max")
         t["best of its strategy"] = np.where(acc.notna() & (acc == best), "yes", "")
+    # the recipe each number was reached with: its (stage's) learning rate and steps
+    if "lr" in s:
+        t["lr"] = s["lr"].map(_lr)
+    if "steps" in s:
+        t["steps"] = s["steps"].map(lambda n: "--" if pd.isna(n) else f"{n:.0f}")
     if "params_trainable" in s:
         t["trainable"] = s["params_trainable"].map(lambda n: f"{n / 1e6:.2f}M")
     t["seeds"] = s["seeds"].astype(int)
     return t
+
+
+def _lr(v: float) -> str:
+    """A learning rate as the configs write it: 1.28e-1, 2.5e-4."""
+    if pd.isna(v):
+        return "--"
+    mantissa, exponent = f"{v:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def _escape(text: str) -> str:
@@ -823,6 +837,24 @@ def compute_table(df: pd.DataFrame, out: Path) -> list[Path]:
 
 
 # -- entry point -----------------------------------------------------------------------------------
+README_BLOCK = re.compile(r"(<!-- report: ([\w.-]+\.md) -->\n)(.*?)(<!-- /report -->)", re.S)
+
+
+def sync_readme(readme: str | Path, tables: str | Path) -> bool:
+    """Rewrite each block ``<!-- report: NAME.md -->`` ... ``<!-- /report -->`` of ``readme`` with
+    the generated ``tables/NAME.md``, so the README quotes the tables the report just wrote (never
+    a hand copy that drifts); everything outside the blocks is kept. Returns whether it changed."""
+    readme, tables = Path(readme), Path(tables)
+    text = readme.read_text()
+    missing = sorted({m.group(2) for m in README_BLOCK.finditer(text) if not (tables / m.group(2)).exists()})
+    if missing:
+        raise FusionBenchError(f"{readme} quotes {', '.join(missing)}, which the report did not write in {tables}")
+    new = README_BLOCK.sub(lambda m: m.group(1) + (tables / m.group(2)).read_text() + m.group(4), text)
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
 def report(results_dir: str | Path | list[str | Path] = "results", paper_dir: str | Path = "paper") -> list[Path]:
     """Figures and tables of ``paper_dir`` from the tables of ``results_dir`` (one folder, or
     several read together: see :func:`load_all`)."""

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from fusionbench.cli import main
-from fusionbench.report import _pareto_front, load_all, report, summarise
+from fusionbench.errors import FusionBenchError
+from fusionbench.report import README_BLOCK, _pareto_front, load_all, report, summarise, sync_readme
 from tests.helpers import ROOT, TINY
 
 
@@ -86,6 +87,30 @@ def test_paper_uses_only_what_the_report_writes_and_committed_tables_are_reprodu
     assert used and used <= defined, f"undefined in the report's macros: {sorted(used - defined)}"
     for target in re.findall(r"\\(?:input|includegraphics(?:\[[^\]]*\])?)\{([^}]+)\}", tex):
         assert (out / target).exists(), target
+
+
+def test_readme_quotes_the_committed_tables_the_report_writes():
+    """README's results are generated blocks, byte for byte the committed tables (which the test
+    above regenerates from the rows): the README cannot drift from the rows."""
+    blocks = list(README_BLOCK.finditer((ROOT / "README.md").read_text()))
+    assert {"comparisons.md", "main.md"} <= {m.group(2) for m in blocks}
+    for m in blocks:
+        assert m.group(3) == (ROOT / "paper" / "tables" / m.group(2)).read_text(), f"README's {m.group(2)} is stale"
+
+
+def test_sync_readme_rewrites_only_its_blocks(tmp_path):
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "a.md").write_text("| x |\n|---|\n| 1 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- report: a.md -->\nstale\n<!-- /report -->\noutro\n")
+    assert sync_readme(readme, tables)
+    assert readme.read_text() == "intro\n<!-- report: a.md -->\n| x |\n|---|\n| 1 |\n<!-- /report -->\noutro\n"
+    assert not sync_readme(readme, tables)  # already current: untouched
+    readme.write_text("<!-- report: b.md -->\nold\n<!-- /report -->\n")
+    with pytest.raises(FusionBenchError, match="b.md"):
+        sync_readme(readme, tables)
+    assert "old" in readme.read_text()  # nothing written on error
 
 
 def test_local_rows_are_reported_beside_the_committed_ones_never_instead(tmp_path):
