@@ -461,10 +461,70 @@ def fig_efficiency(s: pd.DataFrame, out: Path) -> list[Path]:
     return _finish(fig, axes[0][0], "Accuracy vs cost (mean, 95% CI over seeds)", out, "efficiency")
 
 
-def fig_table(s: pd.DataFrame, out: Path, name: str) -> list[Path]:
+def fig_table(s: pd.DataFrame, out: Path, name: str, val_items: int | None = None) -> list[Path]:
     """The compact figure of a secondary table (quickstart, an ablation): accuracy by question type
-    and, where measured, Δ log-perplexity, per point."""
+    and, where measured, Δ log-perplexity, per point; for a learning-rate selection table (rows
+    scored on val only, at several rates per strategy) the sweep's curves (:func:`fig_lr_sweep`)."""
+    if _is_lr_selection(s):
+        return fig_lr_sweep(s, out, name, val_items)
     return fig_mm_by_qtype(s, out, name)
+
+
+def _is_lr_selection(s: pd.DataFrame) -> bool:
+    """Rows scored on val only (no test metric), some strategy at more than one learning rate."""
+    if any(k in s and s[k].notna().any() for k in MAIN_COLUMNS) or "lr" not in s:
+        return False
+    acc = s.get("val/choice_acc_final")
+    rows = s[s["final"]] if "final" in s else s
+    return acc is not None and acc.notna().any() and bool((rows.groupby("strategy")["lr"].nunique() > 1).any())
+
+
+def _wilson(p: pd.Series, n: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Distances below and above ``p`` of the 95% Wilson interval of a proportion of ``n`` items
+    (zeros when ``n`` is unknown)."""
+    p = np.asarray(p, dtype=float)
+    if not n:
+        return np.zeros_like(p), np.zeros_like(p)
+    z = 1.959964
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return p - (centre - half), centre + half - p
+
+
+def fig_lr_sweep(s: pd.DataFrame, out: Path, name: str, val_items: int | None = None) -> list[Path]:
+    """A learning-rate sweep: val choice accuracy (last stage) against the learning rate (log axis),
+    one line per strategy with 95% Wilson intervals over the ``val_items`` val items, each
+    strategy's best value ringed, the val chance level dashed."""
+    rows = (s[s["final"]] if "final" in s else s).dropna(subset=["lr", "val/choice_acc_final"])
+    if rows.empty:
+        return []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    for i, (strategy, g) in enumerate(rows.groupby("strategy", sort=False)):
+        g = g.sort_values("lr")
+        acc = g["val/choice_acc_final"]
+        style = _style(i)
+        ax.errorbar(g["lr"], acc, yerr=np.vstack(_wilson(acc, val_items)), capsize=2, lw=1, ms=4,
+                    label=strategy, **style)
+        best = g[acc == acc.max()]
+        ax.scatter(best["lr"], best["val/choice_acc_final"], s=110, facecolors="none",
+                   edgecolors=style["color"], linewidths=1.2, zorder=4)
+    if "val/chance_final" in rows and rows["val/chance_final"].notna().any():
+        ax.axhline(rows["val/chance_final"].mean(), ls="--", color="0.4", lw=0.9, label="chance (val)")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (the last stage's)")
+    ax.set_ylabel("val choice accuracy (final)")
+    bars = f"95% Wilson interval over {val_items} val items" if val_items else "no interval: val size unknown"
+    ax.set_title(f"Learning-rate sweep: one seed per value, best ringed ({bars})", fontsize=8)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", frameon=False)
+    return _save(fig, out, name)
+
+
+def _val_items(rows: pd.DataFrame) -> int | None:
+    """The number of val items each row's final val choice accuracy was scored on (its config's
+    ``eval.val_items``), when all rows agree."""
+    sizes = {json.loads(c).get("eval", {}).get("val_items") for c in rows.get("config", pd.Series(dtype=str)).dropna()}
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
 
 
 # -- tables ----------------------------------------------------------------------------------------
@@ -502,6 +562,8 @@ def table_frame(s: pd.DataFrame, latex: bool = True) -> pd.DataFrame:
         t[label] = [_cell(m, h, 3, latex) for m, h in zip(s[key], s.get(f"{key}_ci95", [np.nan] * len(s)))]
     if val_only and "val/choice_acc_final" in cols:  # a selection table (e.g. learning rates): each strategy's best
         acc = s["val/choice_acc_final"]
+        if "final" in s:  # a multi-stage point is chosen by its last stage (the MoE's upcycle, not its dense stage)
+            acc = acc.where(s["final"].astype(bool))
         best = acc.groupby(s["strategy"]).transform("max")
         t["best of its strategy"] = np.where(acc.notna() & (acc == best), "yes", "")
     # the recipe each number was reached with: its (stage's) learning rate and steps
@@ -897,6 +959,6 @@ def report(results_dir: str | Path | list[str | Path] = "results", paper_dir: st
         if table == main:
             continue
         t = summary[summary["table"] == table].reset_index(drop=True)
-        written += fig_table(t, figs, table)
+        written += fig_table(t, figs, table, _val_items(df[df["table"] == table]))
         written += write_table(t, tabs, table, caption(table))
     return written

@@ -299,3 +299,29 @@ def test_a_selection_table_marks_each_strategys_best_value():
                       "val/choice_acc_final": [0.4, 0.5, 0.45, np.nan], "seeds": [1, 1, 1, 1]})
     t = table_frame(s, latex=False)
     assert list(t["best of its strategy"]) == ["", "yes", "yes", ""]
+    # a two-stage point (the co-upcycled MoE) is chosen by its last stage, never by its dense stage
+    moe = pd.DataFrame({"label": ["moe lr=1 [dense]", "moe lr=1", "moe lr=2 [dense]", "moe lr=2"], "strategy": "moe",
+                        "final": [False, True, False, True], "val/choice_acc_final": [0.6, 0.4, 0.6, 0.5], "seeds": 1})
+    assert list(table_frame(moe, latex=False)["best of its strategy"]) == ["", "", "", "yes"]
+
+
+def test_a_learning_rate_sweep_gets_its_curves_with_wilson_intervals(tmp_path):
+    """A val-only table with several rates per strategy is drawn as val accuracy against the rate
+    (fig_lr_sweep), with 95% Wilson intervals over the val items; a table of single points is not."""
+    from scipy.stats import binomtest
+
+    from fusionbench.report import _is_lr_selection, _wilson, fig_table
+
+    low, high = _wilson(pd.Series([0.3, 0.5]), 400)
+    for p, lo, hi in zip([0.3, 0.5], low, high):
+        ref = binomtest(round(p * 400), 400).proportion_ci(method="wilson")
+        assert p - lo == pytest.approx(ref.low, abs=1e-9) and p + hi == pytest.approx(ref.high, abs=1e-9)
+    assert not _wilson(pd.Series([0.3]), None)[0].any()
+    s = pd.DataFrame({"label": ["mlp lr=1e-3", "mlp lr=4e-3", "ve lr=1e-3"], "strategy": ["mlp", "mlp", "ve"],
+                      "lr": [1e-3, 4e-3, 1e-3], "final": True, "val/choice_acc_final": [0.4, 0.5, 0.45],
+                      "val/chance_final": 0.3, "seeds": [1, 1, 1]})
+    assert _is_lr_selection(s)
+    assert not _is_lr_selection(s.iloc[[0, 2]])  # one rate per strategy: not a sweep
+    assert not _is_lr_selection(s.assign(**{"mm/choice/acc": 0.5}))  # scored on test: a study table
+    written = fig_table(s, tmp_path, "ablation_lr", val_items=400)
+    assert [p.name for p in written] == ["ablation_lr.pdf", "ablation_lr.png"] and all(p.stat().st_size for p in written)
