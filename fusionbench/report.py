@@ -479,6 +479,16 @@ def _is_lr_selection(s: pd.DataFrame) -> bool:
     return acc is not None and acc.notna().any() and bool((rows.groupby("strategy")["lr"].nunique() > 1).any())
 
 
+def _best_of_strategy(s: pd.DataFrame) -> pd.Series:
+    """Whether each row holds its strategy's highest val choice accuracy (ties all true), among the
+    last-stage rows only: a multi-stage point is chosen by its last stage (the MoE's upcycle, not its
+    dense stage)."""
+    acc = s["val/choice_acc_final"]
+    if "final" in s:
+        acc = acc.where(s["final"].astype(bool))
+    return acc.notna() & (acc == acc.groupby(s["strategy"]).transform("max"))
+
+
 def _wilson(p: pd.Series, n: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Distances below and above ``p`` of the 95% Wilson interval of a proportion of ``n`` items
     (zeros when ``n`` is unknown)."""
@@ -506,7 +516,7 @@ def fig_lr_sweep(s: pd.DataFrame, out: Path, name: str, val_items: int | None = 
         style = _style(i)
         ax.errorbar(g["lr"], acc, yerr=np.vstack(_wilson(acc, val_items)), capsize=2, lw=1, ms=4,
                     label=strategy, **style)
-        best = g[acc == acc.max()]
+        best = g[_best_of_strategy(g)]
         ax.scatter(best["lr"], best["val/choice_acc_final"], s=110, facecolors="none",
                    edgecolors=style["color"], linewidths=1.2, zorder=4)
     if "val/chance_final" in rows and rows["val/chance_final"].notna().any():
@@ -561,11 +571,7 @@ def table_frame(s: pd.DataFrame, latex: bool = True) -> pd.DataFrame:
     for key, label in cols.items():
         t[label] = [_cell(m, h, 3, latex) for m, h in zip(s[key], s.get(f"{key}_ci95", [np.nan] * len(s)))]
     if val_only and "val/choice_acc_final" in cols:  # a selection table (e.g. learning rates): each strategy's best
-        acc = s["val/choice_acc_final"]
-        if "final" in s:  # a multi-stage point is chosen by its last stage (the MoE's upcycle, not its dense stage)
-            acc = acc.where(s["final"].astype(bool))
-        best = acc.groupby(s["strategy"]).transform("max")
-        t["best of its strategy"] = np.where(acc.notna() & (acc == best), "yes", "")
+        t["best of its strategy"] = np.where(_best_of_strategy(s), "yes", "")
     # the recipe each number was reached with: its (stage's) learning rate and steps
     if "lr" in s:
         t["lr"] = s["lr"].map(_lr)
@@ -747,12 +753,28 @@ def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
         except ValueError as e:
             lines.append({**line, "verdict": "n/a", "why": str(e)})
             continue
-        lines.append({**line, **r, "unit": unit, "verdict": verdict(r["ci_lo"], r["ci_hi"], line["expect"]), "why": ""})
+        lines.append({**line, **r, "unit": unit, "verdict": verdict(r["ci_lo"], r["ci_hi"], line["expect"]), "why": "",
+                      "hardware": _hardware_pairing(side["a"], side["b"], sorted(set(a) & set(b)))})
     out = pd.DataFrame(lines)
     if "p" in out:  # family-wise over every declared contrast; one not measured yet counts as p = 1
         measured = out["p"].notna()
         out.loc[measured, "p_holm"] = np.array(holm(list(out["p"].fillna(1.0))))[measured.to_numpy()]
     return out
+
+
+def _hardware_pairing(a: pd.DataFrame, b: pd.DataFrame, seeds: list[int]) -> str:
+    """Whether the two sides of a contrast ran on the same device, seed by seed: ``same`` or
+    ``differs in k of n seeds``. The same seed gives the same numbers on one CPU model only (another
+    instruction set or BLAS path rounds differently and training diverges like another seed does):
+    across sessions the grid lands on whichever machine it gets, so the pairing says where a paired
+    difference also holds a hardware difference."""
+    if "device" not in a or "device" not in b:
+        return "unrecorded"
+    dev = {k: frame.assign(seed=frame["seed"].astype(int)).groupby("seed")["device"].last() for k, frame in (("a", a), ("b", b))}
+    if any(dev[k].get(s) is None or pd.isna(dev[k].get(s)) for k in dev for s in seeds):
+        return "unrecorded"
+    differ = sum(dev["a"][s] != dev["b"][s] for s in seeds)
+    return "same" if not differ else f"differs in {differ} of {len(seeds)} seeds"
 
 
 def format_p(p: float) -> str:
@@ -772,25 +794,29 @@ def comparisons_table(cmp: pd.DataFrame, out: Path, name: str = "comparisons") -
                      "p (Holm)": format_p(r["p_holm"]) if ok else "",
                      "MDE": f"{r['mde']:.3f}" if ok else "",
                      "n": f"{int(r['seeds'])} seeds x {int(r['items'])} items" if ok else "",
+                     "hardware (a, b)": r.get("hardware", "") if ok else "",
                      "verdict": r["verdict"] if ok else f"n/a: {r['why']}"})
     t = pd.DataFrame(rows, columns=["contrast", "a - b", "metric", "difference [95% CI]", "p", "p (Holm)", "MDE", "n",
-                                    "verdict"])
+                                    "hardware (a, b)", "verdict"])
     out.mkdir(parents=True, exist_ok=True)
     tex, md = out / f"{name}.tex", out / f"{name}.md"
     tex.write_text(_latex(t, "pre-registered contrasts: paired difference, 95% bootstrap CI (items within seeds, "
                             "then seeds), two-sided p (and Holm-adjusted over the table's contrasts), minimum "
-                            "detectable effect at 80% power"))
+                            "detectable effect at 80% power; hardware: whether each seed's two runs had the same CPU"))
     md.write_text(_markdown(t))
     return [tex, md]
 
 
 def verdict_sentence(r: dict[str, Any]) -> str:
     """One contrast as the paper states it: the verdict, the difference with its 95% interval, p,
-    the minimum detectable effect and n; or why there is none yet (LaTeX)."""
+    the minimum detectable effect and n (and where the sides ran on different CPUs); or why there
+    is none yet (LaTeX)."""
     if r["verdict"] == "n/a":
         return f"no verdict yet ({_escape(r['why'])})"
     n = f"{int(r['seeds'])} seed{'s' if int(r['seeds']) != 1 else ''}"
     n += f" $\\times$ {int(r['items'])} items" if r.get("unit") == "items" else ""
+    if str(r.get("hardware", "same")).startswith("differs"):  # a paired difference that also holds a CPU change
+        n += f" ({_escape(r['hardware'].replace('differs in', 'on different CPUs in'))})"
     return (f"\\emph{{{_escape(r['verdict'])}}}: ${r['diff']:+.3f}$ [${r['ci_lo']:+.3f}$, ${r['ci_hi']:+.3f}$], "
             f"$p {_p_math(r['p'])}$ (Holm ${_p_math(r['p_holm'])}$), MDE ${r['mde']:.3f}$, {n}")
 

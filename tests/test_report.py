@@ -191,6 +191,27 @@ def test_comparisons_table_paired_contrasts_and_n_a(tmp_path):
     assert comparisons(prepare(pd.DataFrame(rows2))).iloc[0]["verdict"] == "n/a"
 
 
+def test_a_contrast_says_where_its_two_sides_ran_on_different_cpus(tmp_path):
+    """The same seed reproduces only on one CPU model (the MoE dense stage: val 0.3825 on the Xeon three
+    times, 0.415 on an EPYC): the table and the paper's sentence say when a pair's runs had other CPUs."""
+    from fusionbench.report import comparison_numbers, comparisons, comparisons_table, prepare
+
+    contrasts = [{"name": "mixed", "a": "mlp", "b": "blind"}]
+    good, bad = "1" * 80 + "0" * 20, "1" * 40 + "0" * 60
+    rows = _contrast_rows(contrasts, {"mlp": {0: good, 1: good, 2: good}, "blind": {0: bad, 1: bad, 2: bad}})
+    for r in rows:
+        r["device"] = "cpu:AMD EPYC x2" if (r["strategy"], r["seed"]) == ("blind", 1) else "cpu:Intel Xeon x2"
+    cmp = comparisons(prepare(pd.DataFrame(rows)))
+    assert cmp.iloc[0]["hardware"] == "differs in 1 of 3 seeds"
+    assert "differs in 1 of 3 seeds" in comparisons_table(cmp, tmp_path)[1].read_text()
+    assert "(on different CPUs in 1 of 3 seeds)" in comparison_numbers(cmp, tmp_path)[0].read_text()
+    for r in rows:
+        r["device"] = "cpu:Intel Xeon x2"
+    same = comparisons(prepare(pd.DataFrame(rows)))
+    assert same.iloc[0]["hardware"] == "same"
+    assert "CPUs" not in comparison_numbers(same, tmp_path)[0].read_text()
+
+
 def test_forgetting_contrasts_pair_prose_chunks_and_the_paper_macros_state_each_verdict(tmp_path):
     """Delta log-ppl and accuracy drops are compared chunk by chunk / item by item (per-chunk NLL
     after minus before: their mean is the row's value), not over 3 seed means; every contrast gets a
