@@ -771,7 +771,7 @@ def _hardware_pairing(a: pd.DataFrame, b: pd.DataFrame, seeds: list[int]) -> str
     if "device" not in a or "device" not in b:
         return "unrecorded"
     dev = {k: frame.assign(seed=frame["seed"].astype(int)).groupby("seed")["device"].last() for k, frame in (("a", a), ("b", b))}
-    if any(dev[k].get(s) is None or pd.isna(dev[k].get(s)) for k in dev for s in seeds):
+    if any(pd.isna(dev[k].get(s)) for k in dev for s in seeds):  # a seed's row without a device (or none)
         return "unrecorded"
     differ = sum(dev["a"][s] != dev["b"][s] for s in seeds)
     return "same" if not differ else f"differs in {differ} of {len(seeds)} seeds"
