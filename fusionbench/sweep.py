@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from fusionbench.config import config_hash, grid_points
 from fusionbench.errors import FusionBenchError
 from fusionbench.results import append_row, code_hash, git_sha, read_results
-from fusionbench.runner import log, run_point, stage_plan
+from fusionbench.runner import checkpoint_step, log, run_dir_of, run_point, stage_plan
 
 
 def finished_stages(results_file: str | Path) -> dict[str, set[str]]:
@@ -129,5 +129,18 @@ def describe(cfg: DictConfig, only: list[str] | None = None) -> list[str]:
         stages = [s.name for s in stage_plan(point)]
         have = done.get(h, set())
         state = "done" if set(stages) <= have else (f"partial ({', '.join(sorted(have))})" if have else "todo")
+        if state != "done":
+            state += _checkpoint_state(point, [s for s in stage_plan(point) if s.name not in have][0])
         lines.append(f"{i + 1:3d}  {json.dumps(label, default=str)}  seed={point.seed}  {h}  {state}")
     return lines
+
+
+def _checkpoint_state(point: DictConfig, stage: DictConfig) -> str:
+    """Where an unfinished point's next stage stands on this machine's disk: its newest Lightning
+    checkpoint (the sweep continues from it), or nothing when it has none."""
+    step = checkpoint_step(run_dir_of(point) / "checkpoints" / stage.name / "last.ckpt")
+    if step is None:
+        return ""
+    if step >= stage.trainer.max_steps:
+        return f" ({stage.name}: trained, {step} steps; evaluation left)"
+    return f" ({stage.name}: checkpoint at step {step} of {stage.trainer.max_steps}; resumes there)"

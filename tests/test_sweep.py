@@ -78,6 +78,28 @@ def test_dry_run_lists_points_and_their_state(tmp_path, capsys):
     assert "no grid point has that label" in capsys.readouterr().err
 
 
+def test_dry_run_says_where_an_unfinished_point_resumes(tmp_path, capsys):
+    """A multi-day sweep's unfinished point: --dry-run names the step its newest checkpoint holds
+    (the sweep continues there), or that only its evaluation is left."""
+    import torch
+
+    from fusionbench.runner import run_dir_of
+
+    args = _args(tmp_path, "grid={fusion: [linear, mlp]}", "trainer.max_steps=6")
+    points = [p for _, p in grid_points(load_config(args[0], args[1:]))]
+    for point, step in zip(points, (3, 6)):
+        ckpt = run_dir_of(point) / "checkpoints" / "main" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        torch.save({"global_step": step}, ckpt)
+    assert main(["sweep", "--dry-run", *args]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].endswith("todo (main: checkpoint at step 3 of 6; resumes there)")
+    assert lines[1].endswith("todo (main: trained, 6 steps; evaluation left)")
+    (run_dir_of(points[0]) / "checkpoints" / "main" / "last.ckpt").write_bytes(b"cut short by a kill")
+    assert main(["sweep", "--dry-run", *args]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[0].endswith("todo")
+
+
 def _wait_for(predicate, proc, timeout=240.0):
     end = time.time() + timeout
     while time.time() < end:
