@@ -126,11 +126,11 @@ def describe(cfg: DictConfig, only: list[str] | None = None) -> list[str]:
     lines = []
     for i, (label, point) in enumerate(select(grid_points(cfg), only)):
         h = config_hash(point)
-        stages = [s.name for s in stage_plan(point)]
         have = done.get(h, set())
-        state = "done" if set(stages) <= have else (f"partial ({', '.join(sorted(have))})" if have else "todo")
-        if state != "done":
-            state += _checkpoint_state(point, [s for s in stage_plan(point) if s.name not in have][0])
+        left = [s for s in stage_plan(point) if s.name not in have]
+        state = "done" if not left else (f"partial ({', '.join(sorted(have))})" if have else "todo")
+        if left:
+            state += _checkpoint_state(point, left[0])
         lines.append(f"{i + 1:3d}  {json.dumps(label, default=str)}  seed={point.seed}  {h}  {state}")
     return lines
 
