@@ -227,6 +227,20 @@ def lm_context_length(lm) -> int | None:
     return None
 
 
+def stage_checkpoint(run_dir: str | Path, stage: str) -> Path:
+    """Where a stage's newest Lightning checkpoint lives: ``run_dir/checkpoints/<stage>/last.ckpt``
+    (training writes it; a resumed point, ``fusionbench eval`` and ``sweep --dry-run`` read it)."""
+    return Path(run_dir) / "checkpoints" / stage / "last.ckpt"
+
+
+def stage_record(run_dir: str | Path, stage: str) -> Path:
+    """The stage's training record beside its checkpoint (``trained.json``: steps taken, training
+    seconds over every session, final train loss, the validation and forgetting curves): written
+    when the stage finishes training, read when a point whose evaluation was cut short is restarted,
+    so its row still says how it trained."""
+    return stage_checkpoint(run_dir, stage).with_name("trained.json")
+
+
 def checkpoint_step(path: Path) -> int | None:
     """The global step a Lightning checkpoint was saved at (None: none there or unreadable, e.g.
     cut short by a kill while writing)."""
@@ -301,18 +315,31 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
             log(f"stage {stage.name}: {per_step / 1e9:.1f} GFLOP per training step -> {steps} steps in the budget "
                 f"of {tcfg.flops_budget / 1e12:.2f} TFLOP")
         majority = majority_answers(data.train_ds)
-        ckpt_dir = run_dir / "checkpoints" / stage.name
-        resume = checkpoint_step(ckpt_dir / "last.ckpt") if tcfg.checkpoint else None
-        curve = None
+        ckpt = stage_checkpoint(run_dir, stage.name)
+        ckpt_dir = ckpt.parent
+        resume = checkpoint_step(ckpt) if tcfg.checkpoint else None
+        curve = curve_points = None
         is_zero = True
         t0 = time.time()
+        train_s = None
         if resume is not None and resume >= tcfg.max_steps:
-            log(f"stage {stage.name}: already trained ({resume} steps, {ckpt_dir / 'last.ckpt'}); loading it")
-            load_stage_checkpoint(model, ckpt_dir / "last.ckpt", stage.name)
+            log(f"stage {stage.name}: already trained ({resume} steps, {ckpt}); loading it")
+            load_stage_checkpoint(model, ckpt, stage.name)
             extra["resumed_from_step"] = extra["steps"] = resume
+            record = stage_record(run_dir, stage.name)
+            if record.exists():  # how it trained, for the row: its curves, loss and training time
+                trained = json.loads(record.read_text())
+                if trained.get("steps") == resume:
+                    curve_points = trained.pop("curve", None)
+                    train_s = trained.pop("train_s", None)
+                    extra.update(trained)
+                    extra["resumed_from_step"] = resume
         else:
+            from fusionbench.training.callbacks import TrainClock
+
+            clock = TrainClock(t0)
             module = FusionModule(model, tcfg)
-            callbacks = []
+            callbacks = [clock]
             if prep.suite is not None and cfg.eval.curve_every_n_steps > 0:
                 from fusionbench.training.callbacks import ForgettingCurve
 
@@ -343,43 +370,56 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                                 num_sanity_val_steps=0, enable_checkpointing=bool(tcfg.checkpoint),
                                 enable_model_summary=False, deterministic=False)
             if resume:
-                log(f"stage {stage.name}: resuming from step {resume} ({ckpt_dir / 'last.ckpt'})")
+                log(f"stage {stage.name}: resuming from step {resume} ({ckpt})")
                 extra["resumed_from_step"] = resume
             log(f"stage {stage.name}: training {model.param_counts()['params_trainable']:,} parameters "
                 f"for {tcfg.max_steps} steps")
             if tcfg.compile:
                 compile_decoder_layers(model)
             data.resume_step = 0  # set from the checkpoint (FusionDataModule.load_state_dict) when resuming
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if resume else None)
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt if resume else None)
+            trained: dict[str, Any] = {}
             if resume:
                 # the same batches in the same order and the same random draws as without the interruption
                 # (False: a checkpoint of an older fusionbench, or a distributed run)
-                extra["resume_exact"] = bool(data.resume_exact) and getattr(module, "restored_rng", False)
+                trained["resume_exact"] = bool(data.resume_exact) and getattr(module, "restored_rng", False)
+                if not clock.restored:  # a checkpoint of an older fusionbench: its earlier seconds are unknown
+                    trained["train_s_from_step"] = resume
             is_zero = trainer.is_global_zero
-            extra["steps"] = trainer.global_step  # the optimizer steps actually taken
-            if tcfg.checkpoint and (checkpoint_step(ckpt_dir / "last.ckpt") or 0) < tcfg.max_steps:
-                trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the stage's final weights, whatever the schedule
+            trained["steps"] = trainer.global_step  # the optimizer steps actually taken
+            if tcfg.checkpoint and (checkpoint_step(ckpt) or 0) < tcfg.max_steps:
+                trainer.save_checkpoint(ckpt)  # the stage's final weights, whatever the schedule
             final_loss = trainer.callback_metrics.get("train/loss")
-            extra["train_loss_final"] = float(final_loss) if final_loss is not None else None
+            trained["train_loss_final"] = float(final_loss) if final_loss is not None else None
             if val_curve is not None and val_curve.points:
                 from fusionbench.training.callbacks import plateaued
 
-                extra["val_curve"] = json.dumps(val_curve.points)
-                extra["converged"] = plateaued(val_curve.points, tol=cfg.eval.plateau_tol)
-                extra.update({f"{k}_final": v for k, v in val_curve.points[-1].items() if k != "step"})
-        train_s = time.time() - t0
+                trained["val_curve"] = json.dumps(val_curve.points)
+                trained["converged"] = plateaued(val_curve.points, tol=cfg.eval.plateau_tol)
+                trained.update({f"{k}_final": v for k, v in val_curve.points[-1].items() if k != "step"})
+            # seconds of training over every session this stage ran in (up to the checkpoint each resumed from)
+            train_s = clock.elapsed()
+            curve_points = curve.points if curve is not None else None
+            extra.update(trained)
+            if tcfg.checkpoint and is_zero:
+                stage_record(run_dir, stage.name).write_text(json.dumps(
+                    {**trained, "train_s": train_s, **({"curve": curve_points} if curve_points is not None else {})},
+                    indent=1, default=str))
+        if train_s is None:  # already trained, and no record of it: the seconds of this session only
+            train_s = time.time() - t0
         if not evaluate or not is_zero:
             log(f"stage {stage.name}: trained in {train_s:.0f}s; checkpoint in {run_dir / 'checkpoints'}")
             continue
         if stage.name in done_stages:
             log(f"stage {stage.name}: its row is already in {cfg.results_file}; not evaluated again")
             continue
+        t_eval = time.time()
         metrics = evaluate_model(cfg, prep, model, data, majority)
-        eval_s = time.time() - t0 - train_s
+        eval_s = time.time() - t_eval
         if label:
             extra["grid_point"] = json.dumps(label, sort_keys=True, default=str)
         row = result_row(cfg, stage, model, run_dir, metrics, train_s=train_s, eval_s=eval_s, **extra,
-                         **({"curve": json.dumps(curve.points)} if curve is not None else {}))
+                         **({"curve": json.dumps(curve_points)} if curve_points is not None else {}))
         append_row(cfg.results_file, row)
         rows.append(row)
         _summary(row)
@@ -430,7 +470,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, stage:
     if stage is not None and stage not in names:
         raise FusionBenchError(f"run has no stage {stage!r}; its stages: {', '.join(names)}")
     chosen = next(s for s in plan if s.name == (stage or names[-1]))
-    ckpt = run_dir / "checkpoints" / chosen.name / "last.ckpt"
+    ckpt = stage_checkpoint(run_dir, chosen.name)
     if not ckpt.exists():
         raise FusionBenchError(f"no checkpoint {ckpt} (was the run trained with trainer.checkpoint=true?)")
     steps = checkpoint_step(ckpt)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from fusionbench.config import config_hash, grid_points
 from fusionbench.errors import FusionBenchError
 from fusionbench.results import append_row, code_hash, git_sha, read_results
-from fusionbench.runner import checkpoint_step, log, run_dir_of, run_point, stage_plan
+from fusionbench.runner import checkpoint_step, log, run_dir_of, run_point, stage_checkpoint, stage_plan
 
 
 def finished_stages(results_file: str | Path) -> dict[str, set[str]]:
@@ -138,7 +138,7 @@ def describe(cfg: DictConfig, only: list[str] | None = None) -> list[str]:
 def _checkpoint_state(point: DictConfig, stage: DictConfig) -> str:
     """Where an unfinished point's next stage stands on this machine's disk: its newest Lightning
     checkpoint (the sweep continues from it), or nothing when it has none."""
-    step = checkpoint_step(run_dir_of(point) / "checkpoints" / stage.name / "last.ckpt")
+    step = checkpoint_step(stage_checkpoint(run_dir_of(point), stage.name))
     if step is None:
         return ""
     if step >= stage.trainer.max_steps:

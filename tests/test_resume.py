@@ -63,6 +63,7 @@ def test_resumed_point_equals_the_uninterrupted_one(tmp_path, monkeypatch):
     with pytest.raises(Killed):
         run_point(cut)
     assert _trained(tmp_path / "cut")[0] == 10
+    seconds_before = _clock(tmp_path / "cut")
     monkeypatch.setattr(FusionModule, "training_step", record)
     [row_cut] = run_point(cut)
 
@@ -79,6 +80,52 @@ def test_resumed_point_equals_the_uninterrupted_one(tmp_path, monkeypatch):
     assert json.loads(row_cut["val_curve"]) == json.loads(row_whole["val_curve"])
     assert row_cut["mm/choice/acc"] == row_whole["mm/choice/acc"]
     assert row_cut["train_loss_final"] == row_whole["train_loss_final"]
+    # train_s counts the first session's seconds up to its checkpoint too, not only the restart's
+    assert seconds_before > 0 and "train_s_from_step" not in row_cut
+    assert row_cut["train_s"] > seconds_before
+
+
+def _clock(run_dir) -> float:
+    """The training seconds a checkpoint carries (fusionbench.training.callbacks.TrainClock)."""
+    ckpt = torch.load(next(run_dir.glob("**/checkpoints/main/last.ckpt")), map_location="cpu", weights_only=False)
+    return ckpt["callbacks"]["TrainClock"]["train_s"]
+
+
+def test_a_point_killed_while_evaluating_keeps_how_it_trained(tmp_path, monkeypatch):
+    """Training finished, evaluation was cut short (the 1-hour evaluation of a CPU point outlives a
+    session): the restart loads the trained stage instead of training it again, and its row still
+    has the validation curve, the plateau verdict, the final loss, the steps and the training
+    seconds of the session that trained it (the stage's trained.json), not the restart's."""
+    import fusionbench.runner as runner
+
+    overrides = ["fusion=linear", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=5",
+                 "trainer.val_every_n_steps=2", "trainer.limit_val_batches=1", "eval.val_items=8"]
+    [whole] = run_point(tiny_cfg(*overrides, tmp_path=tmp_path / "whole"))
+
+    cut = tiny_cfg(*overrides, tmp_path=tmp_path / "cut")
+    evaluate = runner.evaluate_model
+
+    def die(*args, **kwargs):
+        raise Killed
+    monkeypatch.setattr(runner, "evaluate_model", die)
+    with pytest.raises(Killed):
+        run_point(cut)
+    record = json.loads(next((tmp_path / "cut").glob("**/checkpoints/main/trained.json")).read_text())
+    assert record["steps"] == 6 and record["train_s"] > 0 and len(json.loads(record["val_curve"])) == 3
+    trained = FusionModule.training_step
+
+    def no_training(self, batch, batch_idx):
+        raise AssertionError("the trained stage was trained again")
+    monkeypatch.setattr(FusionModule, "training_step", no_training)
+    monkeypatch.setattr(runner, "evaluate_model", evaluate)
+    [row] = run_point(cut)
+    monkeypatch.setattr(FusionModule, "training_step", trained)
+
+    assert row["steps"] == 6 and row["resumed_from_step"] == 6
+    assert row["train_s"] == round(record["train_s"], 2)
+    assert json.loads(row["val_curve"]) == json.loads(whole["val_curve"])
+    assert row["converged"] == whole["converged"] and row["train_loss_final"] == whole["train_loss_final"]
+    assert row["mm/choice/acc"] == whole["mm/choice/acc"]
 
 
 def test_a_checkpoint_of_another_training_order_is_refused(tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """Lightning callbacks of fusionbench."""
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
 
@@ -49,6 +51,27 @@ class ForgettingCurve(L.Callback):
         step = trainer.global_step
         if step % self.every == 0 and (not self.points or self.points[-1]["step"] != step):
             self._score(trainer, pl_module)
+
+
+class TrainClock(L.Callback):
+    """Seconds of training summed over every session a stage ran in: the seconds spent up to a
+    checkpoint travel in it, so a point resumed from step N reports N steps' worth of earlier time
+    plus its own (the seconds between the last checkpoint and a kill were spent but bought nothing,
+    and are not counted). ``restored`` says whether a checkpoint brought its earlier seconds back
+    (False for a checkpoint of an older fusionbench)."""
+
+    def __init__(self, start: float | None = None):
+        self.start = time.time() if start is None else start
+        self.before, self.restored = 0.0, False
+
+    def elapsed(self) -> float:
+        return self.before + time.time() - self.start
+
+    def state_dict(self) -> dict:
+        return {"train_s": self.elapsed()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.before, self.restored = float(state.get("train_s", 0.0)), True
 
 
 class ValidationCurve(L.Callback):
