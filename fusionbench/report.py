@@ -6,9 +6,11 @@ What it writes (``paper/figures/*.{pdf,png}``, ``paper/tables/*``):
 * from the main table (``results/main.jsonl``; without one, the largest run table):
   ``pareto`` (multimodal accuracy vs forgetting), ``mm_by_qtype`` (per question type, spatial
   highlighted), ``spatial_relations`` (per relation), ``forgetting`` (bars), ``forgetting_curves``
-  (during training), ``probe_curves`` (depth probes per layer), ``efficiency`` (accuracy vs trainable
-  parameters and training FLOPs); tables ``main.tex`` (mean ± 95% CI over seeds), ``efficiency.tex``
-  and ``numbers.tex`` (the macros ``paper/main.tex`` quotes);
+  (during training), ``val_curves`` (convergence: val accuracy and loss per step), ``probe_curves``
+  (depth probes per layer), ``efficiency`` (accuracy vs trainable parameters and training FLOPs);
+  tables ``main.tex`` (mean ± 95% CI over seeds), ``convergence.tex`` (how near a plateau each point
+  ended, from its own val curve), ``efficiency.tex`` and ``numbers.tex`` (the macros
+  ``paper/main.tex`` quotes);
 * per other run table ``T`` (quickstart, ablations): ``tables/T.tex`` and ``figures/T.{pdf,png}``;
 * every summary also as Markdown (``tables/*.md``) for the README.
 
@@ -174,12 +176,16 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             line[f"{c}_se"] = standard_error(group[c])
         if "curve" in group:
             line["curve"] = _mean_curve(group["curve"])
+        if "val_curve" in group:
+            line["val_curve"] = _mean_curve(group["val_curve"])
+            flags = [bool(v) for v in group.get("converged", pd.Series(dtype=object)) if isinstance(v, (bool, np.bool_))]
+            line["converged_seeds"] = sum(flags) if flags else np.nan
         lines.append(line)
     return pd.DataFrame(lines)
 
 
 def _mean_curve(curves: pd.Series) -> list[dict[str, float]] | None:
-    """Forgetting-curve points averaged over seeds, step by step."""
+    """Curve points (forgetting or validation) averaged over seeds, step by step."""
     frames = [pd.DataFrame(json.loads(c)) for c in curves if isinstance(c, str) and c]
     if not frames:
         return None
@@ -404,6 +410,80 @@ def fig_forgetting_curves(s: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     return _finish(fig, axes[0][0], "Forgetting during training (text-suite slice, mean over seeds)", out, "forgetting_curves")
+
+
+def _val_curves(s: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(label, val curve) of every point and stage with one (the MoE's dense stage beside its
+    upcycled stage: the curve the experts were copied from)."""
+    if "val_curve" not in s:
+        return []
+    return [(r["label"], pd.DataFrame(r["val_curve"])) for _, r in s.iterrows()
+            if isinstance(r["val_curve"], list) and r["val_curve"]]
+
+
+def fig_val_curves(s: pd.DataFrame, out: Path) -> list[Path]:
+    """Convergence: each point's val choice accuracy (with the val items' chance, dashed) and val
+    LM loss against training step, mean over seeds; every stage its own line."""
+    curves = _val_curves(s)
+    panels = [(c, t) for c, t in (("val/choice_acc", "val choice accuracy"), ("val/lm_loss", "val LM loss"))
+              if any(c in df for _, df in curves)]
+    if not panels:
+        return []
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 1.6, 3.4), squeeze=False,
+                             layout="constrained")
+    for ax, (col, title) in zip(axes[0], panels):
+        for i, (label, df) in enumerate(curves):
+            if col in df:
+                ax.plot(df["step"], df[col], label=label, lw=1.2, markersize=3, **_style(i))
+        if col == "val/choice_acc":
+            chance = [df["val/chance"].mean() for _, df in curves if "val/chance" in df]
+            if chance:
+                ax.axhline(float(np.mean(chance)), color="k", lw=0.8, ls="--", label="chance (val items)")
+        ax.set_xlabel("training step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    return _finish(fig, axes[0][0], "Convergence: validation curves (mean over seeds)", out, "val_curves")
+
+
+def convergence_table(s: pd.DataFrame, out: Path) -> list[Path]:
+    """``convergence.{tex,md}``: per point and stage, how near a plateau its training ended, from
+    its own validation curve (mean over seeds): the val choice accuracy at the end and its best
+    (with the step), its change over the last third of the curve, the val LM loss's relative change
+    over that third, and how many seeds the stated criterion (``converged``: loss improving by less
+    than ``eval.plateau_tol`` over the last third) calls converged."""
+    curves = dict(_val_curves(s))
+    if not curves:
+        return []
+    lines = []
+    for _, r in s.iterrows():
+        df = curves.get(r["label"])
+        if df is None or "step" not in df or len(df) < 3:
+            continue
+        tail = df.iloc[-max(2, len(df) // 3 + 1):]
+        line = {"point": r["label"], "steps": f"{df['step'].iloc[-1]:.0f}", "val points": str(len(df))}
+        if "val/choice_acc" in df:
+            best = df["val/choice_acc"].idxmax()
+            line["val acc (end)"] = f"{df['val/choice_acc'].iloc[-1]:.3f}"
+            line["best (step)"] = f"{df['val/choice_acc'][best]:.3f} ({df['step'][best]:.0f})"
+            line["acc change, last third"] = f"{tail['val/choice_acc'].iloc[-1] - tail['val/choice_acc'].iloc[0]:+.3f}"
+        if "val/chance" in df:
+            line["chance"] = f"{df['val/chance'].iloc[-1]:.3f}"
+        if "val/lm_loss" in df:
+            start = tail["val/lm_loss"].iloc[0]
+            line["loss change, last third"] = f"{(tail['val/lm_loss'].min() - start) / abs(start):+.1%}"
+        n = r.get("converged_seeds")
+        line["converged (seeds)"] = "--" if pd.isna(n) else f"{n:.0f} of {r['seeds']:.0f}"
+        lines.append(line)
+    if not lines:
+        return []
+    t = pd.DataFrame(lines).fillna("--")
+    out.mkdir(parents=True, exist_ok=True)
+    tex, md = out / "convergence.tex", out / "convergence.md"
+    tex.write_text(_latex(t, "convergence from each point's own validation curve (mean over seeds); converged: the "
+                             "val LM loss improved by less than eval.plateau_tol over the last third"))
+    md.write_text(_markdown(t))
+    return [tex, md]
 
 
 def _layers(s: pd.DataFrame, kind: str) -> list[int]:
@@ -969,9 +1049,10 @@ def report(results_dir: str | Path | list[str | Path] = "results", paper_dir: st
     s = summary[summary["table"] == main].reset_index(drop=True)
     written: list[Path] = []
     for fn in (fig_pareto, fig_mm_by_qtype, fig_spatial_relations, fig_forgetting, fig_forgetting_curves,
-               fig_probe_curves, fig_efficiency):
+               fig_val_curves, fig_probe_curves, fig_efficiency):
         written += fn(s, figs)
     written += write_table(s, tabs, "main", caption(main))
+    written += convergence_table(s, tabs)
     written += efficiency_table(s, tabs)
     written += numbers(s, df[df["source"] == "run"] if len(runs) else df, tabs)
     written += compute_table(df, tabs)

@@ -346,3 +346,38 @@ def test_a_learning_rate_sweep_gets_its_curves_with_wilson_intervals(tmp_path):
     assert not _is_lr_selection(s.assign(**{"mm/choice/acc": 0.5}))  # scored on test: a study table
     written = fig_table(s, tmp_path, "ablation_lr", val_items=400)
     assert [p.name for p in written] == ["ablation_lr.pdf", "ablation_lr.png"] and all(p.stat().st_size for p in written)
+
+
+def test_convergence_table_reads_each_points_own_val_curve(tmp_path):
+    """convergence.md: per point and stage (the MoE's dense stage on its own line), the val curve
+    averaged over seeds: end and best accuracy, changes over the last third, and how many seeds the
+    stated loss criterion calls converged; the val_curves figure draws the same curves."""
+    from fusionbench.report import convergence_table, fig_val_curves
+
+    def curve(accs, losses):
+        return json.dumps([{"step": 100 * (i + 1), "val/choice_acc": a, "val/lm_loss": l, "val/chance": 0.3}
+                           for i, (a, l) in enumerate(zip(accs, losses))])
+
+    rows = pd.DataFrame({
+        "table": "main", "origin": "", "point_hash": ["a", "a", "b"], "stage": ["dense", "dense", "main"],
+        "source": "run", "label": ["moe [dense]", "moe [dense]", "mlp"], "strategy": ["moe", "moe", "mlp"],
+        "final": [False, False, True], "frozen_text": True, "seed": [0, 1, 0],
+        "val_curve": [curve([0.3, 0.4, 0.5, 0.5, 0.52, 0.5], [1.0, 0.8, 0.7, 0.69, 0.69, 0.689]),
+                      curve([0.3, 0.4, 0.5, 0.5, 0.50, 0.5], [1.0, 0.8, 0.7, 0.60, 0.59, 0.58]),
+                      curve([0.3, 0.35, 0.4], [1.0, 0.9, 0.8])],
+        "converged": [True, False, False]})
+    s = summarise(rows)
+    written = convergence_table(s, tmp_path)
+    md = (tmp_path / "convergence.md").read_text().splitlines()
+    assert [p.name for p in written] == ["convergence.tex", "convergence.md"] and len(md) == 4
+    head = [c.strip() for c in md[0].strip("|").split("|")]
+    dense = dict(zip(head, [c.strip() for c in md[2].strip("|").split("|")]))
+    mlp = dict(zip(head, [c.strip() for c in md[3].strip("|").split("|")]))
+    # seeds averaged: accuracies 0.3 0.4 0.5 0.5 0.51 0.5; the last third is steps 400-600
+    assert dense["point"] == "moe [dense]" and dense["val acc (end)"] == "0.500" and dense["best (step)"] == "0.510 (500)"
+    assert dense["acc change, last third"] == "+0.000" and dense["converged (seeds)"] == "1 of 2"
+    assert dense["loss change, last third"] == f"{(0.6345 - 0.645) / 0.645:+.1%}"
+    assert mlp["acc change, last third"] == "+0.050" and mlp["converged (seeds)"] == "0 of 1"
+    figs = fig_val_curves(s, tmp_path)
+    assert [p.name for p in figs] == ["val_curves.pdf", "val_curves.png"] and all(p.stat().st_size for p in figs)
+    assert convergence_table(s.drop(columns="val_curve"), tmp_path / "none") == []
