@@ -353,7 +353,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                 short_val = data.short_answers(data.val_ds)
                 val_curve = ValidationCurve(short_val.select(range(min(cfg.eval.val_items, len(short_val)))),
                                             prep.vision.preprocess, cfg.eval.batch_size, seed=cfg.data.seed,
-                                            controls=cfg.eval.val_controls)
+                                            controls=cfg.eval.val_controls, every_n_steps=tcfg.val_every_n_steps)
                 callbacks.append(val_curve)
             if tcfg.checkpoint:
                 callbacks.append(L.pytorch.callbacks.ModelCheckpoint(

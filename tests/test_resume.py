@@ -85,6 +85,32 @@ def test_resumed_point_equals_the_uninterrupted_one(tmp_path, monkeypatch):
     assert row_cut["train_s"] > seconds_before
 
 
+def test_a_resume_at_a_validation_step_keeps_that_validation(tmp_path, monkeypatch):
+    """The main study validates and checkpoints at the same steps (every 150): the validation at a
+    checkpoint's step runs after the checkpoint is written, so a point resumed from it re-runs that
+    validation before training on. Its val curve, and the random draws (dropout) after it, are then
+    those of the uninterrupted run."""
+    overrides = [o for o in OVERRIDES if not o.startswith("trainer.val_every_n_steps")] + ["trainer.val_every_n_steps=5"]
+    [row_whole] = run_point(tiny_cfg(*overrides, tmp_path=tmp_path / "whole"))
+    cut = tiny_cfg(*overrides, tmp_path=tmp_path / "cut")
+    record = FusionModule.training_step
+    _kill_at(monkeypatch, 12)
+    with pytest.raises(Killed):
+        run_point(cut)
+    monkeypatch.setattr(FusionModule, "training_step", record)
+    [row_cut] = run_point(cut)
+    assert [p["step"] for p in json.loads(row_whole["val_curve"])] == [5, 10]
+    cut_curve, whole_curve = json.loads(row_cut["val_curve"]), json.loads(row_whole["val_curve"])
+    assert [p["step"] for p in cut_curve] == [5, 10]
+    for a, b in zip(cut_curve, whole_curve):
+        assert a == pytest.approx(b, rel=1e-5), (a, b)
+    assert row_cut["resume_exact"] is True
+    _, weights_whole = _trained(tmp_path / "whole")
+    _, weights_cut = _trained(tmp_path / "cut")
+    for name, w in weights_whole.items():
+        assert torch.equal(w, weights_cut[name]), name
+
+
 def _clock(run_dir) -> float:
     """The training seconds a checkpoint carries (fusionbench.training.callbacks.TrainClock)."""
     ckpt = torch.load(next(run_dir.glob("**/checkpoints/main/last.ckpt")), map_location="cpu", weights_only=False)

@@ -82,20 +82,64 @@ class ValidationCurve(L.Callback):
     ``controls`` (``eval.val_controls``) also ``val/acc_shuffled`` and ``val/image_gain`` with its
     95% interval (``val/image_gain_ci_lo`` / ``_hi``): does the model use the image yet?"""
 
-    def __init__(self, val_items, preprocess, batch_size: int, seed: int = 0, controls: bool = False):
+    def __init__(self, val_items, preprocess, batch_size: int, seed: int = 0, controls: bool = False,
+                 every_n_steps: int = 0):
         self.items, self.preprocess, self.batch_size, self.seed = val_items, preprocess, batch_size, seed
-        self.controls = controls
+        self.controls, self.every = controls, every_n_steps
         self.points: list[dict[str, float]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """A run resumed from a checkpoint written at a validation step (the study checkpoints and
+        validates every 150 steps): Lightning wrote the checkpoint before that validation ran, so
+        its point is not in it. Run it again here, as Lightning does (the same val batches in eval
+        mode, the same loader), with the random streams left as the checkpoint has them: the curve
+        and the weights after it are the uninterrupted run's (one device; tested)."""
+        step = trainer.global_step
+        if not (self.every > 0 and step > 0 and step % self.every == 0):
+            return
+        if self.points and self.points[-1]["step"] >= step:
+            return
+        from lightning.pytorch.utilities.seed import isolate_rng
+
+        with isolate_rng():  # training goes on with the checkpoint's random streams, as without the kill
+            self._record(trainer, pl_module, self._val_loss(trainer, pl_module))
+
+    @staticmethod
+    def _val_loss(trainer, pl_module) -> float | None:
+        """The val LM loss as Lightning's validation logs it: the batch-size-weighted mean of
+        ``val/lm_loss`` over the first ``trainer.limit_val_batches`` val batches."""
+        loader = trainer.datamodule.val_dataloader()
+        limit = trainer.limit_val_batches
+        n_batches = limit if isinstance(limit, int) else int(len(loader) * limit)
+        modes = {m: m.training for m in pl_module.modules()}
+        pl_module.eval()
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad(), trainer.precision_plugin.val_step_context():
+                for i, batch in enumerate(loader):
+                    if i >= n_batches:
+                        break
+                    batch = trainer.strategy.batch_to_device(batch)
+                    size = batch["input_ids"].shape[0]
+                    total += float(pl_module(batch).lm_loss) * size
+                    count += size
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        return total / count if count else None
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
+        loss = trainer.callback_metrics.get("val/lm_loss")
+        self._record(trainer, pl_module, None if loss is None else float(loss))
+
+    def _record(self, trainer, pl_module, loss: float | None) -> None:
         from fusionbench.evaluation.choice import evaluate_choice
 
         point = {"step": trainer.global_step}
-        loss = trainer.callback_metrics.get("val/lm_loss")
         if loss is not None:
-            point["val/lm_loss"] = float(loss)
+            point["val/lm_loss"] = loss
         if self.items is not None and len(self.items) >= 2:
             with torch.no_grad():
                 m = evaluate_choice(pl_module.model, self.items, self.preprocess, self.batch_size, seed=self.seed,
