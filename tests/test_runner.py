@@ -27,6 +27,10 @@ def test_run_appends_one_row_per_grid_point_with_provenance(tmp_path):
     assert PROVENANCE <= set(df.columns)
     assert (df.params_trainable > 0).all() and (df.params_trainable < df.params_total).all()
     assert df.config_hash.nunique() == 2
+    # where the evaluation time went: one entry per listed evaluator, together within eval_s
+    per = [f"eval_s/{name}" for name in json.loads(df.config[0])["eval"]["metrics"]]
+    assert set(per) <= set(df.columns) and (df[per] >= 0).all().all()
+    assert (df[per].sum(axis=1) <= df.eval_s + 0.1).all()
     for col in ("mm/acc", "mm/attribute/acc", "mm/attribute/acc_majority", "mm/attribute/acc_text_only"):
         assert df[col].between(0, 1).all(), col
     run_dir = df.run_dir[1]
