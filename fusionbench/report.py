@@ -396,20 +396,28 @@ def fig_forgetting_curves(s: pd.DataFrame, out: Path) -> list[Path]:
     metrics = [(c, t) for c, t in (("forgetting/mc_avg", "MC forgetting (base − after) / base"),
                                    ("forgetting/austen/delta_log_ppl", "Δ log-perplexity, Austen"))
                if any(c in df for _, df in curves)]
-    if not metrics:
+    return _step_curves(curves, metrics, lambda ax, col: ax.axhline(0, color="k", lw=0.5),
+                        "Forgetting during training (text-suite slice, mean over seeds)", out, "forgetting_curves")
+
+
+def _step_curves(curves: list[tuple[str, pd.DataFrame]], panels: list[tuple[str, str]], mark, title: str,
+                 out: Path, name: str) -> list[Path]:
+    """One panel per (column, panel title): every labelled curve against training step;
+    ``mark(ax, column)`` adds a panel's reference line (zero, chance)."""
+    if not panels:
         return []
     plt = _plt()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics) + 1.6, 3.4), squeeze=False,
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 1.6, 3.4), squeeze=False,
                              layout="constrained")
-    for ax, (col, title) in zip(axes[0], metrics):
+    for ax, (col, panel) in zip(axes[0], panels):
         for i, (label, df) in enumerate(curves):
             if col in df:
                 ax.plot(df["step"], df[col], label=label, lw=1.2, markersize=3, **_style(i))
-        ax.axhline(0, color="k", lw=0.5)
+        mark(ax, col)
         ax.set_xlabel("training step")
-        ax.set_title(title)
+        ax.set_title(panel)
         ax.grid(alpha=0.3)
-    return _finish(fig, axes[0][0], "Forgetting during training (text-suite slice, mean over seeds)", out, "forgetting_curves")
+    return _finish(fig, axes[0][0], title, out, name)
 
 
 def _val_curves(s: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -427,23 +435,12 @@ def fig_val_curves(s: pd.DataFrame, out: Path) -> list[Path]:
     curves = _val_curves(s)
     panels = [(c, t) for c, t in (("val/choice_acc", "val choice accuracy"), ("val/lm_loss", "val LM loss"))
               if any(c in df for _, df in curves)]
-    if not panels:
-        return []
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 1.6, 3.4), squeeze=False,
-                             layout="constrained")
-    for ax, (col, title) in zip(axes[0], panels):
-        for i, (label, df) in enumerate(curves):
-            if col in df:
-                ax.plot(df["step"], df[col], label=label, lw=1.2, markersize=3, **_style(i))
-        if col == "val/choice_acc":
-            chance = [df["val/chance"].mean() for _, df in curves if "val/chance" in df]
-            if chance:
-                ax.axhline(float(np.mean(chance)), color="k", lw=0.8, ls="--", label="chance (val items)")
-        ax.set_xlabel("training step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    return _finish(fig, axes[0][0], "Convergence: validation curves (mean over seeds)", out, "val_curves")
+    chance = [df["val/chance"].mean() for _, df in curves if "val/chance" in df]
+
+    def mark(ax, col):
+        if col == "val/choice_acc" and chance:
+            ax.axhline(float(np.mean(chance)), color="k", lw=0.8, ls="--", label="chance (val items)")
+    return _step_curves(curves, panels, mark, "Convergence: validation curves (mean over seeds)", out, "val_curves")
 
 
 def convergence_table(s: pd.DataFrame, out: Path) -> list[Path]:
