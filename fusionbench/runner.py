@@ -241,6 +241,16 @@ def stage_record(run_dir: str | Path, stage: str) -> Path:
     return stage_checkpoint(run_dir, stage).with_name("trained.json")
 
 
+def read_stage_record(run_dir: str | Path, stage: str, steps: int) -> dict[str, Any]:
+    """The stage's training record (:func:`stage_record`) when it belongs to the checkpoint of
+    ``steps`` steps, else {} (none written: older code, or a stage still training)."""
+    path = stage_record(run_dir, stage)
+    if not path.exists():
+        return {}
+    record = json.loads(path.read_text())
+    return record if record.get("steps") == steps else {}
+
+
 def checkpoint_step(path: Path) -> int | None:
     """The global step a Lightning checkpoint was saved at (None: none there or unreadable, e.g.
     cut short by a kill while writing)."""
@@ -326,14 +336,12 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
             log(f"stage {stage.name}: already trained ({resume} steps, {ckpt}); loading it")
             load_stage_checkpoint(model, ckpt, stage.name)
             extra["resumed_from_step"] = extra["steps"] = resume
-            record = stage_record(run_dir, stage.name)
-            if record.exists():  # how it trained, for the row: its curves, loss and training time
-                trained = json.loads(record.read_text())
-                if trained.get("steps") == resume:
-                    curve_points = trained.pop("curve", None)
-                    train_s = trained.pop("train_s", None)
-                    extra.update(trained)
-                    extra["resumed_from_step"] = resume
+            trained = read_stage_record(run_dir, stage.name, resume)
+            if trained:  # how it trained, for the row: its curves, loss and training time
+                curve_points = trained.pop("curve", None)
+                train_s = trained.pop("train_s", None)
+                extra.update(trained)
+                extra["resumed_from_step"] = resume
         else:
             from fusionbench.training.callbacks import TrainClock
 
@@ -493,8 +501,13 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, stage:
 
     t0 = time.time()
     metrics = evaluate_model(cfg, prep, model, data, majority_answers(data.train_ds))
-    row = result_row(cfg, chosen, model, run_dir, metrics, eval_s=time.time() - t0, source="eval", steps=steps,
-                     checkpoint=str(ckpt))
+    # how the checkpoint was trained (val curve, final loss, training seconds), where its stage recorded it
+    trained = read_stage_record(run_dir, chosen.name, steps)
+    curve_points = trained.pop("curve", None)
+    trained.pop("steps", None)
+    row = result_row(cfg, chosen, model, run_dir, metrics, **trained, eval_s=time.time() - t0, source="eval",
+                     steps=steps, checkpoint=str(ckpt),
+                     **({"curve": json.dumps(curve_points)} if curve_points is not None else {}))
     append_row(results_file or cfg.results_file, row)
     _summary(row)
     return row

@@ -195,6 +195,9 @@ def test_eval_command_re_evaluates_a_trained_run(tmp_path, capsys):
     assert row["config_hash"] == trained["config_hash"]
     # the same trained weights and eval settings give the same measurements
     assert all(row[k] == trained[k] for k in trained if k.startswith("mm/") and trained[k] == trained[k])
+    # and the row says how those weights were trained (the stage's trained.json)
+    assert row["val_curve"] == trained["val_curve"] and row["train_s"] == trained["train_s"]
+    assert row["train_loss_final"] == trained["train_loss_final"] and row["steps"] == trained["steps"]
     assert main(["eval", trained["run_dir"], "trainer.max_steps=9"]) == 2
     assert "only eval.* overrides" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 2
