@@ -341,7 +341,6 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                 curve_points = trained.pop("curve", None)
                 train_s = trained.pop("train_s", None)
                 extra.update(trained)
-                extra["resumed_from_step"] = resume
         else:
             from fusionbench.training.callbacks import TrainClock
 
