@@ -876,7 +876,7 @@ def comparisons_table(cmp: pd.DataFrame, out: Path, name: str = "comparisons") -
                      "MDE": f"{r['mde']:.3f}" if ok else "",
                      "n": f"{int(r['seeds'])} seeds x {int(r['items'])} items" if ok else "",
                      "hardware (a, b)": r.get("hardware", "") if ok else "",
-                     "verdict": verdict_label(r)})
+                     "verdict": verdict_label(r) if ok else f"n/a: {r['why']}"})
     t = pd.DataFrame(rows, columns=["contrast", "a - b", "metric", "difference [95% CI]", "p", "p (Holm)", "MDE", "n",
                                     "hardware (a, b)", "verdict"])
     out.mkdir(parents=True, exist_ok=True)
@@ -889,10 +889,10 @@ def comparisons_table(cmp: pd.DataFrame, out: Path, name: str = "comparisons") -
 
 
 def verdict_label(r: dict[str, Any]) -> str:
-    """The verdict as the tables and the paper print it: ``n/a: why``, or the verdict, marked
-    preliminary while the contrast has fewer than :data:`FULL_SEEDS` seeds."""
+    """The verdict as the tables and the paper print it: marked preliminary while the contrast has
+    fewer than :data:`FULL_SEEDS` seeds (``n/a`` as it is)."""
     if r["verdict"] == "n/a":
-        return f"n/a: {r['why']}"
+        return "n/a"
     seeds = int(r["seeds"])
     return r["verdict"] if seeds >= FULL_SEEDS else f"{r['verdict']} (preliminary: {seeds} seed{'s' if seeds != 1 else ''})"
 
@@ -933,7 +933,7 @@ def comparison_numbers(cmp: pd.DataFrame, out: Path) -> list[Path]:
             for k, v in (("Diff", r["diff"]), ("Lo", r["ci_lo"]), ("Hi", r["ci_hi"]), ("P", r["p"]), ("Mde", r["mde"])):
                 lines.append(f"\\newcommand{{\\fb{tag}{k}}}{{{v:+.3f}}}\n" if k != "P" else
                              f"\\newcommand{{\\fb{tag}{k}}}{{{_escape(format_p(v)).replace('<', '$<$')}}}\n")
-        lines.append(f"\\newcommand{{\\fb{tag}Verdict}}{{{_escape(verdict_label(r) if r['verdict'] != 'n/a' else 'n/a')}}}\n")
+        lines.append(f"\\newcommand{{\\fb{tag}Verdict}}{{{_escape(verdict_label(r))}}}\n")
         lines.append(f"\\newcommand{{\\fb{tag}Summary}}{{{verdict_sentence(r)}}}\n")
     out.mkdir(parents=True, exist_ok=True)
     tex = out / "comparison_numbers.tex"
