@@ -18,7 +18,8 @@ quickstart: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-# REPORT=committed (default): results/*.jsonl -> paper/ (the committed figures and tables)
+# REPORT=committed (default): results/*.jsonl -> paper/ (the committed figures and tables), and
+# results/power.md (its check reads the study's own rows)
 # REPORT=local: results/local/*.jsonl -> paper/local/; REPORT=both: the two together -> paper/local/
 REPORT ?= committed
 REPORT_ARGS_committed = --results results --paper paper
@@ -27,6 +28,7 @@ REPORT_ARGS_both = --results results --results results/local --paper paper/local
 report: setup
 	$(if $(REPORT_ARGS_$(REPORT)),,$(error REPORT must be committed, local or both, not '$(REPORT)'))
 	$(VENV)/bin/fusionbench report $(REPORT_ARGS_$(REPORT))
+	$(if $(filter committed,$(REPORT)),$(VENV)/bin/fusionbench power)
 
 # the paper's main results (resumable: finished points are skipped), then figures, tables and PDF
 sweep: setup

@@ -12,10 +12,17 @@ and image gain every N steps, in >= 2 seeds scored on the study's test items. Fr
   of the two models compared; two strategies disagree at least as often as two seeds of one, so
   the study's contrasts use ``max(pilot discordance, fusionbench.stats.DISCORDANCE)``;
 * **minimum detectable effect** (80% power, alpha 0.05, two-sided) of a paired difference of two
-  strategies' accuracies over ``S`` seeds on the same ``n`` test items:
-  ``MDE = MDE_Z * sqrt(discordance / n + 2 sd_seed^2 / S)``: item noise shrinks with n only (every
-  seed sees the same items; the report's bootstrap resamples them jointly), training noise with S.
-  Conservative: sd_seed, measured on fixed items, already contains part of the item-level flips.
+  strategies' accuracies over ``S`` seeds on the same ``n`` test items, for the test the report
+  runs (:func:`fusionbench.stats.paired_contrast`: Student t, Welch-Satterthwaite df):
+  ``MDE = (t_0.975 + t_0.8) * sqrt(discordance / n + 2 sd_seed^2 / S)`` with df from the item term
+  (``n - 1``) and the seed term (``S - 1``): item noise shrinks with n only (every seed sees the same
+  items), training noise with S, and with few seeds the t quantiles add their own price. With one
+  seed the interval cannot see the seed term (its df is the items'). Conservative: sd_seed,
+  measured on fixed items, already contains part of the item-level flips;
+* **a check on that noise from the study itself** (with ``study``): the between-seed s.d. of every
+  strategy with >= 2 seeds in the study's own results table, pooled, and the MDE it implies. The
+  pilot's seeds ran on one CPU; the study's run on whichever machine a session gets, and another
+  CPU moves a run like another seed does, so the study's own spread is the one its contrasts face.
 """
 from __future__ import annotations
 
@@ -28,14 +35,24 @@ import numpy as np
 import pandas as pd
 
 from fusionbench.errors import FusionBenchError
-from fusionbench.stats import DISCORDANCE, MDE_Z
+from fusionbench.stats import DISCORDANCE
 
 SEED_GRID = (1, 3, 5, 10)
 
 
 def mde(discordance: float, sd_seed: float, n: int, seeds: int) -> float:
     """Minimum detectable paired difference (module docstring)."""
-    return MDE_Z * math.sqrt(discordance / n + 2 * sd_seed ** 2 / seeds)
+    from scipy import stats
+
+    item, seed = discordance / n, (2 * sd_seed ** 2 / seeds)
+    var = item + seed
+    if seeds < 2 or seed == 0:
+        df = float(max(1, n - 1))
+    elif item == 0:
+        df = float(seeds - 1)
+    else:
+        df = var ** 2 / (item ** 2 / max(1, n - 1) + seed ** 2 / (seeds - 1))
+    return float(stats.t.ppf(0.975, df) + stats.t.ppf(0.8, df)) * math.sqrt(var)
 
 
 def seeds_needed(target: float, discordance: float, sd_seed: float, n: int, max_seeds: int = 100) -> int | None:
@@ -124,6 +141,48 @@ def at_study_size(noise: pd.DataFrame, study: str | Path) -> tuple[pd.DataFrame,
     return pd.DataFrame(lines), {"study": str(study), "seeds": seeds, "test_size": int(cfg.data.test_size)}
 
 
+def study_noise(study: str | Path, groups: list[str],
+                rows_file: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """The between-seed noise in the study's own rows (``rows_file``, default ``study``'s
+    ``results_file``): per strategy with >= 2 final seeds and per group (``all`` and each question
+    type), the seeds, their devices and the s.d. of the accuracy; and per group that s.d. pooled
+    over the strategies (variances weighted by their degrees of freedom). Empty frames while no
+    strategy has 2 seeds."""
+    from fusionbench.config import load_config
+    from fusionbench.report import prepare
+    from fusionbench.results import read_results
+
+    path = Path(rows_file if rows_file is not None else load_config(study).results_file)
+    rows = read_results(path) if path.exists() else pd.DataFrame()
+    if rows.empty or "stage" not in rows:
+        return pd.DataFrame(), pd.DataFrame(), str(path)
+    df = prepare(rows.assign(table=path.stem))
+    df = df[df["final"] & (df["source"] == "run")]
+    per, pooled = [], []
+    for label, g in df.groupby("label", sort=False):
+        g = g[g["point_hash"] == g["point_hash"].iloc[-1]].drop_duplicates("seed", keep="last").sort_values("seed")
+        if len(g) < 2:
+            continue
+        for grp in groups:
+            col = "mm/choice/acc" if grp == "all" else f"mm/choice/{grp}/acc"
+            if col not in g or g[col].isna().any():
+                continue
+            accs = g[col].astype(float).to_numpy()
+            per.append({"strategy": label, "group": grp, "seeds": len(accs),
+                        "acc": " / ".join(f"{a:.3f}" for a in accs), "sd_seed": float(np.std(accs, ddof=1)),
+                        "devices": " / ".join(str(d).removeprefix("cpu:").split(" Processor")[0]
+                                              for d in g.get("device", pd.Series(["?"] * len(g)))),
+                        "_df": len(accs) - 1})
+    per = pd.DataFrame(per)
+    if per.empty:
+        return per, pd.DataFrame(), str(path)
+    for grp, g in per.groupby("group", sort=False):
+        dof = int(g["_df"].sum())
+        pooled.append({"group": grp, "strategies": len(g), "df": dof,
+                       "sd_seed_pooled": float(math.sqrt((g["_df"] * g["sd_seed"] ** 2).sum() / dof))})
+    return per.drop(columns="_df"), pd.DataFrame(pooled), str(path)
+
+
 def write_power(pilot: str | Path, out: str | Path, target: float = 0.05, tol: float = 0.02,
                 study: str | Path | None = None) -> Path:
     """Read the pilot rows, write the power analysis as Markdown to ``out`` (with ``study``, an
@@ -187,6 +246,42 @@ def write_power(pilot: str | Path, out: str | Path, target: float = 0.05, tol: f
             "contrast's own interval (the report's comparisons table), not here.",
             "",
         ]
+        per, pooled, rows_path = study_noise(study, list(a["noise"]["group"]))
+        lines += [f"## Check: the between-seed noise of the study's own rows (`{rows_path}`)", ""]
+        if pooled.empty:
+            lines += ["No strategy has 2 seeds there yet.", ""]
+        else:
+            pilot_sd = a["noise"].set_index("group")["sd_seed"]
+            check = []
+            for _, p in pooled.iterrows():
+                r = size[size["group"] == p["group"]]
+                if r.empty:
+                    continue
+                r = r.iloc[0]
+                disc = float(a["noise"].set_index("group").loc[p["group"], "discordance_used"])
+                check.append({"group": p["group"], "n": int(r["n"]), "seeds": int(r["seeds"]),
+                              "sd_seed_pilot": float(pilot_sd.get(p["group"], float("nan"))),
+                              "sd_seed_study": p["sd_seed_pooled"], "df_study": int(p["df"]),
+                              "mde_pilot_noise": float(r["mde"]),
+                              "mde_study_noise": mde(disc, p["sd_seed_pooled"], int(r["n"]), int(r["seeds"])),
+                              "seeds_for_target": seeds_needed(a["target"], disc, p["sd_seed_pooled"], int(r["n"]))})
+            check = pd.DataFrame(check)
+            lines += [
+                "Every strategy with at least 2 seeds there (accuracy per seed, in seed order, and where each ran):",
+                "",
+                _md(per),
+                "",
+                "Pooled over those strategies (variances weighted by their degrees of freedom), and the study's MDE "
+                f"and the seeds needed for {a['target']:.2f} with that noise instead of the pilot's:",
+                "",
+                _md(check),
+                "",
+                "An s.d. from few seeds is itself uncertain (with 1 degree of freedom its 95% interval spans "
+                "0.45x to 32x the estimate), so this check is read as a warning, not a new budget: where the "
+                "study's own seeds spread more than the pilot's, its contrasts' intervals (which estimate the "
+                "seed term from the contrast's own seeds) are wider than the table above promised.",
+                "",
+            ]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))

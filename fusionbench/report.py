@@ -764,7 +764,7 @@ def item_values(row: dict[str, Any], metric: str) -> np.ndarray | None:
 
 def _per_seed(rows: pd.DataFrame, metric: str) -> tuple[dict[int, np.ndarray], str]:
     """Per seed the per-item values of ``metric`` (:func:`item_values`) or, for metrics without
-    items, the row's value as a single item (the contrast then bootstraps over seeds alone)."""
+    items, the row's value as a single item (the contrast's interval then has its seed term alone)."""
     out, unit = {}, "items"
     for _, r in rows.iterrows():
         values = item_values(r.to_dict(), metric)
@@ -782,9 +782,10 @@ def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
     rows, or of the results table ``a_table``/``b_table`` names (e.g. a compute-matched run against
     the main study's ``mlp``: only rows scored on the same test items count there); ``expect``:
     ``greater`` (default) or ``less``, the direction the hypothesis predicts for a - b. The paired
-    difference over the seeds both have (items within seeds, then seeds, bootstrapped), its 95%
-    interval, p, the minimum detectable effect at this n and the verdict; ``n/a`` with the reason
-    when a side has no rows, the metric is missing, or the two were scored on other items. A label
+    difference over the seeds both have, its 95% interval (Student t with a seed and an item
+    variance term: :func:`fusionbench.stats.paired_contrast`), p, the minimum detectable effect at
+    this n and the verdict; ``n/a`` with the reason when a side has no rows, the metric is missing,
+    or the two were scored on other items. A label
     with rows of several configurations (a learning rate changed after some seeds ran, successive
     code versions) takes the newest configuration's rows (the last appended), never a mix."""
     from fusionbench.stats import holm, paired_contrast, verdict
@@ -859,7 +860,7 @@ def _hardware_pairing(a: pd.DataFrame, b: pd.DataFrame, seeds: list[int]) -> str
 
 
 def format_p(p: float) -> str:
-    """A bootstrap p as the tables and the paper print it (2000 replicates resolve 0.001 at best)."""
+    """A p-value as the tables and the paper print it (below 0.001 as ``< 0.001``)."""
     return "< 0.001" if p < 0.001 else f"{p:.2g}"
 
 
@@ -881,9 +882,10 @@ def comparisons_table(cmp: pd.DataFrame, out: Path, name: str = "comparisons") -
                                     "hardware (a, b)", "verdict"])
     out.mkdir(parents=True, exist_ok=True)
     tex, md = out / f"{name}.tex", out / f"{name}.md"
-    tex.write_text(_latex(t, "pre-registered contrasts: paired difference, 95% bootstrap CI (items within seeds, "
-                            "then seeds), two-sided p (and Holm-adjusted over the table's contrasts), minimum "
-                            "detectable effect at 80% power; hardware: whether each seed's two runs had the same CPU"))
+    tex.write_text(_latex(t, "pre-registered contrasts: paired difference, 95% Student-t interval (seed and item "
+                            "variance terms, Welch-Satterthwaite df), two-sided p (and Holm-adjusted over the "
+                            "table's contrasts), minimum detectable effect at 80% power; hardware: whether each "
+                            "seed's two runs had the same CPU"))
     md.write_text(_markdown(t))
     return [tex, md]
 
