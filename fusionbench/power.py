@@ -159,7 +159,8 @@ def study_noise(study: str | Path, groups: list[str],
     df = prepare(rows.assign(table=path.stem))
     df = df[df["final"] & (df["source"] == "run")]
     per, pooled = [], []
-    for label, g in df.groupby("label", sort=False):
+    # one strategy = what contrasts name (base_label), its newest configuration's rows, as the report pairs them
+    for label, g in df.groupby("base_label", sort=False):
         g = g[g["point_hash"] == g["point_hash"].iloc[-1]].drop_duplicates("seed", keep="last").sort_values("seed")
         if len(g) < 2:
             continue

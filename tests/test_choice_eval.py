@@ -207,6 +207,25 @@ def test_paired_contrast_interval_is_student_t_with_a_seed_and_an_item_term():
     assert r["ci_lo"] == pytest.approx(0.6 - 4.3027 * 0.1 / np.sqrt(3), abs=1e-4)
     with pytest.raises(ValueError, match="at least 2 seeds"):
         paired_contrast({0: [0.5]}, {0: [0.1]})
+    # both terms, by hand: 3 seeds x 4 items
+    d = np.array([[1, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 0]], dtype=float)
+    r = paired_contrast({s: d[s] for s in range(3)}, {s: np.zeros(4) for s in range(3)})
+    v_seed, v_item = d.mean(1).var(ddof=1) / 3, d.mean(0).var(ddof=1) / 4
+    df = (v_seed + v_item) ** 2 / (v_seed ** 2 / 2 + v_item ** 2 / 3)
+    se = np.sqrt(v_seed + v_item)
+    assert r["diff"] == pytest.approx(d.mean()) and r["se"] == pytest.approx(se) and r["df"] == pytest.approx(df)
+    assert r["ci_lo"] == pytest.approx(d.mean() - stats.t.ppf(0.975, df) * se)
+    assert r["p"] == pytest.approx(2 * stats.t.sf(d.mean() / se, df))
+    assert r["mde"] == pytest.approx((stats.t.ppf(0.975, df) + stats.t.ppf(0.8, df)) * se)
+    with pytest.raises(ValueError, match="NaN"):
+        paired_contrast({0: [1.0, np.nan], 1: [0.0, 1.0]}, {0: [0.0, 0.0], 1: [0.0, 0.0]})
+    # p < 0.05 exactly when the 95% interval excludes 0
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        x = {s: (rng.random(60) < 0.6).astype(int) for s in range(3)}
+        y = {s: (rng.random(60) < 0.5).astype(int) for s in range(3)}
+        q = paired_contrast(x, y)
+        assert (q["p"] < 0.05) == (q["ci_lo"] > 0 or q["ci_hi"] < 0)
     # seeds that disagree widen the interval the items alone would give
     rng = np.random.default_rng(3)
     items = (rng.random(1000) < 0.6).astype(int)

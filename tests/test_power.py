@@ -38,6 +38,12 @@ def test_mde_formula_and_seeds_needed():
     assert mde(0.3, 0.05, 10 ** 6, 3) > 1.8 * MDE_Z * se
     assert mde(0.3, 0.05, 10 ** 6, 3) == pytest.approx((4.303 + 1.061) * se, rel=0.01)
     assert seeds_needed(0.05, 0.3, 0.0, 950) == 1
+    # both terms: Welch-Satterthwaite df, as stats.paired_contrast computes it
+    from scipy import stats
+
+    item, seed = 0.3 / 1500, 2 * 0.02 ** 2 / 3
+    df = (item + seed) ** 2 / (item ** 2 / 1499 + seed ** 2 / 2)
+    assert mde(0.3, 0.02, 1500, 3) == pytest.approx((stats.t.ppf(0.975, df) + stats.t.ppf(0.8, df)) * math.sqrt(item + seed))
     assert seeds_needed(0.05, 0.3, 0.02, 1500) > seeds_needed(0.05, 0.3, 0.0, 1500)
     assert seeds_needed(0.05, 0.3, 0.0, 400) is None                # 400 items cannot, at any seed count
     assert seeds_needed(0.001, 0.3, 0.2, 10) is None
@@ -81,6 +87,19 @@ def test_study_noise_pools_the_study_rows_own_seeds(tmp_path):
                               "grid_point": json.dumps({"variant": variant}), "git_sha": "x",
                               "device": "cpu:AMD EPYC x2" if seed else "cpu:Intel(R) Xeon(R) Processor x2",
                               "mm/choice/acc": acc, "mm/choice/spatial/acc": acc - 0.05})
+    old = json.dumps({"fusion": {"name": "mlp", "lr": 1}, "seed": 0})   # an older mlp configuration, 2 seeds
+    for seed, acc in enumerate([0.1, 0.9]):
+        append_row(rows, {"experiment": "main", "strategy": "mlp", "stage": "main", "seed": seed,
+                          "config_hash": f"old{seed}", "point_hash": "old", "config": old, "git_sha": "y",
+                          "grid_point": json.dumps({"variant": "mlp"}), "mm/choice/acc": acc,
+                          "mm/choice/spatial/acc": acc})
+    for seed, acc in enumerate(accs["mlp"]):                          # the newest rows are the current config's
+        append_row(rows, {"experiment": "main", "strategy": "mlp", "stage": "main", "seed": seed,
+                          "config_hash": f"mlp{seed}", "point_hash": "mlp",
+                          "config": json.dumps({"fusion": {"name": "mlp"}, "seed": 0}),
+                          "grid_point": json.dumps({"variant": "mlp"}), "git_sha": "x",
+                          "device": "cpu:AMD EPYC x2" if seed else "cpu:Intel(R) Xeon(R) Processor x2",
+                          "mm/choice/acc": acc, "mm/choice/spatial/acc": acc - 0.05})
     per, pooled, _ = study_noise("experiments/main.yaml", ["all", "spatial"], rows_file=rows)
     assert set(per["strategy"]) == {"mlp", "visual_expert"}                  # >= 2 seeds only
     mlp = per[(per["strategy"] == "mlp") & (per["group"] == "all")].iloc[0]
