@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,9 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     df["point_hash"] = df["point_hash"].astype(object)
     missing = df["point_hash"].isna()
     df.loc[missing, "point_hash"] = [_point_hash(c) for c in df.loc[missing, "config"]]
-    df = df.drop_duplicates(subset=["table", "origin", "config_hash", "stage", "source"],
-                            keep="last").reset_index(drop=True)
+    key = ["table", "origin", "config_hash", "stage", "source"]
+    replaced = _replaced_on_other_device(df, key)
+    df = df.drop_duplicates(subset=key, keep="last").reset_index(drop=True)
     configs = [json.loads(c) for c in df["config"]]
     df["label"] = [_label(row, cfg) for row, cfg in zip(df.to_dict("records"), configs)]
     df["final"] = [row["stage"] == ([s["name"] for s in cfg.get("stages") or []] or ["main"])[-1]
@@ -104,7 +106,28 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     by_hash = shared & ~by_sha
     df.loc[by_sha, "label"] = df.loc[by_sha, "label"] + " @" + df.loc[by_sha, "git_sha"].astype(str).str[:7]
     df.loc[by_hash, "label"] = df.loc[by_hash, "label"] + " #" + df.loc[by_hash, "point_hash"].astype(str).str[:6]
+    df.attrs["replaced_other_device"] = replaced
     return df
+
+
+def _replaced_on_other_device(df: pd.DataFrame, key: list[str]) -> list[str]:
+    """The rows the newest-row rule drops although they ran on another device than the row that
+    replaces them: a rerun of the same configuration and seed on another CPU is a replication (the
+    same seed gives other numbers there), not a correction; the report says so instead of swapping
+    numbers silently (``fusionbench report`` prints these as warnings)."""
+    if "device" not in df:
+        return []
+    out = []
+    for _, g in df[df.duplicated(subset=key, keep=False)].groupby(key, sort=False):
+        newest = g.iloc[-1]
+        for _, old in g.iloc[:-1].iterrows():
+            if pd.notna(old["device"]) and pd.notna(newest["device"]) and old["device"] != newest["device"]:
+                metric = "mm/choice/acc"
+                value = lambda r: f", {metric} {r[metric]:.3f}" if metric in r and pd.notna(r[metric]) else ""  # noqa: E731
+                out.append(f"{newest['table']}: {newest.get('strategy')} seed {newest.get('seed')} stage {newest['stage']} "
+                           f"(config {str(newest['config_hash'])[:12]}) ran on {old['device']}{value(old)} and again on "
+                           f"{newest['device']}{value(newest)}; the report shows the newer row only")
+    return out
 
 
 def _label(row: dict[str, Any], cfg: dict[str, Any]) -> str:
@@ -1042,6 +1065,8 @@ def report(results_dir: str | Path | list[str | Path] = "results", paper_dir: st
     several read together: see :func:`load_all`)."""
     dirs = [results_dir] if isinstance(results_dir, (str, Path)) else list(results_dir)
     df = load_all(dirs)
+    for line in df.attrs.get("replaced_other_device", []):
+        print(f"fusionbench: warning: {line}", file=sys.stderr)
 
     def shown(d) -> str:  # a folder as the caption names it: relative to the first one's parent
         first, here = Path(dirs[0]).resolve(), Path(d).resolve()

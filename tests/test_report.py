@@ -51,6 +51,22 @@ def test_rerun_replaces_its_row_and_points_stay_apart(tmp_path):
     assert labels[0] != labels[1] and all(lab.startswith("linear #") for lab in labels)
 
 
+def test_a_rerun_on_another_device_is_reported_not_swapped_silently():
+    from fusionbench.report import prepare
+
+    cfg = json.dumps({"fusion": {"name": "mlp"}})
+    row = {"table": "main", "config_hash": "aaa", "point_hash": "p", "stage": "main", "config": cfg,
+           "strategy": "mlp", "seed": 0, "git_sha": "1111111abc"}
+    rows = [{**row, "device": "cpu:Intel Xeon x2", "mm/choice/acc": 0.552},
+            {**row, "device": "cpu:AMD EPYC x2", "mm/choice/acc": 0.560},
+            {**row, "config_hash": "bbb", "seed": 1, "device": "cpu:AMD EPYC x2"},
+            {**row, "config_hash": "bbb", "seed": 1, "device": "cpu:AMD EPYC x2"}]  # same device: a plain rerun
+    df = prepare(pd.DataFrame(rows))
+    assert len(df) == 2 and df.loc[df["seed"] == 0, "mm/choice/acc"].item() == 0.560  # the newest row is shown
+    [warning] = df.attrs["replaced_other_device"]
+    assert "seed 0" in warning and "Xeon" in warning and "0.552" in warning and "EPYC" in warning and "0.560" in warning
+
+
 def test_labels_name_grid_strategies_and_code_versions():
     from fusionbench.report import prepare
 
