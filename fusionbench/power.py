@@ -35,24 +35,17 @@ import numpy as np
 import pandas as pd
 
 from fusionbench.errors import FusionBenchError
-from fusionbench.stats import DISCORDANCE
+from fusionbench.stats import DISCORDANCE, t_mde, welch_df
 
 SEED_GRID = (1, 3, 5, 10)
 
 
 def mde(discordance: float, sd_seed: float, n: int, seeds: int) -> float:
     """Minimum detectable paired difference (module docstring)."""
-    from scipy import stats
-
-    item, seed = discordance / n, (2 * sd_seed ** 2 / seeds)
-    var = item + seed
-    if seeds < 2 or seed == 0:
-        df = float(max(1, n - 1))
-    elif item == 0:
-        df = float(seeds - 1)
-    else:
-        df = var ** 2 / (item ** 2 / max(1, n - 1) + seed ** 2 / (seeds - 1))
-    return float(stats.t.ppf(0.975, df) + stats.t.ppf(0.8, df)) * math.sqrt(var)
+    item, seed = discordance / n, 2 * sd_seed ** 2 / seeds
+    # the interval's df: one seed cannot estimate the seed term, so only the items' count there
+    df = welch_df([(item, max(1, n - 1))] + ([(seed, seeds - 1)] if seeds > 1 else []))
+    return t_mde(math.sqrt(item + seed), df)
 
 
 def seeds_needed(target: float, discordance: float, sd_seed: float, n: int, max_seeds: int = 100) -> int | None:

@@ -117,13 +117,13 @@ def _replaced_on_other_device(df: pd.DataFrame, key: list[str]) -> list[str]:
     numbers silently (``fusionbench report`` prints these as warnings)."""
     if "device" not in df:
         return []
+    metric = "mm/choice/acc"
+    value = lambda r: f", {metric} {r[metric]:.3f}" if metric in r and pd.notna(r[metric]) else ""  # noqa: E731
     out = []
     for _, g in df[df.duplicated(subset=key, keep=False)].groupby(key, sort=False):
         newest = g.iloc[-1]
         for _, old in g.iloc[:-1].iterrows():
             if pd.notna(old["device"]) and pd.notna(newest["device"]) and old["device"] != newest["device"]:
-                metric = "mm/choice/acc"
-                value = lambda r: f", {metric} {r[metric]:.3f}" if metric in r and pd.notna(r[metric]) else ""  # noqa: E731
                 out.append(f"{newest['table']}: {newest.get('strategy')} seed {newest.get('seed')} stage {newest['stage']} "
                            f"(config {str(newest['config_hash'])[:12]}) ran on {old['device']}{value(old)} and again on "
                            f"{newest['device']}{value(newest)}; the report shows the newer row only")
@@ -808,9 +808,9 @@ def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
     difference over the seeds both have, its 95% interval (Student t with a seed and an item
     variance term: :func:`fusionbench.stats.paired_contrast`), p, the minimum detectable effect at
     this n and the verdict; ``n/a`` with the reason when a side has no rows, the metric is missing,
-    or the two were scored on other items. A label
-    with rows of several configurations (a learning rate changed after some seeds ran, successive
-    code versions) takes the newest configuration's rows (the last appended), never a mix."""
+    or the two were scored on other items. A label with rows of several configurations (a learning
+    rate changed after some seeds ran, successive code versions) takes the newest configuration's
+    rows (the last appended), never a mix."""
     from fusionbench.stats import holm, paired_contrast, verdict
 
     runs = df[df["final"] & (df["source"] == "run")]

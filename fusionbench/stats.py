@@ -99,13 +99,30 @@ def paired_contrast(a: dict[int, Sequence[float]], b: dict[int, Sequence[float]]
     if var <= 0:  # every seed and item gives the same difference
         return {"diff": est, "ci_lo": est, "ci_hi": est, "se": 0.0, "df": float("inf"),
                 "p": 0.0 if est != 0 else 1.0, "mde": 0.0, "seeds": S, "items": n}
-    live = [(v, f) for v, f in terms if v > 0]
-    df = float(live[0][1]) if len(live) == 1 else var ** 2 / sum(v ** 2 / f for v, f in live)
+    df = welch_df(terms)
     se = float(np.sqrt(var))
     half = float(stats.t.ppf(0.975, df)) * se
-    return {"diff": est, "ci_lo": est - half, "ci_hi": est + half, "se": se, "df": float(df),
-            "p": float(min(1.0, 2 * stats.t.sf(abs(est) / se, df))),
-            "mde": float(stats.t.ppf(0.975, df) + stats.t.ppf(0.8, df)) * se, "seeds": S, "items": n}
+    return {"diff": est, "ci_lo": est - half, "ci_hi": est + half, "se": se, "df": df,
+            "p": float(min(1.0, 2 * stats.t.sf(abs(est) / se, df))), "mde": t_mde(se, df), "seeds": S, "items": n}
+
+
+def welch_df(terms: Sequence[tuple[float, float]]) -> float:
+    """Welch-Satterthwaite degrees of freedom of a sum of variance components ``(variance, df)``
+    (components of variance 0 left out; one component: its own df; none: infinite)."""
+    live = [(v, f) for v, f in terms if v > 0]
+    if not live:
+        return float("inf")
+    if len(live) == 1:
+        return float(live[0][1])
+    return float(sum(v for v, _ in live) ** 2 / sum(v ** 2 / f for v, f in live))
+
+
+def t_mde(se: float, df: float) -> float:
+    """The difference a two-sided t test at alpha 0.05 detects with 80% power at standard error
+    ``se`` and ``df`` degrees of freedom: ``(t_0.975 + t_0.8) * se``."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, df) + stats.t.ppf(0.8, df)) * se
 
 
 def _summary(estimate: float, boot: np.ndarray) -> dict[str, float]:
