@@ -245,16 +245,16 @@ def write_power(pilot: str | Path, out: str | Path, target: float = 0.05, tol: f
         if pooled.empty:
             lines += ["No strategy has 2 seeds there yet.", ""]
         else:
-            pilot_sd = a["noise"].set_index("group")["sd_seed"]
+            pilot = a["noise"].set_index("group")
             check = []
             for _, p in pooled.iterrows():
                 r = size[size["group"] == p["group"]]
                 if r.empty:
                     continue
                 r = r.iloc[0]
-                disc = float(a["noise"].set_index("group").loc[p["group"], "discordance_used"])
+                disc = float(pilot.loc[p["group"], "discordance_used"])
                 check.append({"group": p["group"], "n": int(r["n"]), "seeds": int(r["seeds"]),
-                              "sd_seed_pilot": float(pilot_sd.get(p["group"], float("nan"))),
+                              "sd_seed_pilot": float(pilot.loc[p["group"], "sd_seed"]),
                               "sd_seed_study": p["sd_seed_pooled"], "df_study": int(p["df"]),
                               "mde_pilot_noise": float(r["mde"]),
                               "mde_study_noise": mde(disc, p["sd_seed_pooled"], int(r["n"]), int(r["seeds"])),
