@@ -195,10 +195,19 @@ def compile_decoder_layers(model: VisionLanguageModel) -> int:
 
 
 def make_logger(kind: str, run_dir: Path, stage: str):
-    """The Lightning logger ``trainer.logger`` names, writing under the run directory."""
+    """The Lightning logger ``trainer.logger`` names, writing under the run directory. A stage
+    resumed from its checkpoint keeps the log of each earlier session: Lightning's CSV logger
+    deletes an existing ``metrics.csv`` when it starts, so that file first moves aside to
+    ``metrics.1.csv`` (``.2``, ... for later resumes; the highest number is the latest earlier
+    session, ``metrics.csv`` the current one)."""
     loggers = L.pytorch.loggers
     try:
         if kind == "csv":
+            log_dir = run_dir / "logs" / stage
+            if (log_dir / "metrics.csv").is_file():
+                k = 1 + max((int(p.suffixes[0][1:]) for p in log_dir.glob("metrics.*.csv")
+                             if p.suffixes[0][1:].isdigit()), default=0)
+                (log_dir / "metrics.csv").rename(log_dir / f"metrics.{k}.csv")
             return loggers.CSVLogger(run_dir, name="logs", version=stage)
         if kind == "tensorboard":
             return loggers.TensorBoardLogger(run_dir, name="tb", version=stage)

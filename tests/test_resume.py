@@ -3,6 +3,7 @@ epoch boundary, the current epoch's consumed batches skipped), the same dropout 
 validation and forgetting curves, hence the same weights and the same row."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -80,6 +81,13 @@ def test_resumed_point_equals_the_uninterrupted_one(tmp_path, monkeypatch):
     assert json.loads(row_cut["val_curve"]) == json.loads(row_whole["val_curve"])
     assert row_cut["mm/choice/acc"] == row_whole["mm/choice/acc"]
     assert row_cut["train_loss_final"] == row_whole["train_loss_final"]
+    # the first session's training log (steps 0-11, killed at 12) survives the restart beside the
+    # restart's own (steps 10-13, from the checkpoint); Lightning's CSV logger would delete it
+    logs = next((tmp_path / "cut").glob("**/logs/main"))
+    assert sorted(p.name for p in logs.glob("metrics*.csv")) == ["metrics.1.csv", "metrics.csv"]
+    steps = {name: [int(r["step"]) for r in csv.DictReader(open(logs / name)) if r.get("train/loss")]
+             for name in ("metrics.1.csv", "metrics.csv")}
+    assert steps == {"metrics.1.csv": list(range(12)), "metrics.csv": list(range(10, 14))}
     # train_s counts the first session's seconds up to its checkpoint too, not only the restart's
     assert seconds_before > 0 and "train_s_from_step" not in row_cut
     assert row_cut["train_s"] > seconds_before
