@@ -399,6 +399,12 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                 # the same batches in the same order and the same random draws as without the interruption
                 # (False: a checkpoint of an older fusionbench, or a distributed run)
                 trained["resume_exact"] = bool(data.resume_exact) and getattr(module, "restored_rng", False)
+                log(f"stage {stage.name}: " + (
+                    "the resume was exact (the same batches in the same order and the same random draws as "
+                    "without the interruption), so Lightning's 'dataloader is not resumable' warning does not apply"
+                    if trained["resume_exact"] else
+                    "the resume was NOT exact (an older checkpoint or a distributed run): the row says "
+                    "resume_exact=False"))
                 if not clock.restored:  # a checkpoint of an older fusionbench: its earlier seconds are unknown
                     trained["train_s_from_step"] = resume
             is_zero = trainer.is_global_zero

@@ -51,7 +51,7 @@ def _batches_seen(monkeypatch):
     return seen
 
 
-def test_resumed_point_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+def test_resumed_point_equals_the_uninterrupted_one(tmp_path, monkeypatch, capsys):
     whole = tiny_cfg(*OVERRIDES, tmp_path=tmp_path / "whole")
     seen_whole = _batches_seen(monkeypatch)
     [row_whole] = run_point(whole)
@@ -72,6 +72,7 @@ def test_resumed_point_equals_the_uninterrupted_one(tmp_path, monkeypatch):
     assert [s for s, _ in seen_cut] == list(range(12)) + list(range(10, 14))
     assert seen_cut[12:] == seen_whole[10:]
     assert row_cut["resumed_from_step"] == 10 and row_cut["resume_exact"] is True
+    assert "stage main: the resume was exact" in capsys.readouterr().err  # beside Lightning's warning
     assert "resumed_from_step" not in row_whole
     step_whole, weights_whole = _trained(tmp_path / "whole")
     step_cut, weights_cut = _trained(tmp_path / "cut")
