@@ -83,7 +83,7 @@ def main(out: str = "results/contrast_calibration.md") -> Path:
         "(Student t, seed and item variance terms, Welch-Satterthwaite df). `bootstrap`: the hierarchical",
         f"percentile bootstrap the report used before ({N_BOOT} replicates: seeds resampled, then items once",
         "for all seeds). `acc_sd_between_seeds`: the between-seed s.d. of one strategy's accuracy the row's",
-        "training noise produces (the study's mlp seeds 0 and 1 differ by 0.024 on 4500 items: s.d. 0.017).",
+        "training noise produces (the study's mlp seeds 0 and 1 differ by 0.025 on 4500 items: s.d. 0.017).",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
