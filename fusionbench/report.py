@@ -962,7 +962,7 @@ def comparison_numbers(cmp: pd.DataFrame, out: Path) -> list[Path]:
                              f"\\newcommand{{\\fb{tag}{k}}}{{{_escape(format_p(v)).replace('<', '$<$')}}}\n")
         lines.append(f"\\newcommand{{\\fb{tag}Verdict}}{{{_escape(verdict_label(r))}}}\n")
         brief = (f"{_escape(verdict_label(r))}, ${r['diff']:+.3f}$ [${r['ci_lo']:+.3f}$, ${r['ci_hi']:+.3f}$]"
-                 if r["verdict"] != "n/a" else "no rows yet")
+                 if r["verdict"] != "n/a" else "no verdict yet")
         lines.append(f"\\newcommand{{\\fb{tag}Brief}}{{{brief}}}\n")
         lines.append(f"\\newcommand{{\\fb{tag}Summary}}{{{verdict_sentence(r)}}}\n")
     out.mkdir(parents=True, exist_ok=True)
@@ -984,14 +984,17 @@ def numbers(s: pd.DataFrame, df: pd.DataFrame, out: Path) -> list[Path]:
     # seeds per strategy as the rows have them: "2" when every strategy has 2, "1--2" while they differ
     lo, hi = int(s["seeds"].min()), int(s["seeds"].max())
     vals: dict[str, Any] = {"NumStrategies": len(s), "NumSeeds": hi if lo == hi else f"{lo}--{hi}",
+                            "FullSeeds": FULL_SEEDS,  # the seeds below which a verdict is preliminary
                             "NumRuns": len(raw), "Steps": int(raw["steps"].mode().max()) if "steps" in raw else 0}
     if "device" in raw:
         # every device the rows ran on, with its number of runs (most first): a study spread over
         # several CPU models says so
-        counts = sorted(raw["device"].astype(str).value_counts().items(), key=lambda kv: (-kv[1], kv[0]))
-        names = [d.replace("cpu:", "CPU: ") for d, _ in counts]
-        vals["Device"] = names[0] if len(counts) == 1 else "; ".join(
-            f"{d} ({n} run{'s' if n > 1 else ''})" for d, (_, n) in zip(names, counts))
+        counts = sorted(raw["device"].dropna().astype(str).value_counts().items(), key=lambda kv: (-kv[1], kv[0]))
+        unknown = int(raw["device"].isna().sum())
+        counts = [(d.replace("cpu:", "CPU: "), n) for d, n in counts] + ([("device not recorded", unknown)] if unknown else [])
+        if counts:
+            vals["Device"] = counts[0][0] if len(counts) == 1 else "; ".join(
+                f"{d} ({n} run{'s' if n > 1 else ''})" for d, n in counts)
     frozen = raw[raw["frozen_text"]]
     for col, key in (("forgetting/austen/delta_log_ppl", "MaxAbsDeltaLogPplFrozen"),
                      ("forgetting/mc_avg", "MaxAbsMcForgettingFrozen")):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -179,6 +180,8 @@ def stage_plan(cfg: DictConfig) -> list[DictConfig]:
 # frozen backbones are kept in eval mode on purpose (FusionModule.train keeps them so)
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# a resumed stage's earlier metrics.csv has moved aside (make_logger): nothing of it is deleted
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 def compile_decoder_layers(model: VisionLanguageModel) -> int:
@@ -199,15 +202,19 @@ def make_logger(kind: str, run_dir: Path, stage: str):
     resumed from its checkpoint keeps the log of each earlier session: Lightning's CSV logger
     deletes an existing ``metrics.csv`` when it starts, so that file first moves aside to
     ``metrics.1.csv`` (``.2``, ... for later resumes; the highest number is the latest earlier
-    session, ``metrics.csv`` the current one)."""
+    session, ``metrics.csv`` the current one). An earlier file runs past the checkpoint the next
+    session resumed from: its steps after that checkpoint were trained again, so joining the files
+    keeps, for each step, the later file's row. Only the first process of a distributed run moves it."""
     loggers = L.pytorch.loggers
     try:
         if kind == "csv":
+            from lightning.pytorch.utilities import rank_zero_only
+
             log_dir = run_dir / "logs" / stage
-            if (log_dir / "metrics.csv").is_file():
-                k = 1 + max((int(p.suffixes[0][1:]) for p in log_dir.glob("metrics.*.csv")
-                             if p.suffixes[0][1:].isdigit()), default=0)
-                (log_dir / "metrics.csv").rename(log_dir / f"metrics.{k}.csv")
+            if rank_zero_only.rank == 0 and (log_dir / "metrics.csv").is_file():
+                done = [int(m.group(1)) for p in log_dir.glob("metrics.*.csv")
+                        if (m := re.fullmatch(r"metrics\.([0-9]+)\.csv", p.name))]
+                (log_dir / "metrics.csv").rename(log_dir / f"metrics.{1 + max(done, default=0)}.csv")
             return loggers.CSVLogger(run_dir, name="logs", version=stage)
         if kind == "tensorboard":
             return loggers.TensorBoardLogger(run_dir, name="tb", version=stage)

@@ -192,7 +192,12 @@ def test_the_papers_setup_macros_name_every_cpu_and_the_seed_range(tmp_path):
     assert not [k for k in vals if k.startswith("Best")]
     one = prepare(pd.DataFrame([r for r in rows if r["strategy"] == "mlp" and r["seed"] == 1]))
     vals = json.loads(numbers(summarise(one), one, tmp_path)[1].read_text())
-    assert vals["NumSeeds"] == 1 and vals["Device"] == "CPU: AMD EPYC x2"
+    assert vals["NumSeeds"] == 1 and vals["Device"] == "CPU: AMD EPYC x2" and vals["FullSeeds"] == 3
+    # a row without its device is counted as such, not dropped (the counts add up to NumRuns)
+    rows[0]["device"] = None
+    df = prepare(pd.DataFrame(rows))
+    vals = json.loads(numbers(summarise(df), df, tmp_path)[1].read_text())
+    assert vals["Device"] == "CPU: AMD EPYC x2 (2 runs); device not recorded (1 run)"
 
 
 def test_comparisons_table_paired_contrasts_and_n_a(tmp_path):
@@ -306,7 +311,7 @@ def test_forgetting_contrasts_pair_prose_chunks_and_the_paper_macros_state_each_
     assert re.search(r"\\newcommand\{\\fbCmpFtForgetsSummary\}\{\\emph\{supported\}: \$\+0\.0\d\d\$ \[", tex)
     assert "2 seeds $\\times$ 40 items" in tex
     assert "\\newcommand{\\fbCmpPendingSummary}{no verdict yet (no rows of lora)}" in tex
-    assert "\\newcommand{\\fbCmpPendingBrief}{no rows yet}" in tex
+    assert "\\newcommand{\\fbCmpPendingBrief}{no verdict yet}" in tex
 
 
 def test_a_contrast_side_may_come_from_another_table_scored_on_the_same_items():
