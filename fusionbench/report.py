@@ -960,8 +960,9 @@ def comparison_numbers(cmp: pd.DataFrame, out: Path) -> list[Path]:
             for k, v in (("Diff", r["diff"]), ("Lo", r["ci_lo"]), ("Hi", r["ci_hi"]), ("P", r["p"]), ("Mde", r["mde"])):
                 lines.append(f"\\newcommand{{\\fb{tag}{k}}}{{{v:+.3f}}}\n" if k != "P" else
                              f"\\newcommand{{\\fb{tag}{k}}}{{{_escape(format_p(v)).replace('<', '$<$')}}}\n")
-        lines.append(f"\\newcommand{{\\fb{tag}Verdict}}{{{_escape(verdict_label(r))}}}\n")
-        brief = (f"{_escape(verdict_label(r))}, ${r['diff']:+.3f}$ [${r['ci_lo']:+.3f}$, ${r['ci_hi']:+.3f}$]"
+        label = _escape(verdict_label(r))
+        lines.append(f"\\newcommand{{\\fb{tag}Verdict}}{{{label}}}\n")
+        brief = (f"{label}, ${r['diff']:+.3f}$ [${r['ci_lo']:+.3f}$, ${r['ci_hi']:+.3f}$]"
                  if r["verdict"] != "n/a" else "no verdict yet")
         lines.append(f"\\newcommand{{\\fb{tag}Brief}}{{{brief}}}\n")
         lines.append(f"\\newcommand{{\\fb{tag}Summary}}{{{verdict_sentence(r)}}}\n")
