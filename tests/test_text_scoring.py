@@ -211,3 +211,27 @@ def test_prompts_and_scored_contexts_follow_the_tokenizers_bos_convention(arch, 
     [(context, conts)] = seen
     plain = tok("Q: 2+2?\nA:", add_special_tokens=False).input_ids
     assert context == ([tok.bos_token_id] + plain if expects_bos else plain)
+
+
+def test_assets_prepare_loads_the_text_suite_from_the_schema_defaults(monkeypatch, capsys):
+    """``fusionbench assets --prepare`` builds the suite from a plain TextEvalConfig dataclass (not
+    the run's omegaconf node); it once failed with "'TextEvalConfig' object has no attribute 'get'"."""
+    from fusionbench.assets import catalog
+    from fusionbench.config import TextEvalConfig
+    from fusionbench.evaluation import text_suite
+
+    seen = {}
+
+    def fake_tasks(names):
+        seen["tasks"] = list(names)
+        return {n: {"examples": [{"input": f"{n} q{i}", "target_scores": {"yes": 1, "no": 0}} for i in range(60)]}
+                for n in names}
+
+    monkeypatch.setattr(text_suite, "_bigbench_tasks", fake_tasks)
+    monkeypatch.setattr(text_suite, "austen_chunks", lambda n, chars, seed: ["prose"] * n)
+    catalog.prepare(["text_suite"])
+    assert seen["tasks"] == ["general_knowledge", "phrase_relatedness"]
+    assert "done in" in capsys.readouterr().out
+    cfg = TextEvalConfig()
+    suite = text_suite.load_text_suite(cfg)
+    assert len(suite.choices) == 2 * 50 * 2 and len(suite.prose) == cfg.ppl_chunks

@@ -32,6 +32,7 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 
 from fusionbench.assets.debian import debian_package_dir
 from fusionbench.assets.pypi import pypi_files
@@ -224,7 +225,11 @@ def task_specs(tasks, default_format: str, formats: tuple[str, ...] = FORMATS) -
 
 
 def load_text_suite(cfg) -> TextSuite:
-    """Draw the suite's items (``cfg.tasks``, ``cfg.n_per_task`` each) and prose chunks."""
+    """Draw the suite's items (``cfg.tasks``, ``cfg.n_per_task`` each) and prose chunks. ``cfg`` is
+    the run's ``eval.text`` node or a :class:`~fusionbench.config.TextEvalConfig` (``fusionbench
+    assets --prepare`` passes the schema's defaults)."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg)
     default_format = cfg.get("format", "bigbench")
     if default_format not in FORMATS:
         raise FusionBenchError(f"eval.text.format must be one of {', '.join(FORMATS)}, got {default_format!r}")
