@@ -144,8 +144,11 @@ class TextEvalConfig:
     #: "plain" (cloze: "Question: ... Answer:"); chosen by measurement (fusionbench text-tasks)
     format: str = "bigbench"
     #: "suite": fusionbench's own scorer (fast on CPU); "lm_eval": the same kind of tasks as local
-    #: lm-evaluation-harness task configs through lm-eval (standard metrics and stderr), where any
-    #: lm-eval task name also works if its dataset is reachable
+    #: lm-evaluation-harness task configs through lm-eval (standard metrics and stderr): a
+    #: ``name:format`` entry is that BIG-bench task offline, in the suite's prompt format; a bare name
+    #: is one of lm-eval's tasks (the offline general_knowledge, phrase_relatedness, social_iqa,
+    #: timedial, goal_step_wikihow/goal_inference, or any lm-eval task if its dataset is reachable).
+    #: gen_tasks are scored by the suite only (lm_eval needs gen_tasks: [])
     backend: str = "suite"
 
 
@@ -414,6 +417,9 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
                 fusion_options(OmegaConf.merge(cfg.fusion, stage.fusion))
     if cfg.eval.text.backend not in ("suite", "lm_eval"):
         raise FusionBenchError(f"eval.text.backend must be 'suite' or 'lm_eval', got {cfg.eval.text.backend!r}")
+    if cfg.eval.text.backend == "lm_eval" and cfg.eval.text.gen_tasks:
+        raise FusionBenchError(f"eval.text.gen_tasks={list(cfg.eval.text.gen_tasks)} are scored by the built-in suite "
+                               f"only; with eval.text.backend=lm_eval set eval.text.gen_tasks=[] (or use backend suite)")
     if cfg.data.images not in ("real", "shuffled", "blank"):
         raise FusionBenchError(f"data.images must be 'real', 'shuffled' or 'blank', got {cfg.data.images!r}")
     for i, c in enumerate(cfg.contrasts):

@@ -186,3 +186,70 @@ def test_default_lm_above_chance_on_offline_bigbench_and_hub_task_is_clear_error
         score_with_lm_eval(lm, tok, ["hellaswag"], limit=2)
     with pytest.raises(FusionBenchError, match="did you mean 'hellaswag'"):
         score_with_lm_eval(lm, tok, ["hellaswagg"], limit=2)
+
+
+def _fake_bigbench(names):
+    """Two small BIG-bench-shaped multiple-choice tasks (stand-ins for the sdist's JSON)."""
+    out = {}
+    for n in names:
+        out[n] = {"task_prefix": f"{n} task.\n", "examples": [
+            {"input": f"Which number follows {i}?", "target_scores": {str(i + 1): 1, str(i + 3): 0, str(i + 7): 0}}
+            for i in range(12)]}
+    return out
+
+
+def test_bigbench_task_with_a_format_is_an_offline_task_with_the_suites_prompts(tmp_path, monkeypatch):
+    """``task:format`` (base.yaml's entries, e.g. movie_recommendation:plain) scores offline through
+    lm-eval with the built-in suite's prompt in that format and its per-item choice order, keyed by
+    the bare task name; it used to be sent to the hub registry ("unknown lm-eval task(s)")."""
+    from fusionbench.assets.lm import load_lm
+    from fusionbench.config import TextEvalConfig
+    from fusionbench.evaluation import lm_eval_adapter, text_suite
+
+    monkeypatch.setenv("FUSIONBENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(text_suite, "_bigbench_tasks", _fake_bigbench)
+    assert lm_eval_adapter.offline_task("fake_a:plain") == ("fake_a", "fusionbench_fake_a_plain", "plain")
+    assert lm_eval_adapter.offline_task("general_knowledge")[2] is None and lm_eval_adapter.offline_task("hellaswag") is None
+    cfg = tiny_cfg("fusion=mlp")
+    lm, tok = load_lm(cfg.lm, seed=cfg.seed)
+    scores = score_with_lm_eval(lm, tok, ["fake_a:plain", "fake_b:bigbench"], limit=5, batch_size=4, seed=7)
+    assert scores["text/fake_a/n"] == 5 and scores["text/fake_b/n"] == 5
+    assert 0.0 <= scores["text/fake_a/acc"] <= 1.0 and "text/mc_avg" in scores
+    data = tmp_path / "lm_eval" / f"{lm_eval_adapter.LM_EVAL_SUITE_VERSION}-seed7" / "data"
+    rows = {n: [json.loads(line) for line in (data / f"fusionbench_{n}.jsonl").read_text().splitlines()]
+            for n in ("fake_a_plain", "fake_b_bigbench")}
+    assert all(r["context"].startswith("Question: ") and "choice:" not in r["context"] for r in rows["fake_a_plain"])
+    assert all("\n  choice: " in r["context"] for r in rows["fake_b_bigbench"])
+    # the suite (same seed) lists each item's choices in the same order, with the same prompt
+    suite = text_suite.load_text_suite(TextEvalConfig(tasks=["fake_a:plain"], n_per_task=12, ppl_chunks=0, seed=7))
+    for r in rows["fake_a_plain"]:
+        item = suite.choices.filter(lambda x: x["item"] == r["item"])
+        assert item["context"][0] == r["context"]
+        assert [c[1:] for c in item["continuation"]] == r["choices"]
+        assert [j for j, ok in enumerate(item["correct"]) if ok] == r["gold"]
+    with pytest.raises(FusionBenchError, match="named twice"):
+        score_with_lm_eval(lm, tok, ["fake_a:plain", "fake_a:bigbench"], limit=2)
+    with pytest.raises(FusionBenchError, match="names format 'cloze'"):
+        score_with_lm_eval(lm, tok, ["fake_a:cloze"], limit=2)
+
+
+def test_lm_eval_backend_configs_score_offline_and_refuse_gen_tasks():
+    """Every experiment with eval.text.backend=lm_eval names only offline tasks here (no hub), and
+    generative tasks with that backend are one clear config error (they would be silently dropped)."""
+    from pathlib import Path
+
+    from fusionbench.config import expand_grid, load_config
+    from fusionbench.evaluation.lm_eval_adapter import offline_task
+
+    found = 0
+    for path in sorted(Path("experiments").rglob("*.yaml")):
+        if "backend: lm_eval" not in path.read_text():
+            continue
+        for point in expand_grid(load_config(path)):
+            found += 1
+            assert point.eval.text.backend == "lm_eval" and not point.eval.text.gen_tasks
+            assert all(offline_task(t) is not None for t in point.eval.text.tasks), (path, list(point.eval.text.tasks))
+    assert found >= 12  # ablations/forgetting.yaml: 4 variants x 3 seeds
+    with pytest.raises(FusionBenchError, match="gen_tasks=.*with eval.text.backend=lm_eval set eval.text.gen_tasks=\\[\\]"):
+        load_config("experiments/fusion/mlp.yaml", ["eval.text.backend=lm_eval"])
+    assert load_config("experiments/fusion/mlp.yaml", ["eval.text.backend=lm_eval", "eval.text.gen_tasks=[]"])

@@ -12,6 +12,10 @@
   the text path untouched gets bit-identical results (exactly zero forgetting).
 * The offline default suite is lm-eval YAML task configs in ``lm_eval_tasks/`` (BIG-bench multiple
   choice from the ``bigbench==1.0.0`` sdist, rolling perplexity on Jane Austen's *Persuasion*).
+  Any other BIG-bench multiple-choice task is offline too when named ``task:format`` (``format``:
+  ``bigbench`` or ``plain``, as in ``eval.text.tasks``, e.g. ``movie_recommendation:plain``): its
+  task config is generated from ``lm_eval_tasks/_bigbench_mc_template`` with the prompts the
+  built-in suite (``eval.text.backend: suite``) writes, choices in the suite's per-item order.
   :func:`prepare_local_tasks` writes their data once as JSONL into the fusionbench cache, with a
   copy of the YAMLs that points at it by absolute path, for ``TaskManager(include_path=...)``.
 * :func:`score_with_lm_eval` runs ``lm_eval.simple_evaluate`` and returns flat
@@ -55,6 +59,8 @@ LOCAL_TASKS = {
     "goal_step_wikihow/goal_inference": "fusionbench_goal_step_wikihow_goal_inference",
     "austen": "fusionbench_austen",
 }
+#: generated offline tasks (``task:format``) are named ``fusionbench_<task>_<format>``
+GENERATED_PREFIX = "fusionbench_"
 #: the default suite (SmolLM2-135M is clearly above chance on these two BIG-bench tasks)
 DEFAULT_TASKS = ("general_knowledge", "phrase_relatedness", "austen")
 #: held-out prose passages are paragraph-aligned and at least this many characters
@@ -263,18 +269,42 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _bigbench_rows(name: str, seed: int) -> list[dict[str, Any]]:
+def _bigbench_rows(name: str, seed: int, fmt: str | None = None) -> list[dict[str, Any]]:
+    """The docs of a BIG-bench multiple-choice task in a seeded random order. ``fmt`` None: the
+    legacy :data:`LOCAL_TASKS` layout (BIG-bench prompt, choices in the file's order); ``fmt``
+    ``bigbench`` / ``plain``: the built-in suite's prompt in that format, each item's choices in
+    the order the suite lists them for ``eval.text.seed`` = ``seed``."""
     from fusionbench.evaluation.text_suite import _bigbench_tasks, _format
 
     task = _bigbench_tasks([name])[name]
-    examples = [e for e in task["examples"] if any(bool(v) for v in e["target_scores"].values())]
+    examples = [e for e in task["examples"]
+                if "target_scores" in e and any(bool(v) for v in e["target_scores"].values())]
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     rows = []
     for item in rng.permutation(len(examples)).tolist():
-        context, conts, correct = _format(task, examples[item])
+        if fmt is None:
+            context, conts, correct = _format(task, examples[item])
+        else:  # the suite's per-item choice order (text_suite.load_text_suite)
+            order = np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(name.encode()), item]))
+            context, conts, correct = _format(task, examples[item], order, fmt)
         rows.append({"item": item, "context": context, "choices": [c[1:] for c in conts],
                      "gold": [j for j, ok in enumerate(correct) if ok]})
     return rows
+
+
+def offline_task(task: str) -> tuple[str, str, str | None] | None:
+    """``(short name, lm-eval task name, format)`` of an offline task, None for any other name
+    (an lm-eval registry task). Offline: a :data:`LOCAL_TASKS` short name (format None: its
+    YAML in ``lm_eval_tasks/``) or a BIG-bench task named ``task:format`` (a generated config)."""
+    if task in LOCAL_TASKS:
+        return task, LOCAL_TASKS[task], None
+    if ":" not in task:
+        return None
+    from fusionbench.evaluation.text_suite import FORMATS, task_specs
+
+    name, fmt = task_specs([task], "bigbench", FORMATS)[0]
+    slug = "".join(c if c.isalnum() else "_" for c in name)
+    return name, f"{GENERATED_PREFIX}{slug}_{fmt}", fmt
 
 
 def _austen_rows(seed: int) -> list[dict[str, Any]]:
@@ -299,26 +329,33 @@ def _austen_rows(seed: int) -> list[dict[str, Any]]:
 
 
 def prepare_local_tasks(tasks: list[str] | None = None, seed: int = 0) -> Path:
-    """Write the data of the offline tasks (``tasks``: short names, default all of
-    :data:`LOCAL_TASKS`) once as JSONL into the fusionbench cache, and next to it a copy of
-    ``lm_eval_tasks/`` whose ``data_files`` are absolute paths; returns that task folder (for
-    ``lm_eval.tasks.TaskManager(include_path=...)``). Rows are in a seeded random order, so
-    lm-eval's ``limit`` picks a fixed random subset."""
+    """Write the data of the offline tasks (``tasks``: :data:`LOCAL_TASKS` short names or
+    ``task:format`` BIG-bench tasks, see :func:`offline_task`; default all of :data:`LOCAL_TASKS`)
+    once as JSONL into the fusionbench cache, and next to it a copy of ``lm_eval_tasks/`` whose
+    ``data_files`` are absolute paths, plus a generated config per ``task:format``; returns that
+    task folder (for ``lm_eval.tasks.TaskManager(include_path=...)``). Rows are in a seeded random
+    order, so lm-eval's ``limit`` picks a fixed random subset."""
     names = list(LOCAL_TASKS) if tasks is None else list(tasks)
-    unknown = [t for t in names if t not in LOCAL_TASKS]
+    specs = {t: offline_task(t) for t in names}
+    unknown = [t for t, spec in specs.items() if spec is None]
     if unknown:
-        raise FusionBenchError(f"unknown offline lm-eval task(s) {unknown}; known: {', '.join(LOCAL_TASKS)}")
+        raise FusionBenchError(f"unknown offline lm-eval task(s) {unknown}; known: {', '.join(LOCAL_TASKS)}, "
+                               f"or any BIG-bench multiple-choice task as task:format (format bigbench or plain)")
     root = cache_dir("lm_eval", f"{LM_EVAL_SUITE_VERSION}-seed{seed}")
     data, out = root / "data", root / "tasks"
     data.mkdir(exist_ok=True)
     out.mkdir(exist_ok=True)
     hf_cache = cache_dir("lm_eval", "hf_datasets")
-    for short in names:
-        name = LOCAL_TASKS[short]
+    for short, name, fmt in specs.values():
         target = data / f"{name}.jsonl"
         if not target.exists():
-            rows = _austen_rows(seed) if short == "austen" else _bigbench_rows(short, seed)
+            rows = _austen_rows(seed) if name == LOCAL_TASKS["austen"] else _bigbench_rows(short, seed, fmt)
             _atomic_write(target, "".join(json.dumps(r) + "\n" for r in rows))
+        if fmt is not None:
+            cfg = {"include": "_bigbench_mc_template", "task": name,
+                   "dataset_kwargs": {"data_files": {"test": str(target)}, "cache_dir": str(hf_cache)}}
+            text = f"# generated by fusionbench: BIG-bench {short!r} in the {fmt!r} format\n"
+            _atomic_write(out / f"{name}.yaml", text + yaml.safe_dump(cfg, sort_keys=False))
     for src in TASKS_DIR.iterdir():
         if src.name.startswith("_"):
             _atomic_write(out / src.name, src.read_text())
@@ -356,7 +393,8 @@ def _keep_rng_state() -> Iterator[None]:
 
 
 def _lm_eval_name(task: str) -> str:
-    return LOCAL_TASKS.get(task, task)
+    spec = offline_task(task)
+    return spec[1] if spec else task
 
 
 def score_with_lm_eval(model_or_lm: nn.Module, tokenizer=None, tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS,
@@ -365,9 +403,10 @@ def score_with_lm_eval(model_or_lm: nn.Module, tokenizer=None, tasks: list[str] 
     """Score ``model_or_lm``'s text-only path with ``lm_eval.simple_evaluate`` (zero-shot).
 
     ``model_or_lm``: a ``VisionLanguageModel`` (its strategy's text-only mode) or a bare HF causal
-    LM with its ``tokenizer``. ``tasks``: offline short names (:data:`LOCAL_TASKS`), names of tasks
-    in ``include_path`` (a folder of lm-eval YAMLs), or any lm-eval task / group name (needs the
-    Hugging Face hub). ``limit``: the first ``limit`` docs of each task (the offline tasks' docs are
+    LM with its ``tokenizer``. ``tasks``: offline short names (:data:`LOCAL_TASKS`), BIG-bench
+    multiple-choice tasks as ``task:format`` (offline, :func:`offline_task`; scores under the bare
+    task name, as the built-in suite's), names of tasks in ``include_path`` (a folder of lm-eval
+    YAMLs), or any lm-eval task / group name (needs the Hugging Face hub). ``limit``: the first ``limit`` docs of each task (the offline tasks' docs are
     in a seeded random order). Returns, per task (offline tasks under their short name):
     ``text/<task>/<metric>`` (``acc``, ``acc_norm``, ``word_perplexity``, ``byte_perplexity``,
     ``bits_per_byte``, ...; a filter other than lm-eval's ``none`` is appended as
@@ -383,12 +422,17 @@ def score_with_lm_eval(model_or_lm: nn.Module, tokenizer=None, tasks: list[str] 
         raise FusionBenchError("score_with_lm_eval: no tasks given")
     if limit is not None and limit < 1:
         raise FusionBenchError(f"score_with_lm_eval: limit must be at least 1 (or None for all), got {limit}")
-    local = [t for t in tasks if t in LOCAL_TASKS]
+    specs = {t: offline_task(t) for t in tasks}
+    local = [t for t, spec in specs.items() if spec is not None]
+    shorts = [specs[t][0] if specs[t] else t for t in tasks]
+    twice = sorted({n for n in shorts if shorts.count(n) > 1})
+    if twice:
+        raise FusionBenchError(f"score_with_lm_eval: task(s) {twice} named twice (their scores share one key): {tasks}")
     include = [str(prepare_local_tasks(local, seed=seed))] if local else []
     if include_path is not None:
         include.append(str(Path(include_path).resolve()))
     extra = _task_manager(tuple(include), False) if include else None
-    others = [t for t in tasks if t not in LOCAL_TASKS and (extra is None or t not in extra.all_tasks)]
+    others = [t for t in tasks if specs[t] is None and (extra is None or t not in extra.all_tasks)]
     manager = _task_manager(tuple(include), bool(others))
     if others:
         _check_hub_tasks(manager, others)
@@ -399,7 +443,7 @@ def score_with_lm_eval(model_or_lm: nn.Module, tokenizer=None, tasks: list[str] 
                                           bootstrap_iters=bootstrap_iters, log_samples=False,
                                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                           fewshot_random_seed=seed)
-    return flatten_results(results)
+    return flatten_results(results, {specs[t][1]: specs[t][0] for t in local})
 
 
 def _check_hub_tasks(manager, names: list[str]) -> None:
@@ -409,7 +453,8 @@ def _check_hub_tasks(manager, names: list[str]) -> None:
     if unknown:
         hints = {t: difflib.get_close_matches(t, list(LOCAL_TASKS) + manager.all_tasks, n=1) for t in unknown}
         said = ", ".join(f"{t!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for t, h in hints.items())
-        raise FusionBenchError(f"unknown lm-eval task(s): {said}. Offline tasks: {', '.join(LOCAL_TASKS)}")
+        raise FusionBenchError(f"unknown lm-eval task(s): {said}. Offline tasks: {', '.join(LOCAL_TASKS)}, or any "
+                               f"BIG-bench multiple-choice task as task:format (format bigbench or plain)")
     try:
         manager.load(names)  # builds the tasks: downloads (or finds in the HF cache) their data
     except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many types for "no data"
@@ -417,14 +462,16 @@ def _check_hub_tasks(manager, names: list[str]) -> None:
         why = ("the Hugging Face hub is not reachable here (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1) and their data "
                "is not in the local HF datasets cache") if offline else f"{type(e).__name__}: {str(e).splitlines()[0]}"
         raise FusionBenchError(
-            f"cannot load lm-eval task(s) {names}: {why}. The offline tasks are: {', '.join(LOCAL_TASKS)}; "
+            f"cannot load lm-eval task(s) {names}: {why}. The offline tasks are: {', '.join(LOCAL_TASKS)} and any "
+            f"BIG-bench multiple-choice task as task:format (format bigbench or plain); "
             f"or pass include_path= a folder of lm-eval YAML tasks over local files.") from None
 
 
-def flatten_results(results: dict[str, Any]) -> dict[str, float]:
+def flatten_results(results: dict[str, Any], short: dict[str, str] | None = None) -> dict[str, float]:
     """``simple_evaluate``'s ``results`` -> ``{"text/<task>/<metric>": value}`` (see
-    :func:`score_with_lm_eval`)."""
-    short = {v: k for k, v in LOCAL_TASKS.items()}
+    :func:`score_with_lm_eval`); ``short`` maps lm-eval task names to the names the keys use
+    (default: :data:`LOCAL_TASKS` reversed)."""
+    short = {**{v: k for k, v in LOCAL_TASKS.items()}, **(short or {})}
     scores: dict[str, float] = {}
     names = []
     groups = {short.get(g, g) for g, children in results.get("group_subtasks", {}).items() if children}
