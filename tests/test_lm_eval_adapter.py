@@ -216,7 +216,7 @@ def test_bigbench_task_with_a_format_is_an_offline_task_with_the_suites_prompts(
     assert scores["text/fake_a/n"] == 5 and scores["text/fake_b/n"] == 5
     assert 0.0 <= scores["text/fake_a/acc"] <= 1.0 and "text/mc_avg" in scores
     data = tmp_path / "lm_eval" / f"{lm_eval_adapter.LM_EVAL_SUITE_VERSION}-seed7" / "data"
-    rows = {n: [json.loads(line) for line in (data / f"fusionbench_{n}.jsonl").read_text().splitlines()]
+    rows = {n: [json.loads(line) for line in (data / f"fusionbench_{n}.{text_suite.SUITE_VERSION}.jsonl").read_text().splitlines()]
             for n in ("fake_a_plain", "fake_b_bigbench")}
     assert all(r["context"].startswith("Question: ") and "choice:" not in r["context"] for r in rows["fake_a_plain"])
     assert all("\n  choice: " in r["context"] for r in rows["fake_b_bigbench"])
@@ -227,6 +227,9 @@ def test_bigbench_task_with_a_format_is_an_offline_task_with_the_suites_prompts(
         assert item["context"][0] == r["context"]
         assert [c[1:] for c in item["continuation"]] == r["choices"]
         assert [j for j, ok in enumerate(item["correct"]) if ok] == r["gold"]
+    # another task set in the same process: its generated config joins a folder lm-eval has indexed
+    again = score_with_lm_eval(lm, tok, ["fake_c:plain"], limit=3, batch_size=4, seed=7)
+    assert again["text/fake_c/n"] == 3
     with pytest.raises(FusionBenchError, match="named twice"):
         score_with_lm_eval(lm, tok, ["fake_a:plain", "fake_a:bigbench"], limit=2)
     with pytest.raises(FusionBenchError, match="names format 'cloze'"):
@@ -241,8 +244,9 @@ def test_lm_eval_backend_configs_score_offline_and_refuse_gen_tasks():
     from fusionbench.config import expand_grid, load_config
     from fusionbench.evaluation.lm_eval_adapter import offline_task
 
+    root = Path(__file__).resolve().parents[1]
     found = 0
-    for path in sorted(Path("experiments").rglob("*.yaml")):
+    for path in sorted((root / "experiments").rglob("*.yaml")):
         if "backend: lm_eval" not in path.read_text():
             continue
         for point in expand_grid(load_config(path)):
@@ -251,5 +255,5 @@ def test_lm_eval_backend_configs_score_offline_and_refuse_gen_tasks():
             assert all(offline_task(t) is not None for t in point.eval.text.tasks), (path, list(point.eval.text.tasks))
     assert found >= 12  # ablations/forgetting.yaml: 4 variants x 3 seeds
     with pytest.raises(FusionBenchError, match="gen_tasks=.*with eval.text.backend=lm_eval set eval.text.gen_tasks=\\[\\]"):
-        load_config("experiments/fusion/mlp.yaml", ["eval.text.backend=lm_eval"])
-    assert load_config("experiments/fusion/mlp.yaml", ["eval.text.backend=lm_eval", "eval.text.gen_tasks=[]"])
+        load_config(root / "experiments/fusion/mlp.yaml", ["eval.text.backend=lm_eval"])
+    assert load_config(root / "experiments/fusion/mlp.yaml", ["eval.text.backend=lm_eval", "eval.text.gen_tasks=[]"])

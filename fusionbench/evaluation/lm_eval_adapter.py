@@ -15,7 +15,9 @@
   Any other BIG-bench multiple-choice task is offline too when named ``task:format`` (``format``:
   ``bigbench`` or ``plain``, as in ``eval.text.tasks``, e.g. ``movie_recommendation:plain``): its
   task config is generated from ``lm_eval_tasks/_bigbench_mc_template`` with the prompts the
-  built-in suite (``eval.text.backend: suite``) writes, choices in the suite's per-item order.
+  built-in suite (``eval.text.backend: suite``) writes, choices in the suite's per-item order. Which
+  items ``limit`` scores is drawn per task here, by the suite across its task list: below a task's
+  size the two backends score different items of it.
   :func:`prepare_local_tasks` writes their data once as JSONL into the fusionbench cache, with a
   copy of the YAMLs that points at it by absolute path, for ``TaskManager(include_path=...)``.
 * :func:`score_with_lm_eval` runs ``lm_eval.simple_evaluate`` and returns flat
@@ -346,8 +348,11 @@ def prepare_local_tasks(tasks: list[str] | None = None, seed: int = 0) -> Path:
     data.mkdir(exist_ok=True)
     out.mkdir(exist_ok=True)
     hf_cache = cache_dir("lm_eval", "hf_datasets")
+    from fusionbench.evaluation.text_suite import SUITE_VERSION
+
     for short, name, fmt in specs.values():
-        target = data / f"{name}.jsonl"
+        # a generated task's docs follow the suite's prompts: its file changes with SUITE_VERSION
+        target = data / (f"{name}.jsonl" if fmt is None else f"{name}.{SUITE_VERSION}.jsonl")
         if not target.exists():
             rows = _austen_rows(seed) if name == LOCAL_TASKS["austen"] else _bigbench_rows(short, seed, fmt)
             _atomic_write(target, "".join(json.dumps(r) + "\n" for r in rows))
@@ -373,7 +378,9 @@ def prepare_local_tasks(tasks: list[str] | None = None, seed: int = 0) -> Path:
 
 # -- scoring entry point -----------------------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
-def _task_manager(include: tuple[str, ...], defaults: bool):
+def _task_manager(include: tuple[str, ...], defaults: bool, generated: tuple[str, ...] = ()):
+    """A TaskManager over ``include``; ``generated``: the generated task configs it must know (lm-eval
+    indexes a folder once, and the generated folder gains configs as other task sets are scored)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=list(include), include_defaults=defaults)
@@ -431,9 +438,10 @@ def score_with_lm_eval(model_or_lm: nn.Module, tokenizer=None, tasks: list[str] 
     include = [str(prepare_local_tasks(local, seed=seed))] if local else []
     if include_path is not None:
         include.append(str(Path(include_path).resolve()))
-    extra = _task_manager(tuple(include), False) if include else None
+    generated = tuple(sorted(specs[t][1] for t in local if specs[t][2] is not None))
+    extra = _task_manager(tuple(include), False, generated) if include else None
     others = [t for t in tasks if specs[t] is None and (extra is None or t not in extra.all_tasks)]
-    manager = _task_manager(tuple(include), bool(others))
+    manager = _task_manager(tuple(include), bool(others), generated)
     if others:
         _check_hub_tasks(manager, others)
     lm = TextOnlyLM(model_or_lm, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
