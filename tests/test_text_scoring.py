@@ -114,6 +114,10 @@ def test_task_selection_rule_and_bad_formats():
     assert not missing["keep"] and "not loadable" in missing["why"]
     with pytest.raises(FusionBenchError, match="unknown text format"):
         score_candidates(lm, tok, ["general_knowledge"], ["fancy"])
+    # generative candidates too: a mistyped format is one error, not a 'not loadable' row per task
+    from fusionbench.evaluation.task_selection import score_generative_candidates
+    with pytest.raises(FusionBenchError, match="unknown generative format.*'fewshott'"):
+        score_generative_candidates(lm, tok, ["qa_wikidata"], ["fewshott"])
 
 
 @pytest.mark.parametrize("strategy", ["mlp", "full_finetune"])

@@ -78,8 +78,11 @@ def score_generative_candidates(lm, tokenizer, tasks: list[str], formats: list[s
                                 margin: float = MARGIN, log=print) -> list[dict[str, Any]]:
     """One row per generative (task, format): n and the base LM's exact match; ``keep`` when
     n >= ``MIN_ITEMS`` and exact match >= ``margin`` (there is something to forget)."""
-    from fusionbench.evaluation.text_suite import TextSuite, load_generative, score_text_suite
+    from fusionbench.evaluation.text_suite import GEN_FORMATS, TextSuite, load_generative, score_text_suite
 
+    unknown = [f for f in formats if f not in GEN_FORMATS]
+    if unknown:  # before any scoring: a mistyped format is not a task that failed to load
+        raise FusionBenchError(f"unknown generative format(s) {unknown}; known: {', '.join(GEN_FORMATS)}")
     rows = []
     for task in tasks:
         for fmt in formats:
