@@ -276,7 +276,7 @@ def _bigbench_rows(name: str, seed: int, fmt: str | None = None) -> list[dict[st
     legacy :data:`LOCAL_TASKS` layout (BIG-bench prompt, choices in the file's order); ``fmt``
     ``bigbench`` / ``plain``: the built-in suite's prompt in that format, each item's choices in
     the order the suite lists them for ``eval.text.seed`` = ``seed``."""
-    from fusionbench.evaluation.text_suite import _bigbench_tasks, _format
+    from fusionbench.evaluation.text_suite import _bigbench_tasks, _format, choice_order_rng
 
     task = _bigbench_tasks([name])[name]
     examples = [e for e in task["examples"]
@@ -286,9 +286,8 @@ def _bigbench_rows(name: str, seed: int, fmt: str | None = None) -> list[dict[st
     for item in rng.permutation(len(examples)).tolist():
         if fmt is None:
             context, conts, correct = _format(task, examples[item])
-        else:  # the suite's per-item choice order (text_suite.load_text_suite)
-            order = np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(name.encode()), item]))
-            context, conts, correct = _format(task, examples[item], order, fmt)
+        else:  # the suite's per-item choice order
+            context, conts, correct = _format(task, examples[item], choice_order_rng(seed, name, item), fmt)
         rows.append({"item": item, "context": context, "choices": [c[1:] for c in conts],
                      "gold": [j for j, ok in enumerate(correct) if ok]})
     return rows
@@ -413,8 +412,8 @@ def score_with_lm_eval(model_or_lm: nn.Module, tokenizer=None, tasks: list[str] 
     LM with its ``tokenizer``. ``tasks``: offline short names (:data:`LOCAL_TASKS`), BIG-bench
     multiple-choice tasks as ``task:format`` (offline, :func:`offline_task`; scores under the bare
     task name, as the built-in suite's), names of tasks in ``include_path`` (a folder of lm-eval
-    YAMLs), or any lm-eval task / group name (needs the Hugging Face hub). ``limit``: the first ``limit`` docs of each task (the offline tasks' docs are
-    in a seeded random order). Returns, per task (offline tasks under their short name):
+    YAMLs), or any lm-eval task / group name (needs the Hugging Face hub). ``limit``: the first
+    ``limit`` docs of each task (the offline tasks' docs are in a seeded random order). Returns, per task (offline tasks under their short name):
     ``text/<task>/<metric>`` (``acc``, ``acc_norm``, ``word_perplexity``, ``byte_perplexity``,
     ``bits_per_byte``, ...; a filter other than lm-eval's ``none`` is appended as
     ``<metric>_<filter>``), ``text/<task>/<metric>_stderr`` where lm-eval computes one (closed

@@ -206,6 +206,12 @@ def _format(task: dict, example: dict, rng: np.random.Generator | None = None,
     return prompt, [" " + c.strip() for c in names], [bool(targets[c]) for c in names]
 
 
+def choice_order_rng(seed: int, task: str, item: int) -> np.random.Generator:
+    """The generator of the order an item's choices are listed and scored in: one per (seed, task,
+    item), so the order does not depend on which other items or tasks are drawn."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(task.encode()), item]))
+
+
 def task_specs(tasks, default_format: str, formats: tuple[str, ...] = FORMATS) -> list[tuple[str, str]]:
     """``eval.text.tasks`` entries as ``(task, format)``: ``name`` (in ``eval.text.format``) or
     ``name:format`` (the format the task selection kept for it)."""
@@ -245,8 +251,7 @@ def load_text_suite(cfg) -> TextSuite:
                     if "target_scores" in e and sum(bool(v) for v in e["target_scores"].values()) >= 1]
         pick = rng.permutation(len(examples))[: cfg.n_per_task]
         for item in sorted(pick.tolist()):
-            order_rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), zlib.crc32(name.encode()), item]))
-            context, conts, correct = _format(task, examples[item], order_rng, fmt)
+            context, conts, correct = _format(task, examples[item], choice_order_rng(cfg.seed, name, item), fmt)
             for cont, ok in zip(conts, correct):
                 rows.append({"task": name, "item": item, "context": context, "continuation": cont, "correct": ok})
     choices = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
