@@ -67,9 +67,8 @@ def _ready(name: str) -> bool:
         from fusionbench.data.sources.cifar_grid import CACHE_FILE
         return (root / "data" / "cifar10_test" / CACHE_FILE).exists()
     if name == "text_suite":
-        bigbench = root / "pypi" / "bigbench"
-        return (bigbench.is_dir() and any(p.suffix == ".gz" and not p.name.startswith(".") for p in bigbench.iterdir())
-                and (root / "debian" / "r-cran-janeaustenr" / ".unpacked").exists())
+        from fusionbench.assets.pypi import _archives  # what pypi.download takes as a finished download
+        return bool(_archives(cache_dir("pypi", "bigbench"))) and (root / "debian" / "r-cran-janeaustenr" / ".unpacked").exists()
     raise KeyError(name)
 
 
