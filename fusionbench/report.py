@@ -8,9 +8,10 @@ What it writes (``paper/figures/*.{pdf,png}``, ``paper/tables/*``):
   highlighted), ``spatial_relations`` (per relation), ``forgetting`` (bars), ``forgetting_curves``
   (during training), ``val_curves`` (convergence: val accuracy and loss per step), ``probe_curves``
   (depth probes per layer), ``efficiency`` (accuracy vs trainable parameters and training FLOPs);
-  tables ``main.tex`` (mean ± 95% CI over seeds), ``convergence.tex`` (how near a plateau each point
-  ended, from its own val curve), ``efficiency.tex`` and ``numbers.tex`` (the macros
-  ``paper/main.tex`` quotes);
+  tables ``main.tex`` (mean ± 95% CI over seeds), ``main_runs.tex`` (every row, seed by seed, as it
+  landed: commit, CPU, resume, accuracy beside its controls, wall time), ``convergence.tex`` (how near
+  a plateau each point ended, from its own val curve), ``efficiency.tex`` and ``numbers.tex`` (the
+  macros ``paper/main.tex`` quotes);
 * per other run table ``T`` (quickstart, ablations): ``tables/T.tex`` and ``figures/T.{pdf,png}``;
 * every summary also as Markdown (``tables/*.md``) for the README.
 
@@ -1050,6 +1051,60 @@ def compute_table(df: pd.DataFrame, out: Path) -> list[Path]:
     return [md]
 
 
+def _cpu(device: Any) -> str:
+    """A row's ``device`` as a short CPU name ("cpu:Intel(R) Xeon(R) Processor x2" -> "Intel Xeon")."""
+    if not isinstance(device, str) or not device:
+        return "not recorded"
+    name = re.sub(r"\(R\)|\(TM\)|\bProcessor\b|@.*$|\s+x\d+$", "", device.removeprefix("cpu:"))
+    return " ".join(name.split()) or device
+
+
+def runs_table(df: pd.DataFrame, out: Path, table: str) -> list[Path]:
+    """``<table>_runs.{md,tex}``: one line per training row of ``table`` (each seed of each point and
+    stage), in the order the rows landed: the commit and CPU it ran on, the step it resumed from, its
+    test choice accuracy beside the same model with shuffled images and chance, the image gain with
+    its paired 95% interval over items, spatial accuracy (shuffled), whether its val loss had
+    plateaued (``converged``), and its training and evaluation wall minutes. What the README's per-run paragraphs used to copy by hand."""
+    rows = df[(df["table"] == table) & (df["source"] == "run")]
+    if not len(rows):
+        return []
+
+    def num(r, key: str, fmt: str = "{:.3f}") -> str:
+        v = r.get(key)
+        return fmt.format(v) if v is not None and pd.notna(v) else "--"
+
+    def minutes(r, key: str) -> str:
+        v = r.get(key)
+        return f"{v / 60:.0f}" if v is not None and pd.notna(v) else "--"
+
+    order = {label: i for i, label in enumerate(dict.fromkeys(rows["label"]))}
+    rows = rows.assign(_order=rows["label"].map(order)).sort_values(["_order", "seed"], kind="stable")
+    lines = []
+    for r in rows.to_dict("records"):
+        gain = num(r, "mm/choice/image_gain", "{:+.3f}")
+        if gain != "--" and pd.notna(r.get("mm/choice/image_gain_ci_lo")):
+            gain += f" [{r['mm/choice/image_gain_ci_lo']:+.3f}, {r['mm/choice/image_gain_ci_hi']:+.3f}]"
+        spatial = num(r, "mm/choice/spatial/acc")
+        if spatial != "--" and pd.notna(r.get("mm/choice/spatial/acc_shuffled")):
+            spatial += f" ({r['mm/choice/spatial/acc_shuffled']:.3f})"
+        resumed = r.get("resumed_from_step")
+        lines.append({"point": r["label"], "seed": f"{r['seed']:.0f}", "commit": str(r.get("git_sha") or "--")[:7],
+                      "CPU": _cpu(r.get("device")),
+                      "resumed from step": f"{resumed:.0f}" if resumed is not None and pd.notna(resumed) else "--",
+                      "choice acc": num(r, "mm/choice/acc"), "shuffled images": num(r, "mm/choice/acc_shuffled"),
+                      "chance": num(r, "mm/choice/chance"), "image gain [95% CI]": gain,
+                      "spatial (shuffled)": spatial,
+                      "converged": {True: "yes", False: "no"}.get(r.get("converged"), "--"),
+                      "train min": minutes(r, "train_s"), "eval min": minutes(r, "eval_s")})
+    t = pd.DataFrame(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    tex, md = out / f"{table}_runs.tex", out / f"{table}_runs.md"
+    tex.write_text(_latex(t, f"results/{table}.jsonl: every training row (seed) as it landed; image gain = acc - acc "
+                             "with shuffled images, paired bootstrap 95% CI over items; wall minutes"))
+    md.write_text(_markdown(t))
+    return [tex, md]
+
+
 # -- entry point -----------------------------------------------------------------------------------
 README_BLOCK = re.compile(r"(<!-- report: ([\w.-]+\.md) -->\n)(.*?)(<!-- /report -->)", re.S)
 
@@ -1104,6 +1159,7 @@ def report(results_dir: str | Path | list[str | Path] = "results", paper_dir: st
     written += efficiency_table(s, tabs)
     written += numbers(s, df[df["source"] == "run"] if len(runs) else df, tabs)
     written += compute_table(df, tabs)
+    written += runs_table(df, tabs, main)
     for table in tables:  # pre-registered contrasts: comparisons.* (main table), <table>_comparisons.*
         if declared_contrasts(df[df["table"] == table]):
             cmp = comparisons(df, table)

@@ -447,3 +447,39 @@ def test_convergence_table_reads_each_points_own_val_curve(tmp_path):
     figs = fig_val_curves(s, tmp_path)
     assert [p.name for p in figs] == ["val_curves.pdf", "val_curves.png"] and all(p.stat().st_size for p in figs)
     assert convergence_table(s.drop(columns="val_curve"), tmp_path / "none") == []
+
+
+def test_the_runs_table_lists_every_seed_as_it_landed_with_its_controls_and_provenance(tmp_path):
+    """main_runs.md: one line per training row, grouped by point in landing order and by seed
+    within it, with commit, short CPU name, resume step, accuracy beside shuffled images and chance,
+    the image gain's interval, spatial (shuffled), convergence and wall minutes; missing values read
+    "--" instead of being invented; eval rows and other tables are left out."""
+    from fusionbench.report import runs_table
+
+    base = {"table": "main", "source": "run", "stage": "main", "git_sha": "abcdef123456", "train_s": 1920.0,
+            "eval_s": 1470.0, "mm/choice/chance": 0.294, "converged": False}
+    rows = pd.DataFrame([
+        {**base, "label": "mlp", "seed": 1, "device": "cpu:AMD EPYC x2", "resumed_from_step": 450.0,
+         "mm/choice/acc": 0.576, "mm/choice/acc_shuffled": 0.291, "mm/choice/image_gain": 0.285,
+         "mm/choice/image_gain_ci_lo": 0.266, "mm/choice/image_gain_ci_hi": 0.305,
+         "mm/choice/spatial/acc": 0.524, "mm/choice/spatial/acc_shuffled": 0.383},
+        {**base, "label": "blind (mlp)", "seed": 0, "device": "cpu:Intel(R) Xeon(R) Processor x2",
+         "mm/choice/acc": 0.306, "converged": True},
+        {**base, "label": "mlp", "seed": 0, "device": None, "train_s": None},
+        {**base, "label": "mlp", "seed": 2, "source": "eval", "mm/choice/acc": 0.9},
+        {**base, "table": "pilot", "label": "mlp", "seed": 3, "mm/choice/acc": 0.9},
+    ])
+    assert [p.name for p in runs_table(rows, tmp_path, "main")] == ["main_runs.tex", "main_runs.md"]
+    md = (tmp_path / "main_runs.md").read_text().splitlines()
+    head = [c.strip() for c in md[0].strip("|").split("|")]
+    lines = [dict(zip(head, [c.strip() for c in line.strip("|").split("|")])) for line in md[2:]]
+    assert [(r["point"], r["seed"]) for r in lines] == [("mlp", "0"), ("mlp", "1"), ("blind (mlp)", "0")]
+    mlp0, mlp1, blind = lines
+    assert mlp1 == {"point": "mlp", "seed": "1", "commit": "abcdef1", "CPU": "AMD EPYC", "resumed from step": "450",
+                    "choice acc": "0.576", "shuffled images": "0.291", "chance": "0.294",
+                    "image gain [95% CI]": "+0.285 [+0.266, +0.305]", "spatial (shuffled)": "0.524 (0.383)",
+                    "converged": "no", "train min": "32", "eval min": "24"}
+    assert blind["CPU"] == "Intel Xeon" and blind["image gain [95% CI]"] == "--" and blind["converged"] == "yes"
+    assert mlp0["CPU"] == "not recorded" and mlp0["train min"] == "--" and mlp0["choice acc"] == "--"
+    assert "\\begin{tabular}" in (tmp_path / "main_runs.tex").read_text()
+    assert runs_table(rows, tmp_path / "none", "quickstart") == []
