@@ -292,3 +292,38 @@ def test_main_study_trains_each_strategy_at_its_lr_sweeps_winner():
         assert main_lr[strategy] in winners, (strategy, main_lr[strategy], values)
         checked.append(strategy)
     assert {"mlp", "visual_expert", "flamingo"} <= set(checked), (checked, unfinished)
+
+
+def test_the_cpu_study_queue_runs_every_contrast_strategy_first_and_names_only_real_points(tmp_path):
+    """scripts/study_cpu.sh (the background queue of the CPU study): every label it passes to
+    ``--only`` is a point of experiments/main.yaml (a renamed variant fails here, not days into a
+    sweep), every side of every pre-registered contrast is in it, and each of those has its own
+    learning rate; with DRY_RUN=1 it starts nothing (checked with a stub python that records calls)."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    from fusionbench.sweep import select
+
+    script = (ROOT / "scripts" / "study_cpu.sh").read_text()
+    order = re.findall(r'"([^"]+)"', re.search(r"^MAIN_ORDER=\((.*)\)$", script, re.M).group(1))
+    cfg = load_config(ROOT / "experiments" / "main.yaml")
+    points = grid_points(cfg)
+    for label in order:
+        assert select(points, [label]), label
+    sides = {c[s] for c in cfg.contrasts for s in ("a", "b")}
+    assert sides <= set(order), sorted(sides - set(order))
+    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "experiments" / "main.yaml").grid.variant)
+    named = {v.get("label", v["fusion"]["name"]): v for v in raw}
+    assert all("trainer.lr" in named[label] for label in order), [x for x in order if "trainer.lr" not in named[x]]
+    # the queue itself: one sweep per label, then lr.yaml and compute_matched.yaml, all dry runs
+    stub = tmp_path / "py"
+    stub.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
+    stub.chmod(0o755)
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "study_cpu.sh")], env={**ENV, "PY": str(stub), "DRY_RUN": "1"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == len(order) + 2 and all(c.endswith("--dry-run") for c in calls)
+    assert calls[-2].startswith("-m fusionbench sweep experiments/ablations/lr.yaml")
+    assert calls[-1].startswith("-m fusionbench sweep experiments/ablations/compute_matched.yaml")

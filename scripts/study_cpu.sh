@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The CPU study's background queue (issue 14), in its pre-registered order: the main grid's contrast
+# strategies first (every seed of one before the next), then the rest of the learning-rate sweep,
+# then the compute-matched ablation. Every step is `fusionbench sweep`, which skips finished points
+# (rows in results/*.jsonl) and resumes killed ones from their newest checkpoint, so rerunning this
+# script after a kill, a reboot or a session end continues where it stopped.
+#
+#   bash scripts/study_cpu.sh                       # in this checkout
+#   WORKTREE=/work/wt2 bash scripts/study_cpu.sh    # in a detached worktree of HEAD (see below)
+#   DRY_RUN=1 bash scripts/study_cpu.sh             # each sweep's points and states, nothing runs
+#
+# WORKTREE: the sweep runs the code of a detached worktree (created at HEAD when missing), so you can
+# keep editing this checkout while it runs; its rows still land in this checkout's results/*.jsonl
+# (symlinked) and its run directories in RUNS_DIR (default ~/.cache/fusionbench_runs, symlinked as
+# the worktree's runs/). Move the worktree to a newer commit only between points, after checking
+# with DRY_RUN=1 that no finished point's config hash changed.
+#
+# main.yaml's linear, qformer, prefix and c_abstractor have no learning rate of their own until the
+# LR sweep has chosen one (by hand, into main.yaml, as the others'); add them to MAIN_ORDER then.
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PY:-$HERE/.venv/bin/python}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
+MAIN_ORDER=("mlp" "blind (mlp)" "visual_expert" "flamingo" "full_finetune" "lora" "moe" "moe_scratch")
+TABLES=(main ablation_lr ablation_compute_matched)
+
+DIR=$HERE
+if [ -n "${WORKTREE:-}" ]; then
+  RUNS_DIR=${RUNS_DIR:-$HOME/.cache/fusionbench_runs}
+  if [ ! -d "$WORKTREE" ]; then
+    git -C "$HERE" worktree prune
+    git -C "$HERE" worktree add --detach "$WORKTREE" HEAD || exit 1
+  fi
+  mkdir -p "$RUNS_DIR"
+  [ -L "$WORKTREE/runs" ] || { rm -rf "$WORKTREE/runs"; ln -s "$RUNS_DIR" "$WORKTREE/runs"; }
+  for t in "${TABLES[@]}"; do
+    [ -L "$WORKTREE/results/$t.jsonl" ] || { rm -f "$WORKTREE/results/$t.jsonl"; ln -s "$HERE/results/$t.jsonl" "$WORKTREE/results/$t.jsonl"; }
+  done
+  DIR=$WORKTREE
+fi
+cd "$DIR" || exit 1
+export PYTHONPATH=$DIR
+
+failed=0
+sw() {
+  echo "=== $(date -u +%FT%TZ) sweep $* (in $DIR, $(git rev-parse --short HEAD))"
+  $PY -m fusionbench sweep "$@" ${DRY_RUN:+--dry-run}
+  local rc=$?
+  echo "=== $(date -u +%FT%TZ) rc $rc"
+  [ $rc -eq 0 ] || failed=$((failed + 1))
+}
+for v in "${MAIN_ORDER[@]}"; do
+  sw experiments/main.yaml --only "$v"
+done
+sw experiments/ablations/lr.yaml
+sw experiments/ablations/compute_matched.yaml
+exit $((failed > 0))
