@@ -119,6 +119,9 @@ def _cmd_list(args) -> None:
 
     print("fusion strategies:", ", ".join(FUSIONS.names()))
     print("datasets:", ", ".join(DATASETS.names()))
+    for reg in (FUSIONS, DATASETS):
+        for module, why in reg.broken.items():
+            print(f"fusionbench: warning: {module} failed to import, so its {reg.kind} is missing: {why}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fusionbench.errors import FusionBenchError, did_you_mean
+from fusionbench.errors import FusionBenchError, did_you_mean, first_line
 
 
 @dataclass
@@ -290,7 +290,7 @@ def _merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         try:
             node = OmegaConf.from_dotlist([item]).get(key)
         except yaml.YAMLError as e:
-            raise FusionBenchError(f"override {key}: the value {value!r} is not valid YAML ({str(e).splitlines()[0]})"
+            raise FusionBenchError(f"override {key}: the value {value!r} is not valid YAML ({first_line(e)})"
                                    + ("; in a {key: value} mapping YAML needs a space after each colon"
                                       if ":" in value else "")) from None
         _no_glued_colons(key, node, value)
@@ -330,7 +330,7 @@ def _apply(cfg: DictConfig, key: str, node: Any, item: str | None = None) -> Dic
 
 def _explain(e: OmegaConfBaseException, path: Any) -> str:
     key = getattr(e, "full_key", None) or ""
-    msg = str(e).splitlines()[0]
+    msg = first_line(e)
     where = f" in {path}" if path else ""
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
         parent = key.rsplit(".", 1)[0] if "." in key else ""

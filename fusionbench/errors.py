@@ -16,3 +16,9 @@ class FusionBenchError(Exception):
 
 class AssetUnavailable(FusionBenchError):
     """A backbone or dataset cannot be obtained here (no hub access, missing package file, ...)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, for quoting it in one-line errors (the
+    exception's type name when the message is empty: ``str(IndexError())`` is "")."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)

@@ -178,6 +178,12 @@ class VisionLanguageModel(nn.Module):
             raise FusionBenchError(f"each sequence needs exactly {n} image placeholders for strategy "
                                    f"{self.fusion.registry_name!r}, got {per_row.tolist()}")
         image_embeds = self.fusion.image_embeddings(features).to(embeds.dtype)
+        expected = (input_ids.shape[0], n, embeds.shape[-1])
+        if tuple(image_embeds.shape) != expected:  # masked_scatter would mix items or fail deep in torch
+            raise FusionBenchError(
+                f"strategy {self.fusion.registry_name!r}: image_embeddings returned shape {tuple(image_embeds.shape)}, "
+                f"expected {expected} (batch, num_image_tokens, the LM's hidden size); its num_image_tokens "
+                "must match the tokens it returns")
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), image_embeds)
         return embeds, image_mask
 

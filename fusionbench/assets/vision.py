@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fusionbench.config import VisionConfig
-from fusionbench.errors import AssetUnavailable, FusionBenchError
+from fusionbench.errors import AssetUnavailable, FusionBenchError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -160,7 +160,7 @@ def _hub_tower(cfg: VisionConfig) -> HFVisionTower:
     except (OSError, ValueError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = "the hub is not reachable (HF_HUB_OFFLINE=1) and it is not in the local HF cache" if offline \
-            else str(e).splitlines()[0]
+            else first_line(e)
         raise AssetUnavailable(f"cannot load vision encoder {name!r}: {why}. Use vision.source="
                                f"efficientnet_lite0 (embedded default), tiny_cnn, tiny_vit or a local path.") from None
     if hasattr(model, "vision_model"):  # CLIP / SigLIP dual encoders: keep the vision tower

@@ -69,11 +69,18 @@ def encode(tokenizer, question: str, answer: str | None, num_image_tokens: int,
     ids = with_bos(tokenizer, ids)
     labels = [IGNORE_INDEX] * len(ids)
     if answer is not None:
-        answer_ids = tokenizer(" " + answer.strip() if _needs_space(tokenizer) else answer.strip(),
-                               add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        ids += answer_ids
-        labels += answer_ids
+        target = answer_ids(tokenizer, answer)
+        ids += target
+        labels += target
     return ids, labels
+
+
+def answer_ids(tokenizer, answer: str, eos: bool = True) -> list[int]:
+    """An answer's tokens as :func:`encode` appends them to a prompt (``eos``: with the
+    end-of-sequence token; choice scoring scores a candidate without it)."""
+    ids = tokenizer(" " + answer.strip() if _needs_space(tokenizer) else answer.strip(),
+                    add_special_tokens=False).input_ids
+    return ids + [tokenizer.eos_token_id] if eos else ids
 
 
 def _needs_space(tokenizer) -> bool:
@@ -123,13 +130,20 @@ class Collator:
 
 
 def check_lengths(tokenizer, dataset, num_image_tokens: int, max_length: int, name: str) -> int:
-    """Fail before compute if any example is longer than ``max_length``; returns the longest."""
+    """Fail before compute if any example is longer than ``max_length`` (with its answer, or with
+    its longest choice candidate, which choice scoring appends in the answer's place); returns the
+    longest."""
     longest, worst = 0, None
-    for q, a, t in zip(dataset["question"], dataset["answer"], dataset["qtype"]):
-        n = len(encode(tokenizer, q, a, num_image_tokens, system_prompt=system_prompt_for(t))[0])
+    candidates = dataset["choices"] if "choices" in dataset.column_names else None
+    for i, (q, a, t) in enumerate(zip(dataset["question"], dataset["answer"], dataset["qtype"])):
+        answers = {a, *((candidates[i] or []) if candidates is not None else [])}
+        answer = max(answers, key=lambda c: len(answer_ids(tokenizer, str(c)))) if len(answers) > 1 else a
+        n = len(encode(tokenizer, q, str(answer), num_image_tokens, system_prompt=system_prompt_for(t))[0])
         if n > longest:
-            longest, worst = n, q
+            longest, worst = n, (q if answer == a else f"{q} ... {answer}")
     if longest > max_length:
-        raise FusionBenchError(f"{name}: example {worst!r} is {longest} tokens with {num_image_tokens} image tokens, "
-                               f"over trainer.max_length={max_length}; raise trainer.max_length or shorten the text")
+        shown = worst if len(worst) <= 120 else f"{worst[:60]} ... {worst[-40:]} ({len(worst)} characters)"
+        raise FusionBenchError(f"{name}: example {shown!r} is {longest} tokens with {num_image_tokens} image tokens "
+                               f"and its answer (or longest choice candidate), over trainer.max_length={max_length}; "
+                               "raise trainer.max_length or shorten the text")
     return longest

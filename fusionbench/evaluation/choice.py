@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fusionbench.data.controls import derangement
-from fusionbench.data.format import _needs_space, encode, system_prompt_for
+from fusionbench.data.format import answer_ids, encode, system_prompt_for
 from fusionbench.errors import FusionBenchError
 from fusionbench.evaluation.text_suite import _pad
 from fusionbench.stats import bootstrap_diff
@@ -31,8 +31,7 @@ CONDITIONS = ("image", "shuffled", "no_image")
 
 def candidate_tokens(tokenizer, answer: str) -> list[int]:
     """The tokens of ``answer`` exactly as a training target writes it (end-of-turn excluded)."""
-    text = " " + answer.strip() if _needs_space(tokenizer) else answer.strip()
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids = answer_ids(tokenizer, answer, eos=False)
     if not ids:
         raise FusionBenchError(f"candidate answer {answer!r} has no tokens")
     return ids

@@ -47,7 +47,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import nn
 
 from fusionbench.assets.paths import cache_dir
-from fusionbench.errors import FusionBenchError
+from fusionbench.errors import FusionBenchError, first_line
 
 #: bump when the local tasks' data (item order, formatting, passages) change
 LM_EVAL_SUITE_VERSION = "lm-eval-suite-v1"
@@ -467,7 +467,7 @@ def _check_hub_tasks(manager, names: list[str]) -> None:
     except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many types for "no data"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
         why = ("the Hugging Face hub is not reachable here (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1) and their data "
-               "is not in the local HF datasets cache") if offline else f"{type(e).__name__}: {str(e).splitlines()[0]}"
+               "is not in the local HF datasets cache") if offline else f"{type(e).__name__}: {first_line(e)}"
         raise FusionBenchError(
             f"cannot load lm-eval task(s) {names}: {why}. The offline tasks are: {', '.join(LOCAL_TASKS)} and any "
             f"BIG-bench multiple-choice task as task:format (format bigbench or plain); "

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from fusionbench.errors import FusionBenchError, did_you_mean
+from fusionbench.errors import FusionBenchError, did_you_mean, first_line
 from fusionbench.fusion.inject import injected_parameter_names
 from fusionbench.registry import Registry
 
@@ -60,7 +60,7 @@ def fusion_options(node: Any) -> DictConfig:
         if "not in struct" in str(e) or "Key '" in str(e):
             raise FusionBenchError(f"unknown option 'fusion.{key}' for strategy {name!r}.{hint} "
                                    f"Options: {', '.join(fields)}") from None
-        raise FusionBenchError(f"invalid value for 'fusion.{key}' ({name}): {str(e).splitlines()[0]}") from None
+        raise FusionBenchError(f"invalid value for 'fusion.{key}' ({name}): {first_line(e)}") from None
     return merged
 
 

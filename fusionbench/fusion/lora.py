@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fusionbench.errors import FusionBenchError
+from fusionbench.errors import FusionBenchError, first_line
 from fusionbench.fusion._lm import PROJECTIONS, decoder_layers, peft_model
 from fusionbench.fusion.base import register
 from fusionbench.fusion.projector import MLPOptions, MLPProjector
@@ -85,7 +85,7 @@ class LoraFusion(MLPProjector):
             vlm.lm = peft_model(vlm.lm, config)
         except ValueError as e:
             raise FusionBenchError(f"lora: peft could not apply target_modules {o.target_modules!r}: "
-                                   f"{str(e).splitlines()[0]}") from None
+                                   f"{first_line(e)}") from None
 
     def base_lm(self, vlm):
         """The base LM exactly: LoRA adapters off (peft ``disable_adapter``)."""

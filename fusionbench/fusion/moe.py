@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusionbench.errors import FusionBenchError
+from fusionbench.errors import FusionBenchError, first_line
 from fusionbench.fusion.base import register
 from fusionbench.fusion.inject import inject_layers
 from fusionbench.fusion.projector import MLPOptions, MLPProjector
@@ -116,7 +116,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FusionBenchError(f"fusion.init_from: cannot read {path}: {str(e).splitlines()[0]}") from None
+        raise FusionBenchError(f"fusion.init_from: cannot read {path}: {first_line(e)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
     if not isinstance(obj, dict):

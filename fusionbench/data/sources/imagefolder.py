@@ -30,7 +30,7 @@ import datasets
 
 from fusionbench.data import register_dataset
 from fusionbench.data.sources.scenes import check_options, plain, split_rng
-from fusionbench.errors import FusionBenchError
+from fusionbench.errors import FusionBenchError, first_line
 
 NAME = "imagefolder"
 DEFAULTS = {"path": "", "annotations": "annotations.jsonl", "bad_images": "fail", "balance_test": True}
@@ -62,10 +62,12 @@ def _read(folder: Path, annotations: str) -> datasets.Dataset:
     kind = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(file.suffix.lower())
     if kind is None:
         raise FusionBenchError(f"dataset {NAME!r}: {file.name} must be .jsonl or .csv")
+    if not file.read_text(errors="replace").strip():
+        raise FusionBenchError(f"dataset {NAME!r}: {file} is empty (one item per line: image, question, answer)")
     try:
         ds = datasets.load_dataset(kind, data_files=str(file), split="train")
     except Exception as e:
-        raise FusionBenchError(f"dataset {NAME!r}: cannot read {file}: {str(e).splitlines()[0]}") from None
+        raise FusionBenchError(f"dataset {NAME!r}: cannot read {file}: {first_line(e)}") from None
     missing = {"image", "question", "answer"} - set(ds.column_names)
     if missing:
         raise FusionBenchError(f"dataset {NAME!r}: {file.name} lacks the columns {sorted(missing)} "
