@@ -279,6 +279,50 @@ def checkpoint_step(path: Path) -> int | None:
         return None
 
 
+#: set to 1 to continue from (or evaluate) a checkpoint that other code trained (see check_checkpoint_code)
+RESUME_OTHER_CODE = "FUSIONBENCH_RESUME_OTHER_CODE"
+
+
+def checkpoint_code(path: Path) -> str | None:
+    """The ``code_hash`` of the code that saved a stage checkpoint (None: none there, unreadable, or
+    saved by a fusionbench older than this record)."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("fusionbench_code_hash")
+    except Exception:  # a half-written file: checkpoint_step ignores it too
+        return None
+
+
+def check_checkpoint_code(cfg: DictConfig, stages: list[DictConfig], done_stages) -> dict[str, str]:
+    """Before any compute: a stage checkpoint in the run directory that other code trained (its
+    recorded ``code_hash`` differs from this code's) is not continued from or evaluated silently,
+    since after an edit to a strategy its weights are not what this code would train. One error
+    saying what to do, unless ``FUSIONBENCH_RESUME_OTHER_CODE=1`` (then the rows record the
+    checkpoint's code as ``trained_code_hash``). Returns stage -> that other code hash."""
+    import os
+
+    other = {}
+    for stage in stages:
+        if stage.name in done_stages or not stage.trainer.checkpoint:
+            continue
+        ckpt = stage_checkpoint(run_dir_of(cfg), stage.name)
+        trained_by = checkpoint_code(ckpt)
+        if trained_by is not None and trained_by != code_hash():
+            other[stage.name] = trained_by
+    if other and os.environ.get(RESUME_OTHER_CODE) != "1":
+        stage, trained_by = next(iter(other.items()))
+        raise FusionBenchError(
+            f"stage {stage}: {stage_checkpoint(run_dir_of(cfg), stage)} was trained by other code (code_hash "
+            f"{trained_by}; this code is {code_hash()}), so its weights may not be what this code trains. To train "
+            f"again, delete {run_dir_of(cfg)} or set another output_dir; to continue from it anyway (e.g. the "
+            f"change does not touch training), set {RESUME_OTHER_CODE}=1: the row then records trained_code_hash")
+    for stage, trained_by in other.items():
+        log(f"stage {stage}: continuing from a checkpoint trained by other code ({trained_by}; "
+            f"{RESUME_OTHER_CODE}=1); its row records trained_code_hash")
+    return other
+
+
 def load_stage_checkpoint(model: VisionLanguageModel, path: Path, stage: str) -> None:
     state = torch.load(path, map_location="cpu", weights_only=False)
     model.set_stage(state.get("fusionbench_stage", stage))
@@ -309,6 +353,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
     if evaluate:
         check_writable(cfg.results_file)  # before any compute: the rows must have somewhere to go
     plan = stage_plan(cfg)
+    other_code = check_checkpoint_code(cfg, plan, done_stages)
     prep = Prepared(cfg, text_suite=evaluate and cfg.eval.text_suite, evaluate=evaluate)  # everything that can fail on bad input fails here, before training
     model, data, tok = prep.model, prep.data, prep.tokenizer
     run_dir = run_dir_of(cfg)
@@ -332,6 +377,8 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
         model.set_stage(stage.name)
         data.train_cfg = tcfg
         extra: dict[str, Any] = {}
+        if stage.name in other_code:
+            extra["trained_code_hash"] = other_code[stage.name]
         if tcfg.flops_budget > 0:
             steps, per_step = steps_for_budget(model, data, tcfg)
             tcfg = OmegaConf.merge(tcfg, {"max_steps": steps})

@@ -178,6 +178,43 @@ def test_a_checkpoint_of_another_training_order_is_refused(tmp_path, monkeypatch
         run_point(cfg)
 
 
+def test_a_checkpoint_that_other_code_trained_is_not_reused_silently(tmp_path, monkeypatch, capsys):
+    """After the code changes (e.g. a strategy edited), a run directory's finished or partial
+    checkpoint is one error before any compute instead of being evaluated as if this code had
+    trained it; FUSIONBENCH_RESUME_OTHER_CODE=1 continues from it and the row records which code
+    trained it. A checkpoint of the same code is reused as before."""
+    import fusionbench.runner as runner
+    from fusionbench.errors import FusionBenchError
+    from fusionbench.results import code_hash, read_rows
+
+    cfg = tiny_cfg("fusion=linear", "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2", "eval.val_items=0",
+                   tmp_path=tmp_path)
+    _kill_at(monkeypatch, 3)
+    with pytest.raises(Killed):
+        run_point(cfg)
+    monkeypatch.undo()
+    ckpt = next(tmp_path.glob("**/checkpoints/main/last.ckpt"))
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["fusionbench_code_hash"] == code_hash()
+    monkeypatch.setattr(runner, "code_hash", lambda: "edited000000")
+    prepared = []
+    monkeypatch.setattr(runner, "Prepared", lambda *a, **k: prepared.append(1))
+    with pytest.raises(FusionBenchError, match=r"trained by other code \(code_hash \w+; this code is edited000000\).*"
+                                               r"FUSIONBENCH_RESUME_OTHER_CODE=1"):
+        run_point(cfg)
+    assert not prepared  # before any compute
+    monkeypatch.undo()
+    monkeypatch.setattr(runner, "code_hash", lambda: "edited000000")
+    monkeypatch.setenv("FUSIONBENCH_RESUME_OTHER_CODE", "1")
+    [row] = run_point(cfg)
+    assert row["trained_code_hash"] == code_hash() and row["resumed_from_step"] == 2
+    assert "continuing from a checkpoint trained by other code" in capsys.readouterr().err
+    assert read_rows(cfg.results_file)[0]["trained_code_hash"] == code_hash()
+    monkeypatch.undo()
+    # the same code: a finished checkpoint is evaluated again without complaint, and no trained_code_hash
+    [again] = run_point(cfg)
+    assert "trained_code_hash" not in again
+
+
 def test_curves_travel_in_the_checkpoint():
     """The forgetting and validation curves keep their earlier points across a resume, and the
     forgetting curve's step-0 point (scored at ``on_train_start``) is not scored again mid-run."""

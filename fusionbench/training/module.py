@@ -9,6 +9,7 @@ import torch
 
 from fusionbench.config import TrainConfig
 from fusionbench.model import VisionLanguageModel
+from fusionbench.results import code_hash
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -76,6 +77,8 @@ class FusionModule(L.LightningModule):
         keep = {f"model.{n}" for n in self.model.trainable_parameter_names()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["fusionbench_stage"] = self.model.stage
+        # which code trained these weights: a run restarted after the code changed must not reuse them silently
+        checkpoint["fusionbench_code_hash"] = code_hash()
         # the random streams (dropout, ...) as they are at this step: a resumed run draws what the
         # uninterrupted one would have
         # (plain types and tensors: the checkpoint stays loadable with ``weights_only=True``)
