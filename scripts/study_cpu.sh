@@ -13,7 +13,8 @@
 # keep editing this checkout while it runs; its rows still land in this checkout's results/*.jsonl
 # (symlinked) and its run directories in RUNS_DIR (default ~/.cache/fusionbench_runs, symlinked as
 # the worktree's runs/). Move the worktree to a newer commit only between points, after checking
-# with DRY_RUN=1 that no finished point's config hash changed.
+# with DRY_RUN=1 that no finished point's config hash changed (a point half-trained by one commit
+# refuses to continue under another unless FUSIONBENCH_RESUME_OTHER_CODE=1).
 #
 # main.yaml's linear, qformer, prefix and c_abstractor have no learning rate of their own until the
 # LR sweep has chosen one (by hand, into main.yaml, as the others'); add them to MAIN_ORDER then.
