@@ -136,9 +136,11 @@ def check_lengths(tokenizer, dataset, num_image_tokens: int, max_length: int, na
     longest, worst = 0, None
     candidates = dataset["choices"] if "choices" in dataset.column_names else None
     for i, (q, a, t) in enumerate(zip(dataset["question"], dataset["answer"], dataset["qtype"])):
-        answers = {a, *((candidates[i] or []) if candidates is not None else [])}
-        answer = max(answers, key=lambda c: len(answer_ids(tokenizer, str(c)))) if len(answers) > 1 else a
-        n = len(encode(tokenizer, q, str(answer), num_image_tokens, system_prompt=system_prompt_for(t))[0])
+        # encode(q, answer) is the prompt's tokens followed by answer_ids(answer)
+        lengths = {str(c): len(answer_ids(tokenizer, str(c)))
+                   for c in [a, *((candidates[i] or []) if candidates is not None else [])]}
+        answer = max(lengths, key=lengths.get)
+        n = len(encode(tokenizer, q, None, num_image_tokens, system_prompt=system_prompt_for(t))[0]) + lengths[answer]
         if n > longest:
             longest, worst = n, (q if answer == a else f"{q} ... {answer}")
     if longest > max_length:
