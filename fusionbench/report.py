@@ -1087,10 +1087,9 @@ def runs_table(df: pd.DataFrame, out: Path, table: str) -> list[Path]:
         spatial = num(r, "mm/choice/spatial/acc")
         if spatial != "--" and pd.notna(r.get("mm/choice/spatial/acc_shuffled")):
             spatial += f" ({r['mm/choice/spatial/acc_shuffled']:.3f})"
-        resumed = r.get("resumed_from_step")
         lines.append({"point": r["label"], "seed": f"{r['seed']:.0f}", "commit": str(r.get("git_sha") or "--")[:7],
                       "CPU": _cpu(r.get("device")),
-                      "resumed from step": f"{resumed:.0f}" if resumed is not None and pd.notna(resumed) else "--",
+                      "resumed from step": num(r, "resumed_from_step", "{:.0f}"),
                       "choice acc": num(r, "mm/choice/acc"), "shuffled images": num(r, "mm/choice/acc_shuffled"),
                       "chance": num(r, "mm/choice/chance"), "image gain [95% CI]": gain,
                       "spatial (shuffled)": spatial,

@@ -267,16 +267,26 @@ def read_stage_record(run_dir: str | Path, stage: str, steps: int) -> dict[str, 
     return record if record.get("steps") == steps else {}
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The global step a Lightning checkpoint was saved at (None: none there or unreadable, e.g.
-    cut short by a kill while writing)."""
+def _checkpoint_header(path: Path) -> dict[str, Any] | None:
+    """A Lightning checkpoint's dict, memory-mapped (None: none there or unreadable, e.g. cut short by
+    a kill while writing)."""
     if not path.exists():
         return None
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
-    except Exception:  # a half-written file from a kill: start the stage again
-        log(f"ignoring unreadable checkpoint {path}")
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # a half-written file from a kill
         return None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step a Lightning checkpoint was saved at (None: none there or unreadable, e.g.
+    cut short by a kill while writing)."""
+    header = _checkpoint_header(path)
+    if header is None or "global_step" not in header:
+        if path.exists():  # unreadable: start the stage again
+            log(f"ignoring unreadable checkpoint {path}")
+        return None
+    return int(header["global_step"])
 
 
 #: set to 1 to continue from (or evaluate) a checkpoint that other code trained (see check_checkpoint_code)
@@ -286,12 +296,8 @@ RESUME_OTHER_CODE = "FUSIONBENCH_RESUME_OTHER_CODE"
 def checkpoint_code(path: Path) -> str | None:
     """The ``code_hash`` of the code that saved a stage checkpoint (None: none there, unreadable, or
     saved by a fusionbench older than this record)."""
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("fusionbench_code_hash")
-    except Exception:  # a half-written file: checkpoint_step ignores it too
-        return None
+    header = _checkpoint_header(path)
+    return None if header is None else header.get("fusionbench_code_hash")
 
 
 def check_checkpoint_code(cfg: DictConfig, stages: list[DictConfig], done_stages) -> dict[str, str]:
