@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fusionbench.assets.paths import cache_dir
 from fusionbench.config import config_hash, grid_points
-from fusionbench.errors import FusionBenchError
+from fusionbench.errors import FusionBenchError, first_line
 from fusionbench.model import VisionLanguageModel
 from fusionbench.results import append_row, check_writable, code_hash, device_name, git_sha, provenance
 from fusionbench.training import FusionDataModule, FusionModule
@@ -147,6 +147,39 @@ def text_scores(cfg: DictConfig, model, tokenizer, suite=None, backend: str | No
     return score_text_suite(suite, model, tokenizer, batch_size=cfg.eval.batch_size, reference=reference)
 
 
+def hardware_kwargs(tcfg: DictConfig) -> dict[str, Any]:
+    """The ``trainer.*`` settings handed to ``lightning.Trainer`` as they are: where and how it runs."""
+    devices = OmegaConf.to_container(tcfg.devices) if OmegaConf.is_config(tcfg.devices) else tcfg.devices
+    return {"accelerator": tcfg.accelerator, "devices": devices, "num_nodes": tcfg.num_nodes,
+            "strategy": tcfg.strategy, "precision": tcfg.precision}
+
+
+_HARDWARE_CHECKED: set[str] = set()
+
+
+def check_hardware(tcfg: DictConfig, where: str = "") -> None:
+    """Lightning's own check of accelerator / devices / strategy / precision (a throwaway
+    ``Trainer`` built with them, no model): a mistyped strategy, an unknown precision or a GPU
+    accelerator on a machine without one is one error before any asset loads, not a traceback after."""
+    import logging
+
+    kw = hardware_kwargs(tcfg)
+    key = json.dumps(kw, sort_keys=True, default=str)
+    if key in _HARDWARE_CHECKED:
+        return
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # its "GPU available: ..." lines come again when the real Trainer starts
+    try:
+        L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+    except Exception as e:  # noqa: BLE001 - Lightning raises ValueError, MisconfigurationException, RuntimeError
+        settings = " ".join(f"trainer.{k}={v}" for k, v in kw.items())
+        raise FusionBenchError(f"{where}Lightning does not accept {settings}: {first_line(e)}") from None
+    finally:
+        quiet.setLevel(level)
+    _HARDWARE_CHECKED.add(key)
+
+
 def stage_plan(cfg: DictConfig) -> list[DictConfig]:
     """Stages as full configs ``[{name, trainer, data}]`` (each stage's ``trainer`` / ``data``
     merged over the top-level ones); one ``main`` stage when none are given. What trains in a stage
@@ -157,6 +190,7 @@ def stage_plan(cfg: DictConfig) -> list[DictConfig]:
     from fusionbench.fusion import FUSIONS
 
     if not cfg.stages:
+        check_hardware(cfg.trainer)
         return [OmegaConf.create({"name": "main", "trainer": cfg.trainer, "data": cfg.data})]
     known = FUSIONS.get(cfg.fusion.name).stage_names
     plan = []
@@ -173,6 +207,7 @@ def stage_plan(cfg: DictConfig) -> list[DictConfig]:
             data = OmegaConf.merge(cfg.data, stage.get("data", {}))
         except OmegaConfBaseException as e:
             raise FusionBenchError(_explain(e, f"stages[{i}] ({stage.name})")) from None
+        check_hardware(train, f"stages[{i}] ({stage.name}): ")
         plan.append(OmegaConf.create({"name": stage.name, "trainer": train, "data": data}))
     return plan
 
@@ -435,9 +470,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                 callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
                     dirpath=ckpt_dir, save_top_k=0, save_last=True,
                     every_n_train_steps=tcfg.checkpoint_every_n_steps or None))
-            trainer = L.Trainer(max_steps=tcfg.max_steps, accelerator=tcfg.accelerator, devices=tcfg.devices,
-                                num_nodes=tcfg.num_nodes,
-                                strategy=tcfg.strategy, precision=tcfg.precision,
+            trainer = L.Trainer(max_steps=tcfg.max_steps, **hardware_kwargs(tcfg),
                                 gradient_clip_val=tcfg.grad_clip or None,
                                 logger=make_logger(tcfg.logger, run_dir, stage.name),
                                 callbacks=callbacks, log_every_n_steps=tcfg.log_every_n_steps,

@@ -75,6 +75,8 @@ def sweep(cfg: DictConfig, only: list[str] | None = None) -> dict[str, Any]:
     points = select(grid_points(cfg), only)  # every point validated before the first one starts
     if not points:
         raise FusionBenchError("the grid has no points")
+    for _, point in points:
+        stage_plan(point)  # and its stages and their Lightning settings (runner.check_hardware)
     # one snapshot of what is finished, taken before anything runs (the same on every rank)
     done = finished_stages(cfg.results_file)
     status_file = Path(cfg.output_dir) / cfg.name / "sweep.jsonl"

@@ -50,6 +50,13 @@ def test_fusion_override_switches_strategy_and_drops_old_options():
     (["data.train_size=4"], "data.train_size=4 is smaller than trainer.batch_size=8: no full batch"),
     (["data.image_size=0"], "data.image_size=0 is out of range: it must be >= 8"),
     (["stages=[{name: main, trainer: {lr: -0.1}}]"], "stages[0] trainer.lr=-0.1 is out of range"),
+    # strategy options out of their declared range (fusion.base.ranged; plain numbers: >= 0)
+    (["fusion={name: mlp, hidden_size: -5}"], "fusion.hidden_size=-5 is out of range for strategy 'mlp': it must be >= 0"),
+    (["fusion={name: qformer, num_heads: 0}"], "fusion.num_heads=0 is out of range for strategy 'qformer': it must be >= 1"),
+    (["fusion={name: lora, dropout: 1.0}"], "fusion.dropout=1.0 is out of range for strategy 'lora': it must be in [0, 1)"),
+    (["fusion={name: lora, alpha: 0}"], "fusion.alpha=0.0 is out of range for strategy 'lora': it must be > 0"),
+    (["fusion={name: moe, z_coef: .nan}"], "fusion.z_coef=nan is out of range for strategy 'moe'"),
+    (["fusion={name: moe, num_experts: 0}"], "fusion.num_experts=0 is out of range for strategy 'moe': it must be >= 1"),
     # values YAML cannot parse name the key; a glued colon is explained
     (["grid={fusion:[linear, mlp]}"], "override grid: the value '{fusion:[linear, mlp]}' is not valid YAML"),
     (["fusion={name:mlp}"], "has the key 'name:mlp'; in a {key: value} mapping YAML needs a space after each colon"),
@@ -156,3 +163,22 @@ def test_max_length_beyond_the_lm_context_is_refused_before_training(tmp_path, c
     assert code == 2
     assert "trainer.max_length=128 is longer than the LM's context (64 positions" in capsys.readouterr().err
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_every_strategy_default_is_within_its_declared_ranges():
+    import dataclasses
+
+    from fusionbench.config import expand_grid
+
+    with pytest.raises(FusionBenchError, match=r"fusion\.hidden_size=-1 is out of range for strategy 'mlp'"):
+        expand_grid(load_config(TINY, ["fusion=mlp", "grid={fusion.hidden_size: [8, -1]}"]))  # each grid point too
+
+    from fusionbench.fusion import FUSIONS
+    from fusionbench.fusion.base import _range_rule
+
+    for name in FUSIONS.names():
+        options = FUSIONS.get(name).default_options()  # raises if a default broke its own range
+        for f in dataclasses.fields(FUSIONS.get(name).Options):
+            if "low" in f.metadata:
+                ok, rule = _range_rule(f.metadata)
+                assert ok(float(options[f.name])) and not ok(f.metadata["low"] - 1), (name, f.name, rule)

@@ -69,7 +69,7 @@ def test_qformer_image_changes_the_output_and_default_width_is_small():
     assert (a - b).abs().max().item() > 1e-5
 
 
-@pytest.mark.parametrize("bad, match", [("num_queries: 0", "fusion.num_queries must be >= 1"),
+@pytest.mark.parametrize("bad, match", [("num_queries: 0", r"fusion.num_queries=0 is out of range for strategy .qformer.: it must be >= 1"),
                                         ("num_heads: 5", "fusion.num_heads=5 does not divide")])
 def test_qformer_bad_options_are_clear_errors(bad, match):
     with pytest.raises(FusionBenchError, match=match):
@@ -141,7 +141,7 @@ def test_flamingo_layer_selection_every_n_and_explicit():
     ("{name: flamingo, layer_indices: [1, 9]}", r"fusion.layer_indices: layer 9 does not exist; this LM has layers 0..3"),
     ("{name: flamingo, layer_indices: sideways}", r"fusion.layer_indices: unknown layer selection 'sideways'"),
     ("{name: flamingo, cross_attention_every: 5}", r"cross_attention_every=5 selects no layer: this LM has 4"),
-    ("{name: flamingo, num_latents: 0}", r"fusion.num_latents must be >= 1"),
+    ("{name: flamingo, num_latents: 0}", r"fusion.num_latents=0 is out of range for strategy .flamingo.: it must be >= 1"),
     ("{name: flamingo, hidden_size: 30, num_heads: 4}", r"fusion.num_heads=4 does not divide"),
 ])
 def test_flamingo_bad_configuration_is_a_clear_error(fusion, match):

@@ -54,3 +54,22 @@ def test_the_shipped_registries_import_every_module(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr()
     assert "mlp" in out.out and "visual_expert" in out.out and "warning" not in out.err
+
+
+@pytest.mark.parametrize("options, hint", [
+    ("class Options:\n    hidden_size = 4\n", "Options must be a @dataclass subclass of FusionOptions"),
+    ("class Options(FusionOptions):\n    hidden_size: int = 4\n", "a subclass without its own @dataclass"),
+])
+def test_a_strategy_whose_options_are_not_a_dataclass_is_reported_broken_not_run(package, options, hint):
+    """Found when the registry loads (``fusionbench list``, any lookup), not mid-training."""
+    (package / "strat.py").write_text(
+        "from fusionbench.fusion.base import FusionOptions, FusionStrategy, register\n"
+        "@register('probe_strategy')\nclass Probe(FusionStrategy):\n"
+        + "".join("    " + line + "\n" for line in options.splitlines()))
+    import importlib
+
+    with pytest.raises(TypeError, match=hint):
+        importlib.import_module("fb_plugins_probe.strat")
+    from fusionbench.fusion import FUSIONS
+
+    assert "probe_strategy" not in FUSIONS._items

@@ -133,6 +133,30 @@ def test_bad_input_is_one_clear_error_and_no_row(tmp_path, capsys, overrides, me
     assert not list(tmp_path.glob("runs/**/*.ckpt"))  # failed before training started
 
 
+@pytest.mark.parametrize("overrides, messages", [
+    (["trainer.precision=17"], ["Lightning does not accept trainer.accelerator=cpu", "trainer.precision=17:",
+                                "Precision '17' is invalid. Allowed precision values:"]),
+    (["trainer.strategy=dpp"], ["trainer.strategy=dpp", "You selected an invalid strategy name"]),
+    (["trainer.accelerator=gpu"], ["Lightning does not accept trainer.accelerator=gpu", "No supported gpu backend"]),
+    (["fusion=mlp", "stages=[{name: main, trainer: {strategy: fsdp}}]"],
+     ["stages[0] (main): Lightning does not accept", "trainer.strategy=fsdp", "requires a GPU accelerator"]),
+])
+def test_lightning_settings_it_rejects_are_one_error_before_any_asset_loads(tmp_path, capsys, overrides, messages):
+    if "accelerator=gpu" in overrides[0] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: accelerator=gpu is valid here")
+    assert _run(tmp_path, *overrides) == 2
+    err = capsys.readouterr().err
+    assert all(m in err for m in messages), err
+    assert "Traceback" not in err and "preparing" not in err
+    assert err.strip().splitlines()[-1].startswith("fusionbench: error:")
+    # a sweep refuses the whole grid before its first point (the bad one is the second)
+    grid = ["grid={trainer.precision: [32-true, '17']}"]
+    assert main(["sweep", str(TINY), f"output_dir={tmp_path / 'runs'}", f"results_file={tmp_path / 'res.jsonl'}",
+                 *grid]) == 2
+    err = capsys.readouterr().err
+    assert "Precision '17' is invalid" in err and "sweep 1/2" not in err and not (tmp_path / "res.jsonl").exists()
+
+
 def test_same_seed_gives_identical_numbers_and_seeds_aggregate_to_a_ci(tmp_path):
     from fusionbench.report import mean_ci, summarise
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
@@ -29,8 +30,51 @@ FUSIONS: Registry = Registry("fusion strategy", "fusionbench.fusion")
 
 
 def register(name: str):
-    """Class decorator: ``@register("mlp") class MLPProjector(FusionStrategy): ...``"""
-    return FUSIONS.register(name)
+    """Class decorator: ``@register("mlp") class MLPProjector(FusionStrategy): ...``. Its ``Options``
+    must be a ``@dataclass`` subclass of :class:`FusionOptions` (else the module is reported broken:
+    on lookup and by ``fusionbench list``, before any config is read)."""
+    def deco(cls):
+        options = getattr(cls, "Options", None)
+        if not (isinstance(options, type) and dataclasses.is_dataclass(options) and issubclass(options, FusionOptions)
+                and "__dataclass_fields__" in vars(options)):
+            raise TypeError(f"strategy {name!r} ({cls.__module__}.{cls.__name__}): Options must be a @dataclass "
+                            f"subclass of FusionOptions, got {options!r}" + (
+                                " (a subclass without its own @dataclass: its new fields are not options)"
+                                if isinstance(options, type) and issubclass(options, FusionOptions) else ""))
+        return FUSIONS.register(name)(cls)
+    return deco
+
+
+def ranged(default: float, low: float = 0, high: float | None = None, *, above: bool = False,
+           below: bool = False) -> Any:
+    """A numeric option with its range, checked with the config before anything is built:
+    ``num_heads: int = ranged(4, low=1)``; ``above`` / ``below`` make an end exclusive.
+    A numeric option declared plainly must be a finite number >= 0."""
+    return dataclasses.field(default=default, metadata={"low": low, "high": high, "above": above, "below": below})
+
+
+def _range_rule(meta: Any) -> tuple[Any, str]:
+    low, high = meta.get("low", 0), meta.get("high")
+    above, below = meta.get("above", False), meta.get("below", False)
+    rule = (f"> {low}" if above else f">= {low}") if high is None else \
+        f"in {'(' if above else '['}{low}, {high}{')' if below else ']'}"
+
+    def ok(v: float) -> bool:
+        return (math.isfinite(v) and (v > low if above else v >= low)
+                and (high is None or (v < high if below else v <= high)))
+    return ok, rule
+
+
+def check_option_ranges(name: str, options_cls: type, merged: Any) -> None:
+    """Every numeric option of a strategy within its declared range (:func:`ranged`; plain
+    numeric options: finite and >= 0): one error naming the option, the value and the range."""
+    for f in dataclasses.fields(options_cls):
+        value = merged.get(f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        ok, rule = _range_rule(f.metadata)
+        if not ok(float(value)):
+            raise FusionBenchError(f"fusion.{f.name}={value} is out of range for strategy {name!r}: it must be {rule}")
 
 
 @dataclass
@@ -61,6 +105,7 @@ def fusion_options(node: Any) -> DictConfig:
             raise FusionBenchError(f"unknown option 'fusion.{key}' for strategy {name!r}.{hint} "
                                    f"Options: {', '.join(fields)}") from None
         raise FusionBenchError(f"invalid value for 'fusion.{key}' ({name}): {first_line(e)}") from None
+    check_option_ranges(str(name), cls.Options, merged)
     return merged
 
 
@@ -112,19 +157,10 @@ class FusionStrategy(nn.Module):
         self.vision_dim = vision_dim
         self.vision_tokens = vision_tokens
 
-    def require_positive(self, *keys: str) -> None:
-        """One clear error if any of these options is below 1 (call from ``__init__``)."""
-        for key in keys:
-            value = getattr(self.options, key)
-            if int(value) < 1:
-                raise FusionBenchError(f"fusion.{key} must be >= 1 for strategy {self.registry_name!r}, got {value}")
-
     def connector_width(self, heads_divide: str | None = None) -> int:
-        """``fusion.hidden_size`` of a connector (0: min(LM hidden size, 256)), checked >= 0; with
+        """``fusion.hidden_size`` of a connector (0: min(LM hidden size, 256)); with
         ``heads_divide`` (what the width is of, for the message) ``fusion.num_heads`` must divide it."""
         o = self.options
-        if o.hidden_size < 0:
-            raise FusionBenchError(f"fusion.hidden_size must be >= 0 (0: min(LM hidden, 256)), got {o.hidden_size}")
         dim = o.hidden_size or min(self.lm_hidden_size, 256)
         if heads_divide and dim % o.num_heads:
             raise FusionBenchError(f"fusion.num_heads={o.num_heads} does not divide the {heads_divide} width {dim} "

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionbench.errors import FusionBenchError
-from fusionbench.fusion.base import FusionOptions, FusionStrategy, register
+from fusionbench.fusion.base import FusionOptions, FusionStrategy, ranged, register
 
 
 @dataclass
@@ -25,13 +25,13 @@ class CAbstractorOptions(FusionOptions):
     #: image tokens given to the LM: a square number, at most the vision grid's token count (the
     #: pooled grid is sqrt x sqrt; Honeybee: 144 from 256). 16 = the token budget of linear/mlp/qformer
     #: on the default tier (EfficientNet pooled to 4x4) and of the tiny tier's 4x4 tiny_cnn grid
-    num_queries: int = 16
+    num_queries: int = ranged(16, low=1)
     #: bottleneck blocks before and after the pooling (Honeybee: 3)
-    depth: int = 3
+    depth: int = ranged(3, low=1)
     #: channel width of the conv blocks (0: min(LM hidden size, 256); Honeybee: 1024)
     hidden_size: int = 0
     #: layers of the SiLU MLP read-out to the LM width (Honeybee: 2)
-    mlp_depth: int = 2
+    mlp_depth: int = ranged(2, low=1)
     #: learned position embedding added to the vision tokens before the convs (Honeybee: true)
     pos_emb: bool = True
 
@@ -103,7 +103,6 @@ class CAbstractor(FusionStrategy):
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
         o = options
-        self.require_positive("num_queries", "depth", "mlp_depth")
         dim = self.connector_width()
         side = math.isqrt(int(o.num_queries))
         if side * side != o.num_queries:

@@ -22,7 +22,7 @@ from torch import nn
 
 from fusionbench.errors import FusionBenchError
 from fusionbench.fusion._lm import decoder_layers, layer_indices
-from fusionbench.fusion.base import FusionOptions, FusionStrategy, register
+from fusionbench.fusion.base import FusionOptions, FusionStrategy, ranged, register
 from fusionbench.fusion.inject import Conditioning, InjectedLayer, inject_layers
 from fusionbench.fusion.qformer import attend
 
@@ -30,19 +30,19 @@ from fusionbench.fusion.qformer import attend
 @dataclass
 class FlamingoOptions(FusionOptions):
     #: visual latents produced by the Perceiver resampler (Flamingo: 64)
-    num_latents: int = 64
+    num_latents: int = ranged(64, low=1)
     #: Perceiver resampler layers (Flamingo: 6)
-    resampler_depth: int = 2
+    resampler_depth: int = ranged(2, low=1)
     #: width of the resampler and of the cross-attention (0: min(LM hidden size, 256))
     hidden_size: int = 0
     #: attention heads of the resampler and of the cross-attention (must divide the width)
-    num_heads: int = 4
+    num_heads: int = ranged(4, low=1)
     #: a gated cross-attention block before decoder layers N-1, 2N-1, ... (OpenFlamingo's rule)
-    cross_attention_every: int = 1
+    cross_attention_every: int = ranged(1, low=1)
     #: explicit layer selection instead (list of indices, "all", "top_half", "every_N", ...)
     layer_indices: Any = None
     #: FFN width of the gated blocks as a multiple of the LM hidden size (Flamingo: 4)
-    ffn_mult: int = 4
+    ffn_mult: int = ranged(4, low=1)
 
 
 def _ffn(dim: int, mult: int) -> nn.Sequential:
@@ -154,7 +154,6 @@ class Flamingo(FusionStrategy):
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
         o = options
-        self.require_positive("num_latents", "resampler_depth", "num_heads", "cross_attention_every", "ffn_mult")
         dim = self.connector_width("resampler/cross-attention")
         self.hidden_size = dim
         self.resampler = PerceiverResampler(vision_dim, vision_tokens, dim, o.resampler_depth, o.num_heads,

@@ -12,18 +12,18 @@ from transformers.pytorch_utils import Conv1D
 
 from fusionbench.errors import FusionBenchError, first_line
 from fusionbench.fusion._lm import PROJECTIONS, decoder_layers, peft_model
-from fusionbench.fusion.base import register
+from fusionbench.fusion.base import ranged, register
 from fusionbench.fusion.projector import MLPOptions, MLPProjector
 
 
 @dataclass
 class LoraOptions(MLPOptions):
     #: LoRA rank
-    r: int = 8
+    r: int = ranged(8, low=1)
     #: LoRA scaling numerator (the update is scaled by alpha / r)
-    alpha: float = 16.0
+    alpha: float = ranged(16.0, low=0, above=True)
     #: dropout on the LoRA branch input
-    dropout: float = 0.0
+    dropout: float = ranged(0.0, low=0, high=1, below=True)
     #: "all-linear": every Linear / Conv1D inside the decoder blocks; or a list of module names
     #: (peft suffix match, e.g. [q_proj, v_proj] or [c_attn] for GPT-2); or a regex string
     #: (peft full match against the LM's module paths)
@@ -65,11 +65,6 @@ class LoraFusion(MLPProjector):
 
     def validate(self, vlm):
         o = self.options
-        self.require_positive("r")
-        if o.alpha <= 0:
-            raise FusionBenchError(f"fusion.alpha must be > 0, got {o.alpha}")
-        if not 0.0 <= o.dropout < 1.0:
-            raise FusionBenchError(f"fusion.dropout must be in [0, 1), got {o.dropout}")
         resolve_targets(vlm.lm, o.target_modules)
 
     def inject(self, vlm):

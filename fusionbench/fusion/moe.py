@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionbench.errors import FusionBenchError, first_line
-from fusionbench.fusion.base import register
+from fusionbench.fusion.base import ranged, register
 from fusionbench.fusion.inject import inject_layers
 from fusionbench.fusion.projector import MLPOptions, MLPProjector
 
@@ -126,8 +126,8 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 @dataclass
 class MoEOptions(MLPOptions):
-    num_experts: int = 4
-    top_k: int = 2
+    num_experts: int = ranged(4, low=1)
+    top_k: int = ranged(2, low=1)
     #: weight of the Switch load-balancing loss (1.0 for uniform routing)
     balance_coef: float = 0.1
     #: weight of the ST-MoE router z-loss
@@ -151,8 +151,6 @@ class MoEConnector(MLPProjector):
     upcycle_connector = True
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
-        if options.num_experts < 1:
-            raise FusionBenchError(f"fusion.num_experts must be >= 1, got {options.num_experts}")
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
         self._vision_moes: list[tuple[str, UpcycledMoE]] = []  # plain list: owned by vlm.vision
 

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from fusionbench.errors import FusionBenchError
 from fusionbench.fusion._lm import cache_kwarg, decoder_layers, passed_cache, peft_model
-from fusionbench.fusion.base import FusionOptions, FusionStrategy, register
+from fusionbench.fusion.base import FusionOptions, FusionStrategy, ranged, register
 from fusionbench.fusion.inject import Conditioning
 
 POOLINGS = ("tokens", "pooled")
@@ -27,7 +27,7 @@ POOLINGS = ("tokens", "pooled")
 @dataclass
 class PrefixOptions(FusionOptions):
     #: image prefix positions per LM layer
-    prefix_length: int = 8
+    prefix_length: int = ranged(8, low=1)
     #: hidden width of the feature -> key/value MLP (0: the LM hidden size)
     hidden_size: int = 0
     #: "tokens": vision tokens average-pooled to ``prefix_length`` slots, each mapped by one shared
@@ -127,11 +127,8 @@ class PrefixFusion(FusionStrategy):
     # -- construction -------------------------------------------------------------------------
     def validate(self, vlm):
         o = self.options
-        self.require_positive("prefix_length")
         if o.pooling not in POOLINGS:
             raise FusionBenchError(f"fusion.pooling must be one of {', '.join(POOLINGS)}, got {o.pooling!r}")
-        if o.hidden_size < 0 or o.task_prefix_tokens < 0:
-            raise FusionBenchError("fusion.hidden_size and fusion.task_prefix_tokens must be >= 0")
         if getattr(vlm.lm.config, "is_encoder_decoder", False):
             raise FusionBenchError("prefix fusion needs a decoder-only LM")
         kv_geometry(vlm.lm)

@@ -18,23 +18,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionbench.errors import FusionBenchError
-from fusionbench.fusion.base import FusionOptions, FusionStrategy, register
+from fusionbench.fusion.base import FusionOptions, FusionStrategy, ranged, register
 
 
 @dataclass
 class QFormerOptions(FusionOptions):
     #: learned queries = image tokens given to the LM (BLIP-2: 32)
-    num_queries: int = 32
+    num_queries: int = ranged(32, low=1)
     #: Q-Former blocks (BLIP-2: 12)
-    num_layers: int = 4
+    num_layers: int = ranged(4, low=1)
     #: Q-Former width (0: min(LM hidden size, 256))
     hidden_size: int = 0
     #: attention heads (must divide the width)
-    num_heads: int = 4
+    num_heads: int = ranged(4, low=1)
     #: blocks ``0, k, 2k, ...`` cross-attend to the vision features (BLIP-2: 2)
-    cross_attention_every: int = 2
+    cross_attention_every: int = ranged(2, low=1)
     #: FFN width as a multiple of the Q-Former width
-    ffn_mult: int = 4
+    ffn_mult: int = ranged(4, low=1)
 
 
 def attend(q_proj, kv_proj, out_proj, heads: int, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,6 @@ class QFormer(FusionStrategy):
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
         o = options
-        self.require_positive("num_queries", "num_layers", "num_heads", "cross_attention_every", "ffn_mult")
         dim = self.connector_width("Q-Former")
         self.hidden_size = dim
         self.vision_norm = nn.LayerNorm(vision_dim)
