@@ -116,7 +116,9 @@ def _cmd_text_tasks(args) -> None:
 def _cmd_list(args) -> None:
     from fusionbench.data import DATASETS
     from fusionbench.fusion import FUSIONS
+    from fusionbench.plugins import load_plugins
 
+    load_plugins(args.plugin)
     print("fusion strategies:", ", ".join(FUSIONS.names()))
     print("datasets:", ", ".join(DATASETS.names()))
     for reg in (FUSIONS, DATASETS):
@@ -183,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p = p.add_subparsers(dest="action", required=True).add_parser("check", help="rows and corrupt lines of each table")
     p.add_argument("files", nargs="*", help="results tables (default: results/*.jsonl)")
     p.add_argument("--repair", action="store_true", help="move corrupt lines to <file>.corrupt, keep the rest")
-    sub.add_parser("list", help="list registered fusion strategies and datasets")
+    p = sub.add_parser("list", help="list registered fusion strategies and datasets")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import this plugin first (as a config's plugins: [...]); repeatable")
     # dotlist overrides may also follow an option (`sweep CONFIG --only mlp seeds=[0]`), which plain
     # parse_args refuses once an option has closed the positional list; anything else stays an error
     args, extra = parser.parse_known_args(argv)

@@ -224,6 +224,10 @@ class ExperimentConfig:
     #: points by their report label (a strategy, or a grid variant's label); ``b_table: main`` (or
     #: ``a_table``) takes that side from another results table (same test items required)
     contrasts: list[Any] = field(default_factory=list)
+    #: strategies / datasets / evaluators defined outside the package: module names or ``.py`` files
+    #: (relative to the working directory), imported before the config is validated
+    #: (:mod:`fusionbench.plugins`; installed packages can use the ``fusionbench.plugins`` entry point)
+    plugins: list[str] = field(default_factory=list)
     #: where run directories (checkpoints, logs) go
     output_dir: str = "runs"
     #: the results table this run appends its row to. ``results/*.jsonl`` are the committed
@@ -409,6 +413,9 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
     if not isinstance(cfg.fusion, DictConfig) or "name" not in cfg.fusion:
         raise FusionBenchError("config key 'fusion' must be a strategy name or a mapping with 'name'")
     OmegaConf.set_struct(cfg, True)
+    from fusionbench.plugins import load_plugins
+
+    load_plugins(cfg.plugins)  # before anything is looked up in a registry
     if validate_fusion:
         from fusionbench.fusion import fusion_options
         cfg.fusion = fusion_options(cfg.fusion)
@@ -584,7 +591,7 @@ def expand_grid(cfg: DictConfig) -> list[DictConfig]:
 HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"vision.feature_cache": True, "trainer.compile": False, "trainer.num_nodes": 1,
                                           "trainer.logger": "csv",
                                           "trainer.optimizer_impl": "fused", "trainer.cache_text_prefix": True,
-                                          "eval.val_controls": False}
+                                          "eval.val_controls": False, "plugins": []}
 
 
 def config_hash(cfg: DictConfig, drop: tuple[str, ...] = ()) -> str:

@@ -46,6 +46,10 @@ class Registry(Generic[T]):
                     raise
                 except Exception as e:  # noqa: BLE001 - reported on lookup and by `fusionbench list`
                     self.broken[f"{self.package}.{mod.name}"] = f"{type(e).__name__}: {first_line(e)}"
+        from fusionbench import plugins  # installed packages' entry points register here too
+
+        plugins.load_entry_points()
+        self.broken.update(plugins.BROKEN)
         self._loaded = True
 
     def get(self, name: str) -> T:

@@ -42,11 +42,23 @@ def git_sha() -> str:
         return "unknown"
 
 
-@functools.cache
 def code_hash() -> str:
     """sha256 (12 hex) of the ``fusionbench`` package source as this process loaded it at its first
     call: every ``.py`` / ``.yaml`` / ``.json`` file under the package, tracked or not, by relative
-    path and content. Two rows with the same code_hash ran the same code, whatever git says."""
+    path and content, and of every plugin imported (:mod:`fusionbench.plugins`; without plugins it
+    is the package's hash alone). Two rows with the same code_hash ran the same code, whatever git says."""
+    from fusionbench.plugins import LOADED
+
+    if not LOADED:
+        return _package_hash()
+    import hashlib
+
+    blob = _package_hash() + "".join(f"\0{spec}\0{h}" for spec, h in sorted(LOADED.items()))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@functools.cache
+def _package_hash() -> str:
     import hashlib
 
     here = Path(__file__).resolve().parent
@@ -82,8 +94,11 @@ def provenance() -> dict[str, Any]:
             versions[f"version_{pkg}"] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[f"version_{pkg}"] = None
+    from fusionbench.plugins import LOADED
+
+    plugins = {"plugins": dict(LOADED)} if LOADED else {}  # a row without plugins keeps its old columns
     return {"git_sha": git_sha(), "code_hash": code_hash(), "device": device_name(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), **versions, **lock_provenance()}
+            "python": platform.python_version(), **versions, **lock_provenance(), **plugins}
 
 
 # -- the store: JSON Lines, appended under a lock ------------------------------------------------
