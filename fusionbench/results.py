@@ -159,8 +159,25 @@ def _move_partial_tail(path: Path, fd: int) -> None:
 
 
 def check_writable(path: str | Path) -> None:
-    """One clear error, before any compute, when rows could not be appended to ``path``."""
+    """One clear error, before any compute, when rows could not be appended to ``path``: not
+    writable, not named ``*.jsonl`` (the reports read ``<folder>/*.jsonl``), or an existing file
+    whose first line is not a JSON object (a CSV, say: appending would spoil it)."""
     path = Path(path)
+    if path.suffix != ".jsonl":
+        raise FusionBenchError(f"results_file {path} must end in .jsonl: rows are JSON Lines, and the reports "
+                               f"read <folder>/*.jsonl; nothing was trained")
+    if path.is_file():
+        with open(path, "rb") as f:
+            first = f.readline().strip()
+        try:
+            ok = not first or isinstance(json.loads(first), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            shown = first[:60].decode("utf-8", "replace") + ("..." if len(first) > 60 else "")
+            raise FusionBenchError(f"results_file {path} is not a fusionbench results table (its first line is not a "
+                                   f"JSON object: {shown!r}); it was left as it is: choose another results_file; "
+                                   f"nothing was trained")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         existed = path.exists()

@@ -105,3 +105,23 @@ def test_unwritable_results_file_fails_before_training(tmp_path, capsys, where):
     assert "is not writable" in captured.err and "nothing was trained" in captured.err
     assert "training" not in captured.err.split("is not writable")[0]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("runs.csv", None, "must end in .jsonl"),
+    ("table.jsonl", "strategy,acc\nmlp,0.5\n", "is not a fusionbench results table (its first line is not a JSON "
+                                                 "object: 'strategy,acc')"),
+    ("list.jsonl", "[1, 2]\n", "is not a fusionbench results table"),
+])
+def test_a_results_file_that_is_not_a_results_table_is_refused_and_left_alone(tmp_path, capsys, name, content, message):
+    target = tmp_path / name
+    if content is not None:
+        target.write_text(content)
+    code = main(["run", str(ROOT / "tests" / "tiny.yaml"), f"output_dir={tmp_path / 'runs'}", f"results_file={target}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "nothing was trained" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+    assert (target.read_text() if content is not None else None) == content  # untouched
+    if content is None:
+        assert not target.exists()
