@@ -44,6 +44,9 @@ class VisionConfig:
     source: str = "efficientnet_lite0"
     #: input resolution the encoder sees (images are resized to it)
     image_size: int = 224
+    #: a non-square image: ``stretch`` to the square (the aspect ratio is lost; said once per run),
+    #: ``pad`` to a square with the mean colour first (LLaVA-1.5) or ``crop`` its centre (CLIP)
+    resize: str = "stretch"
     #: average-pool the encoder's feature grid to this many tokens (a square number; 0: keep all)
     pool_tokens: int = 0
     #: compute a frozen encoder's features once per image and reuse them (fusionbench.feature_cache)
@@ -427,6 +430,8 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
     if cfg.eval.text.backend == "lm_eval" and cfg.eval.text.gen_tasks:
         raise FusionBenchError(f"eval.text.gen_tasks={list(cfg.eval.text.gen_tasks)} are scored by the built-in suite "
                                f"only; with eval.text.backend=lm_eval set eval.text.gen_tasks=[] (or use backend suite)")
+    if cfg.vision.resize not in ("stretch", "pad", "crop"):
+        raise FusionBenchError(f"vision.resize must be 'stretch', 'pad' or 'crop', got {cfg.vision.resize!r}")
     if cfg.data.images not in ("real", "shuffled", "blank"):
         raise FusionBenchError(f"data.images must be 'real', 'shuffled' or 'blank', got {cfg.data.images!r}")
     for i, c in enumerate(cfg.contrasts):
@@ -591,7 +596,8 @@ def expand_grid(cfg: DictConfig) -> list[DictConfig]:
 HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"vision.feature_cache": True, "trainer.compile": False, "trainer.num_nodes": 1,
                                           "trainer.logger": "csv",
                                           "trainer.optimizer_impl": "fused", "trainer.cache_text_prefix": True,
-                                          "eval.val_controls": False, "plugins": []}
+                                          "eval.val_controls": False, "plugins": [],
+                                          "vision.resize": "stretch"}
 
 
 def config_hash(cfg: DictConfig, drop: tuple[str, ...] = ()) -> str:

@@ -119,13 +119,14 @@ def test_keys_added_later_do_not_change_old_hashes_at_their_default():
     cfg = load_config(ROOT / "experiments" / "main.yaml", ["seeds=[]"])
     old = OmegaConf.to_container(cfg)
     for dotted in HASH_NEUTRAL_DEFAULTS:
-        section, leaf = dotted.split(".")
-        del old[section][leaf]
+        *section, leaf = dotted.split(".")
+        del (old[section[0]] if section else old)[leaf]
     blob = json.dumps({k: v for k, v in old.items() if k not in ("output_dir", "results_file", "grid", "seeds", "contrasts")},
                       sort_keys=True, default=str)
     assert config_hash(cfg) == hashlib.sha256(blob.encode()).hexdigest()[:12]
     for dotted, default in HASH_NEUTRAL_DEFAULTS.items():
-        other = {bool: lambda d: not d, int: lambda d: d + 1, str: lambda d: {"fused": "foreach", "csv": "tensorboard"}[d]}[type(default)](default)
+        other = {bool: lambda d: not d, int: lambda d: d + 1, list: lambda d: ["some_plugin_module"],
+                 str: lambda d: {"fused": "foreach", "csv": "tensorboard", "stretch": "pad"}[d]}[type(default)](default)
         changed = cfg.copy()
         OmegaConf.update(changed, dotted, other)  # (a logger's package need not be installed to hash it)
         assert config_hash(changed) != config_hash(cfg)

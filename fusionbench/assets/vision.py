@@ -19,6 +19,61 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+#: how an image that is not square reaches the encoder's square input (``vision.resize``)
+RESIZE_MODES = ("stretch", "pad", "crop")
+_warned_stretch = False
+
+
+def to_rgb(img):
+    """A PIL image of any mode as 8-bit RGB. High-bit-depth modes (16-bit PNG/TIFF greyscale loads
+    as ``I;16`` or ``I``, float as ``F``) are scaled from their range: PIL's own ``convert("RGB")``
+    clips them at 255, so every 16-bit image would arrive white."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F" and a.size and np.nanmax(a) <= 1.0:
+            scale = 1.0  # floats in [0, 1]
+        elif img.mode.startswith("I;16") or (a.size and np.nanmax(a) > 255):
+            scale = 65535.0
+        else:
+            scale = 255.0  # 8-bit values stored wide
+        a = np.clip(np.nan_to_num(a / scale), 0.0, 1.0)
+        img = Image.fromarray(np.round(a * 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+def fit_square(img, side: int, mode: str, fill: tuple = IMAGENET_MEAN):
+    """``img`` as ``side x side``: ``stretch`` (resize, aspect ratio not kept), ``pad`` (LLaVA-1.5's
+    expand-to-square with the normalisation mean colour, then resize) or ``crop`` (shorter side to
+    ``side``, centre crop; CLIP's preprocessing)."""
+    from PIL import Image
+
+    w, h = img.size
+    if (w, h) == (side, side):
+        return img
+    if mode == "pad" and w != h:
+        n = max(w, h)
+        square = Image.new("RGB", (n, n), tuple(int(round(c * 255)) for c in fill))
+        square.paste(img, ((n - w) // 2, (n - h) // 2))
+        img = square
+    elif mode == "crop" and w != h:
+        scale = side / min(w, h)
+        img = img.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - side) // 2, (h - side) // 2
+        return img.crop((left, top, left + side, top + side))
+    elif mode == "stretch" and w != h:
+        global _warned_stretch
+        if not _warned_stretch:
+            import sys
+
+            _warned_stretch = True
+            print(f"[fusionbench] note: a {w}x{h} image is stretched to {side}x{side} (vision.resize=stretch; "
+                  f"vision.resize=pad or crop keeps its aspect ratio); said once", file=sys.stderr, flush=True)
+    return img.resize((side, side), Image.BICUBIC)
+
+
 class VisionBackbone(nn.Module):
     """``forward(pixel_values[B,3,S,S]) -> features[B, num_tokens, feature_dim]``."""
 
@@ -29,6 +84,8 @@ class VisionBackbone(nn.Module):
     std: tuple = IMAGENET_STD
     #: a short id that names encoder + preprocessing (feature caches key on it)
     identity: str = ""
+    #: how a non-square image becomes square (:data:`RESIZE_MODES`; ``vision.resize``)
+    resize: str = "stretch"
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL images (any size, any mode) -> normalised ``[B,3,S,S]`` float tensor."""
@@ -39,9 +96,7 @@ class VisionBackbone(nn.Module):
         for img in images:
             if not isinstance(img, Image.Image):
                 raise FusionBenchError(f"expected PIL images, got {type(img).__name__}")
-            img = img.convert("RGB")
-            if img.size != (s, s):
-                img = img.resize((s, s), Image.BICUBIC)
+            img = fit_square(to_rgb(img), s, self.resize, self.mean)
             arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
@@ -204,6 +259,7 @@ def load_vision(cfg: VisionConfig, seed: int = 0) -> VisionBackbone:
     enc = _load_vision(cfg, seed)
     if cfg.pool_tokens:
         enc = PooledGrid(enc, cfg.pool_tokens).eval()
+    enc.resize = cfg.resize  # the feature cache keys on the preprocessed pixels, so it follows
     return enc
 
 
