@@ -102,8 +102,36 @@ def test_an_answer_outside_its_candidates_is_refused(tmp_path):
     for r in rows:
         r["candidates"] = ["cyan", "magenta"]
     (root / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(FusionBenchError, match="is not among its candidates"):
+    with pytest.raises(FusionBenchError, match=r"item 1 of the annotations \(counting from 1.*is not among its "
+                                               r"candidates \['cyan', 'magenta'\]"):
         DATASETS.get("imagefolder")(_cfg(root).data, "train")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_items_without_candidates_rank_their_question_types_answers(tmp_path, fmt):
+    """null / missing / empty candidates on some items: those items take every answer of their
+    question type (as a file without the column does), the others keep their own."""
+    from fusionbench.evaluation.choice import item_choices
+
+    root = _folder(tmp_path, n=30, fmt=fmt)
+    if fmt == "jsonl":
+        rows = [json.loads(line) for line in (root / "annotations.jsonl").read_text().splitlines()]
+        for i, r in enumerate(rows):
+            if i % 3 == 0:
+                r["candidates"] = None
+            elif i % 3 == 1:
+                del r["candidates"]
+        (root / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        lines = (root / "annotations.csv").read_text().splitlines()
+        lines = [lines[0]] + [",".join(line.split(",")[:3] + ["", line.split(",")[4]]) if i % 2 == 0 else line
+                              for i, line in enumerate(lines[1:])]
+        (root / "annotations.csv").write_text("\n".join(lines) + "\n")
+    cfg = _cfg(root, *(["data.options.annotations=annotations.csv"] if fmt == "csv" else []))
+    ds = DATASETS.get("imagefolder")(cfg.data, "train")  # the largest split: items with and without
+    assert any(c == [] for c in ds["choices"]) and any(c for c in ds["choices"])
+    choices, source = item_choices(ds)
+    assert source == "mixed" and all(c == sorted(COLOURS) for c in choices)  # never ['None']
 
 
 @pytest.mark.parametrize("content", ["", "\n\n"])

@@ -39,16 +39,15 @@ def candidate_tokens(tokenizer, answer: str) -> list[int]:
 
 def item_choices(ds) -> tuple[list[list[str]], str]:
     """Per item its candidates and where they came from (``per_item``: the dataset's ``choices``;
-    ``per_qtype``: every answer of the item's question type in ``ds``)."""
-    if "choices" in ds.column_names:
-        choices = [list(c) for c in ds["choices"]]
-        source = "per_item"
-    else:
-        by_type: dict[str, set[str]] = defaultdict(set)
-        for q, a in zip(ds["qtype"], ds["answer"]):
-            by_type[q].add(a.strip())
-        choices = [sorted(by_type[q]) for q in ds["qtype"]]
-        source = "per_qtype"
+    ``per_qtype``: every answer of the item's question type in ``ds``; ``mixed``: items with an
+    empty ``choices`` list take their type's answers, the others their own)."""
+    by_type: dict[str, set[str]] = defaultdict(set)
+    for q, a in zip(ds["qtype"], ds["answer"]):
+        by_type[q].add(a.strip())
+    own = [list(c or []) for c in ds["choices"]] if "choices" in ds.column_names else [[] for _ in range(len(ds))]
+    choices = [c or sorted(by_type[q]) for c, q in zip(own, ds["qtype"])]
+    n_own = sum(bool(c) for c in own)
+    source = "per_item" if n_own == len(own) else "per_qtype" if n_own == 0 else "mixed"
     for i, (c, gold) in enumerate(zip(choices, ds["answer"])):
         if len(set(c)) < 2:
             raise FusionBenchError(f"test item {i} ({ds[i]['question']!r}) has fewer than two candidate answers {c}")

@@ -137,9 +137,14 @@ def build_imagefolder(cfg: Any, split: str) -> datasets.Dataset:
 
 
 def _candidates(value: Any, answer: str, i: int) -> list[str]:
+    """An item's candidates ([] where it has none: null, missing or empty, so choice scoring uses
+    every answer of its question type); ``i`` is its 0-based row, reported as the file's line."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
     found = [str(c) for c in value] if isinstance(value, list) else [c.strip() for c in str(value).split("|")]
     if answer not in found:
-        raise FusionBenchError(f"dataset {NAME!r}: item {i}: the answer {answer!r} is not among its candidates {found}")
+        raise FusionBenchError(f"dataset {NAME!r}: item {i + 1} of the annotations (counting from 1, a .csv's header "
+                               f"not counted): the answer {answer!r} is not among its candidates {found}")
     return found
 
 
