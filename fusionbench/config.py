@@ -37,6 +37,10 @@ class LMConfig:
     tiny: TinyLMConfig = field(default_factory=TinyLMConfig)
 
 
+#: how a non-square image reaches a vision encoder's square input (``vision.resize``)
+RESIZE_MODES = ("stretch", "pad", "crop")
+
+
 @dataclass
 class VisionConfig:
     #: "tiny_cnn" / "tiny_vit" (random-init), "efficientnet_lite0" (embedded default), or an HF
@@ -430,8 +434,8 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
     if cfg.eval.text.backend == "lm_eval" and cfg.eval.text.gen_tasks:
         raise FusionBenchError(f"eval.text.gen_tasks={list(cfg.eval.text.gen_tasks)} are scored by the built-in suite "
                                f"only; with eval.text.backend=lm_eval set eval.text.gen_tasks=[] (or use backend suite)")
-    if cfg.vision.resize not in ("stretch", "pad", "crop"):
-        raise FusionBenchError(f"vision.resize must be 'stretch', 'pad' or 'crop', got {cfg.vision.resize!r}")
+    if cfg.vision.resize not in RESIZE_MODES:
+        raise FusionBenchError(f"vision.resize must be one of {', '.join(RESIZE_MODES)}, got {cfg.vision.resize!r}")
     if cfg.data.images not in ("real", "shuffled", "blank"):
         raise FusionBenchError(f"data.images must be 'real', 'shuffled' or 'blank', got {cfg.data.images!r}")
     for i, c in enumerate(cfg.contrasts):

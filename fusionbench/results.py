@@ -161,23 +161,27 @@ def _move_partial_tail(path: Path, fd: int) -> None:
 def check_writable(path: str | Path) -> None:
     """One clear error, before any compute, when rows could not be appended to ``path``: not
     writable, not named ``*.jsonl`` (the reports read ``<folder>/*.jsonl``), or an existing file
-    whose first line is not a JSON object (a CSV, say: appending would spoil it)."""
+    none of whose first lines is a JSON object (a CSV, say: appending would spoil it). A table with
+    some damaged lines is the store's business (``fusionbench results check --repair``)."""
     path = Path(path)
     if path.suffix != ".jsonl":
         raise FusionBenchError(f"results_file {path} must end in .jsonl: rows are JSON Lines, and the reports "
                                f"read <folder>/*.jsonl; nothing was trained")
     if path.is_file():
         with open(path, "rb") as f:
-            first = f.readline().strip()
-        try:
-            ok = not first or isinstance(json.loads(first), dict)
-        except ValueError:
-            ok = False
-        if not ok:
-            shown = first[:60].decode("utf-8", "replace") + ("..." if len(first) > 60 else "")
-            raise FusionBenchError(f"results_file {path} is not a fusionbench results table (its first line is not a "
-                                   f"JSON object: {shown!r}); it was left as it is: choose another results_file; "
-                                   f"nothing was trained")
+            head = f.read(1 << 20).split(b"\n")[:-1][:50]  # complete lines only: a partial tail is the store's
+        lines = [line.strip() for line in head if line.strip()]
+
+        def _row(line: bytes) -> bool:
+            try:
+                return isinstance(json.loads(line), dict)
+            except ValueError:
+                return False
+        if lines and not any(_row(line) for line in lines):
+            shown = lines[0][:60].decode("utf-8", "replace") + ("..." if len(lines[0]) > 60 else "")
+            raise FusionBenchError(f"results_file {path} is not a fusionbench results table (none of its first "
+                                   f"{len(lines)} lines is a JSON object; the first: {shown!r}); it was left as it "
+                                   f"is: choose another results_file; nothing was trained")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         existed = path.exists()

@@ -180,6 +180,13 @@ def check_hardware(tcfg: DictConfig, where: str = "") -> None:
     _HARDWARE_CHECKED.add(key)
 
 
+def check_plan_hardware(cfg: DictConfig, plan: list[DictConfig]) -> None:
+    """:func:`check_hardware` of every stage of a point about to train (not of ``eval`` or a dry
+    run: they build no Trainer, so a GPU run's config is fine to evaluate or list on a CPU machine)."""
+    for i, stage in enumerate(plan):
+        check_hardware(stage.trainer, f"stages[{i}] ({stage.name}): " if cfg.stages else "")
+
+
 def stage_plan(cfg: DictConfig) -> list[DictConfig]:
     """Stages as full configs ``[{name, trainer, data}]`` (each stage's ``trainer`` / ``data``
     merged over the top-level ones); one ``main`` stage when none are given. What trains in a stage
@@ -190,7 +197,6 @@ def stage_plan(cfg: DictConfig) -> list[DictConfig]:
     from fusionbench.fusion import FUSIONS
 
     if not cfg.stages:
-        check_hardware(cfg.trainer)
         return [OmegaConf.create({"name": "main", "trainer": cfg.trainer, "data": cfg.data})]
     known = FUSIONS.get(cfg.fusion.name).stage_names
     plan = []
@@ -207,7 +213,6 @@ def stage_plan(cfg: DictConfig) -> list[DictConfig]:
             data = OmegaConf.merge(cfg.data, stage.get("data", {}))
         except OmegaConfBaseException as e:
             raise FusionBenchError(_explain(e, f"stages[{i}] ({stage.name})")) from None
-        check_hardware(train, f"stages[{i}] ({stage.name}): ")
         plan.append(OmegaConf.create({"name": stage.name, "trainer": train, "data": data}))
     return plan
 
@@ -394,6 +399,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
     if evaluate:
         check_writable(cfg.results_file)  # before any compute: the rows must have somewhere to go
     plan = stage_plan(cfg)
+    check_plan_hardware(cfg, plan)
     other_code = check_checkpoint_code(cfg, plan, done_stages)
     prep = Prepared(cfg, text_suite=evaluate and cfg.eval.text_suite, evaluate=evaluate)  # everything that can fail on bad input fails here, before training
     model, data, tok = prep.model, prep.data, prep.tokenizer

@@ -25,8 +25,9 @@ from omegaconf import DictConfig
 
 from fusionbench.config import config_hash, grid_points
 from fusionbench.errors import FusionBenchError
-from fusionbench.results import append_row, code_hash, git_sha, read_results
-from fusionbench.runner import checkpoint_step, log, run_dir_of, run_point, stage_checkpoint, stage_plan
+from fusionbench.results import append_row, check_writable, code_hash, git_sha, read_results
+from fusionbench.runner import (check_plan_hardware, checkpoint_step, log, run_dir_of, run_point, stage_checkpoint,
+                                stage_plan)
 
 
 def finished_stages(results_file: str | Path) -> dict[str, set[str]]:
@@ -75,8 +76,10 @@ def sweep(cfg: DictConfig, only: list[str] | None = None) -> dict[str, Any]:
     points = select(grid_points(cfg), only)  # every point validated before the first one starts
     if not points:
         raise FusionBenchError("the grid has no points")
-    for _, point in points:
-        stage_plan(point)  # and its stages and their Lightning settings (runner.check_hardware)
+    for _, point in points:  # and its stages and their Lightning settings (runner.check_hardware)
+        check_plan_hardware(point, stage_plan(point))
+    for results_file in dict.fromkeys(p.results_file for _, p in points):
+        check_writable(results_file)  # one error, not one failed point after another
     # one snapshot of what is finished, taken before anything runs (the same on every rank)
     done = finished_stages(cfg.results_file)
     status_file = Path(cfg.output_dir) / cfg.name / "sweep.jsonl"

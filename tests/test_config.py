@@ -180,6 +180,25 @@ def test_every_strategy_default_is_within_its_declared_ranges():
     for name in FUSIONS.names():
         options = FUSIONS.get(name).default_options()  # raises if a default broke its own range
         for f in dataclasses.fields(FUSIONS.get(name).Options):
+            if f.type in (int, float, "int", "float"):  # a shipped option states its range, even >= 0
+                assert "low" in f.metadata, f"{name}: fusion.{f.name} is declared without ranged()"
             if "low" in f.metadata:
                 ok, rule = _range_rule(f.metadata)
                 assert ok(float(options[f.name])) and not ok(f.metadata["low"] - 1), (name, f.name, rule)
+
+
+def test_a_plain_numeric_option_may_be_negative_but_must_be_finite():
+    """Only a range declared with ranged() bounds a number (a plugin's gate_init: float = -2.0 is fine)."""
+    from dataclasses import dataclass
+
+    from fusionbench.fusion.base import FusionOptions, check_option_ranges
+
+    @dataclass
+    class GateOptions(FusionOptions):
+        gate_init: float = -2.0
+
+    check_option_ranges("probe", GateOptions, OmegaConf.structured(GateOptions))
+    with pytest.raises(FusionBenchError, match="fusion.gate_init=inf is out of range for strategy 'probe': it must "
+                                               "be a finite number"):
+        check_option_ranges("probe", GateOptions, OmegaConf.merge(OmegaConf.structured(GateOptions),
+                                                                  {"gate_init": float("inf")}))

@@ -16,7 +16,7 @@ from tests.helpers import TINY
 @pytest.mark.parametrize("mode, values, expect", [
     ("I;16", [0, 32768, 65535], [0, 128, 255]),  # 16-bit greyscale PNG/TIFF
     ("I", [0, 32768, 65535], [0, 128, 255]),  # 16-bit PNGs PIL opens as 32-bit ints
-    ("I", [0, 100, 255], [0, 100, 255]),  # 8-bit values stored wide
+    ("I", [0, 257, 65535], [0, 1, 255]),  # by mode alone: the same scale for every image of a dataset
     ("F", [0.0, 0.5, 1.0], [0, 128, 255]),  # floats in [0, 1]
     ("L", [0, 128, 255], [0, 128, 255]),
 ])
@@ -74,5 +74,5 @@ def test_vision_resize_reaches_preprocess_and_is_validated():
     padded = enc.preprocess([wide])
     stretched = load_vision(load_config(TINY).vision).preprocess([wide])
     assert padded.shape == stretched.shape and not torch.equal(padded, stretched)
-    with pytest.raises(FusionBenchError, match="vision.resize must be 'stretch', 'pad' or 'crop', got 'squash'"):
+    with pytest.raises(FusionBenchError, match="vision.resize must be one of stretch, pad, crop, got 'squash'"):
         load_config(TINY, ["vision.resize=squash"])

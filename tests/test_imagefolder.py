@@ -113,25 +113,31 @@ def test_items_without_candidates_rank_their_question_types_answers(tmp_path, fm
     question type (as a file without the column does), the others keep their own."""
     from fusionbench.evaluation.choice import item_choices
 
-    root = _folder(tmp_path, n=30, fmt=fmt)
+    root = _folder(tmp_path, n=40, fmt=fmt)
+    own = sorted(COLOURS) + ["purple"]  # differs from the type's answers, so a mix-up shows
     if fmt == "jsonl":
         rows = [json.loads(line) for line in (root / "annotations.jsonl").read_text().splitlines()]
         for i, r in enumerate(rows):
-            if i % 3 == 0:
+            if i % 4 == 0:
                 r["candidates"] = None
-            elif i % 3 == 1:
+            elif i % 4 == 1:
                 del r["candidates"]
+            elif i % 4 == 2:
+                r["candidates"] = []
+            else:
+                r["candidates"] = own
         (root / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
         lines = (root / "annotations.csv").read_text().splitlines()
-        lines = [lines[0]] + [",".join(line.split(",")[:3] + ["", line.split(",")[4]]) if i % 2 == 0 else line
-                              for i, line in enumerate(lines[1:])]
+        cells = [line.split(",") for line in lines[1:]]
+        lines = [lines[0]] + [",".join(c[:3] + ["" if i % 2 == 0 else "|".join(own), c[4]]) for i, c in enumerate(cells)]
         (root / "annotations.csv").write_text("\n".join(lines) + "\n")
     cfg = _cfg(root, *(["data.options.annotations=annotations.csv"] if fmt == "csv" else []))
     ds = DATASETS.get("imagefolder")(cfg.data, "train")  # the largest split: items with and without
-    assert any(c == [] for c in ds["choices"]) and any(c for c in ds["choices"])
+    assert any(c == [] for c in ds["choices"]) and any(c == own for c in ds["choices"])
     choices, source = item_choices(ds)
-    assert source == "mixed" and all(c == sorted(COLOURS) for c in choices)  # never ['None']
+    assert source == "mixed"
+    assert all(got == (c or sorted(COLOURS)) for got, c in zip(choices, ds["choices"]))  # never ['None']
 
 
 @pytest.mark.parametrize("content", ["", "\n\n"])

@@ -37,6 +37,7 @@ class TanhLinear(LinearProjector):
 @pytest.fixture
 def clean_plugins(monkeypatch):
     """The process's registries and plugin record as they were, whatever the test imported."""
+    FUSIONS.names()  # loaded first, so the snapshot holds every shipped strategy
     items, loaded = dict(FUSIONS._items), dict(plugins.LOADED)
     yield
     FUSIONS._items.clear()
@@ -57,9 +58,7 @@ def test_a_strategy_in_a_file_outside_the_package_trains_and_is_recorded(tmp_pat
                  f"output_dir={tmp_path / 'runs'}", f"results_file={tmp_path / 'res.jsonl'}"]) == 0
     row = read_results(tmp_path / "res.jsonl").iloc[0]
     assert row.strategy == "probe_tanh_linear" and row["mm/choice/acc"] == row["mm/choice/acc"]  # a real score
-    import hashlib
-
-    assert row.plugins == {"my_fusion.py": hashlib.sha256(plugin.read_bytes()).hexdigest()[:12]}
+    assert list(row.plugins) == ["my_fusion.py"] and len(row.plugins["my_fusion.py"]) == 12
     assert row.code_hash == code_hash() != _package_hash()  # the plugin's source counts in the code
     assert main(["list", "--plugin", "my_fusion.py"]) == 0
 
@@ -93,3 +92,34 @@ def test_an_installed_entry_point_registers_and_a_broken_one_is_reported(tmp_pat
     assert "entry point lab (fb_ep_probe)" in plugins.LOADED
     assert list(reg.broken) == ["plugin oops (fb_ep_probe_missing)"]
     assert "ModuleNotFoundError" in reg.broken["plugin oops (fb_ep_probe_missing)"]
+
+
+def test_a_plugin_packages_helper_modules_count_in_its_hash(tmp_path, monkeypatch, clean_plugins):
+    """An edit to a module the plugin imports from its own package changes the plugin's hash (and
+    so code_hash); a second spelling of the same file is not imported twice."""
+    pkg = tmp_path / "fb_ep_probe_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from . import helper\n")
+    (pkg / "helper.py").write_text("WIDTH = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugins, "_IMPORTED", set())
+
+    def load() -> str:
+        for name in [m for m in sys.modules if m.startswith("fb_ep_probe_pkg")]:
+            del sys.modules[name]
+        plugins._IMPORTED.clear()
+        plugins.LOADED.pop("fb_ep_probe_pkg", None)
+        plugins.load_plugins(["fb_ep_probe_pkg"])
+        return plugins.LOADED["fb_ep_probe_pkg"]
+
+    first = load()
+    assert load() == first  # the same source: the same hash
+    (pkg / "helper.py").write_text("WIDTH = 2\n")
+    import importlib
+
+    importlib.invalidate_caches()
+    assert load() != first
+    (tmp_path / "single.py").write_text("X = 1\n")
+    monkeypatch.chdir(tmp_path)
+    plugins.load_plugins(["single.py", "./single.py"])
+    assert "single.py" in plugins.LOADED and "./single.py" not in plugins.LOADED

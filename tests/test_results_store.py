@@ -109,8 +109,8 @@ def test_unwritable_results_file_fails_before_training(tmp_path, capsys, where):
 
 @pytest.mark.parametrize("name, content, message", [
     ("runs.csv", None, "must end in .jsonl"),
-    ("table.jsonl", "strategy,acc\nmlp,0.5\n", "is not a fusionbench results table (its first line is not a JSON "
-                                                 "object: 'strategy,acc')"),
+    ("table.jsonl", "strategy,acc\nmlp,0.5\n", "is not a fusionbench results table (none of its first 2 lines is "
+                                                 "a JSON object; the first: 'strategy,acc')"),
     ("list.jsonl", "[1, 2]\n", "is not a fusionbench results table"),
 ])
 def test_a_results_file_that_is_not_a_results_table_is_refused_and_left_alone(tmp_path, capsys, name, content, message):
@@ -125,3 +125,15 @@ def test_a_results_file_that_is_not_a_results_table_is_refused_and_left_alone(tm
     assert (target.read_text() if content is not None else None) == content  # untouched
     if content is None:
         assert not target.exists()
+
+
+@pytest.mark.parametrize("content", ['{"strategy": "mlp", "se', 'garbled first line\n{"strategy": "mlp"}\n'])
+def test_a_table_with_a_partial_or_damaged_line_is_still_appended_to(tmp_path, content):
+    """A killed first write (a partial line) or one damaged line is the store's to handle, not a
+    reason to refuse the table."""
+    from fusionbench.results import check_writable
+
+    target = tmp_path / "res.jsonl"
+    target.write_text(content)
+    check_writable(target)
+    assert target.read_text() == content

@@ -12,33 +12,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusionbench.config import VisionConfig
+from fusionbench.config import RESIZE_MODES, VisionConfig  # noqa: F401 (RESIZE_MODES: re-exported)
 from fusionbench.errors import AssetUnavailable, FusionBenchError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-#: how an image that is not square reaches the encoder's square input (``vision.resize``)
-RESIZE_MODES = ("stretch", "pad", "crop")
 _warned_stretch = False
 
 
 def to_rgb(img):
-    """A PIL image of any mode as 8-bit RGB. High-bit-depth modes (16-bit PNG/TIFF greyscale loads
-    as ``I;16`` or ``I``, float as ``F``) are scaled from their range: PIL's own ``convert("RGB")``
-    clips them at 255, so every 16-bit image would arrive white."""
+    """A PIL image of any mode as 8-bit RGB. The integer greyscale modes PIL opens 16-bit PNG/TIFF
+    as (``I;16*``, ``I``) are read as 0-65535 and float ``F`` as 0-1, by mode alone, so every image
+    of a dataset is scaled alike: PIL's own ``convert("RGB")`` clips them at 255 (white)."""
     from PIL import Image
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        if img.mode == "F" and a.size and np.nanmax(a) <= 1.0:
-            scale = 1.0  # floats in [0, 1]
-        elif img.mode.startswith("I;16") or (a.size and np.nanmax(a) > 255):
-            scale = 65535.0
-        else:
-            scale = 255.0  # 8-bit values stored wide
-        a = np.clip(np.nan_to_num(a / scale), 0.0, 1.0)
+        a = np.asarray(img, dtype=np.float64) / (1.0 if img.mode == "F" else 65535.0)
+        a = np.clip(np.nan_to_num(a), 0.0, 1.0)
         img = Image.fromarray(np.round(a * 255).astype(np.uint8), mode="L")
     return img.convert("RGB")
 
@@ -47,23 +39,16 @@ def fit_square(img, side: int, mode: str, fill: tuple = IMAGENET_MEAN):
     """``img`` as ``side x side``: ``stretch`` (resize, aspect ratio not kept), ``pad`` (LLaVA-1.5's
     expand-to-square with the normalisation mean colour, then resize) or ``crop`` (shorter side to
     ``side``, centre crop; CLIP's preprocessing)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     w, h = img.size
     if (w, h) == (side, side):
         return img
     if mode == "pad" and w != h:
-        n = max(w, h)
-        square = Image.new("RGB", (n, n), tuple(int(round(c * 255)) for c in fill))
-        square.paste(img, ((n - w) // 2, (n - h) // 2))
-        img = square
-    elif mode == "crop" and w != h:
-        scale = side / min(w, h)
-        img = img.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BICUBIC)
-        w, h = img.size
-        left, top = (w - side) // 2, (h - side) // 2
-        return img.crop((left, top, left + side, top + side))
-    elif mode == "stretch" and w != h:
+        return ImageOps.pad(img, (side, side), Image.BICUBIC, color=tuple(int(round(c * 255)) for c in fill))
+    if mode == "crop" and w != h:
+        return ImageOps.fit(img, (side, side), Image.BICUBIC)
+    if mode == "stretch" and w != h:
         global _warned_stretch
         if not _warned_stretch:
             import sys

@@ -9,7 +9,8 @@ A candidate's log-likelihood is the sum of its tokens' log-probabilities (as the
 formatted for training, without the end-of-turn token): the first token's comes from the prompt's
 last position (one forward of the prompts ranks every single-token candidate), longer candidates
 get a second forward of prompt + candidate. Datasets without a ``choices`` column use the answers
-of the item's question type seen in the test split (``mm/choice/candidates: per_qtype``).
+of the item's question type seen in the test split (``mm/choice/candidates: per_qtype``; ``mixed``
+when only some items have their own).
 """
 from __future__ import annotations
 

@@ -48,15 +48,17 @@ def register(name: str):
 def ranged(default: float, low: float = 0, high: float | None = None, *, above: bool = False,
            below: bool = False) -> Any:
     """A numeric option with its range, checked with the config before anything is built:
-    ``num_heads: int = ranged(4, low=1)``; ``above`` / ``below`` make an end exclusive.
-    A numeric option declared plainly must be a finite number >= 0."""
+    ``num_heads: int = ranged(4, low=1)``; ``above`` / ``below`` make an end exclusive;
+    ``low=-math.inf`` for no lower end. A numeric option declared plainly need only be finite."""
     return dataclasses.field(default=default, metadata={"low": low, "high": high, "above": above, "below": below})
 
 
 def _range_rule(meta: Any) -> tuple[Any, str]:
-    low, high = meta.get("low", 0), meta.get("high")
+    if "low" not in meta:  # declared plainly
+        return math.isfinite, "a finite number"
+    low, high = meta["low"], meta.get("high")
     above, below = meta.get("above", False), meta.get("below", False)
-    rule = (f"> {low}" if above else f">= {low}") if high is None else \
+    rule = ("a finite number" if low == -math.inf else f"> {low}" if above else f">= {low}") if high is None else \
         f"in {'(' if above else '['}{low}, {high}{')' if below else ']'}"
 
     def ok(v: float) -> bool:
@@ -67,7 +69,7 @@ def _range_rule(meta: Any) -> tuple[Any, str]:
 
 def check_option_ranges(name: str, options_cls: type, merged: Any) -> None:
     """Every numeric option of a strategy within its declared range (:func:`ranged`; plain
-    numeric options: finite and >= 0): one error naming the option, the value and the range."""
+    numeric options: finite): one error naming the option, the value and the range."""
     for f in dataclasses.fields(options_cls):
         value = merged.get(f.name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):

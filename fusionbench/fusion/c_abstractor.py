@@ -29,7 +29,7 @@ class CAbstractorOptions(FusionOptions):
     #: bottleneck blocks before and after the pooling (Honeybee: 3)
     depth: int = ranged(3, low=1)
     #: channel width of the conv blocks (0: min(LM hidden size, 256); Honeybee: 1024)
-    hidden_size: int = 0
+    hidden_size: int = ranged(0)
     #: layers of the SiLU MLP read-out to the LM width (Honeybee: 2)
     mlp_depth: int = ranged(2, low=1)
     #: learned position embedding added to the vision tokens before the convs (Honeybee: true)

@@ -34,7 +34,7 @@ class FlamingoOptions(FusionOptions):
     #: Perceiver resampler layers (Flamingo: 6)
     resampler_depth: int = ranged(2, low=1)
     #: width of the resampler and of the cross-attention (0: min(LM hidden size, 256))
-    hidden_size: int = 0
+    hidden_size: int = ranged(0)
     #: attention heads of the resampler and of the cross-attention (must divide the width)
     num_heads: int = ranged(4, low=1)
     #: a gated cross-attention block before decoder layers N-1, 2N-1, ... (OpenFlamingo's rule)

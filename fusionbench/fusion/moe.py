@@ -129,9 +129,9 @@ class MoEOptions(MLPOptions):
     num_experts: int = ranged(4, low=1)
     top_k: int = ranged(2, low=1)
     #: weight of the Switch load-balancing loss (1.0 for uniform routing)
-    balance_coef: float = 0.1
+    balance_coef: float = ranged(0.1)
     #: weight of the ST-MoE router z-loss
-    z_coef: float = 0.01
+    z_coef: float = ranged(0.01)
     #: also upcycle the vision encoder's transformer MLP blocks into MoE blocks (ViT/CLIP/SigLIP)
     vision_moe: bool = False
     #: a dense ``mlp`` run's trainable-only state dict or Lightning checkpoint to read the dense

@@ -29,14 +29,14 @@ class PrefixOptions(FusionOptions):
     #: image prefix positions per LM layer
     prefix_length: int = ranged(8, low=1)
     #: hidden width of the feature -> key/value MLP (0: the LM hidden size)
-    hidden_size: int = 0
+    hidden_size: int = ranged(0)
     #: "tokens": vision tokens average-pooled to ``prefix_length`` slots, each mapped by one shared
     #: MLP (plus a learned slot embedding); "pooled": the mean feature mapped to all slots at once
     #: (output layer ``prefix_length`` times larger)
     pooling: str = "tokens"
     #: learned image-independent task prefix (peft ``PrefixTuningConfig``) of this many positions
     #: per layer, prepended to every input including text-only ones (0: off)
-    task_prefix_tokens: int = 0
+    task_prefix_tokens: int = ranged(0)
 
 
 def kv_geometry(lm: nn.Module) -> tuple[int, int, int]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fusionbench.fusion.base import FusionOptions, FusionStrategy, register
+from fusionbench.fusion.base import FusionOptions, FusionStrategy, ranged, register
 
 
 @register("linear")
@@ -32,7 +32,7 @@ class LinearProjector(FusionStrategy):
 @dataclass
 class MLPOptions(FusionOptions):
     #: hidden width of the 2-layer MLP (0: the LM hidden size, as in LLaVA-1.5)
-    hidden_size: int = 0
+    hidden_size: int = ranged(0)
 
 
 @register("mlp")

@@ -28,7 +28,7 @@ class QFormerOptions(FusionOptions):
     #: Q-Former blocks (BLIP-2: 12)
     num_layers: int = ranged(4, low=1)
     #: Q-Former width (0: min(LM hidden size, 256))
-    hidden_size: int = 0
+    hidden_size: int = ranged(0)
     #: attention heads (must divide the width)
     num_heads: int = ranged(4, low=1)
     #: blocks ``0, k, 2k, ...`` cross-attend to the vision features (BLIP-2: 2)
