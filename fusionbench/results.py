@@ -171,13 +171,7 @@ def check_writable(path: str | Path) -> None:
         with open(path, "rb") as f:
             head = f.read(1 << 20).split(b"\n")[:-1][:50]  # complete lines only: a partial tail is the store's
         lines = [line.strip() for line in head if line.strip()]
-
-        def _row(line: bytes) -> bool:
-            try:
-                return isinstance(json.loads(line), dict)
-            except ValueError:
-                return False
-        if lines and not any(_row(line) for line in lines):
+        if lines and all(_row_of(line) is None for line in lines):
             shown = lines[0][:60].decode("utf-8", "replace") + ("..." if len(lines[0]) > 60 else "")
             raise FusionBenchError(f"results_file {path} is not a fusionbench results table (none of its first "
                                    f"{len(lines)} lines is a JSON object; the first: {shown!r}); it was left as it "
@@ -205,6 +199,15 @@ def append_row(path: str | Path, row: dict[str, Any]) -> None:
         os.fsync(fd)
 
 
+def _row_of(raw: bytes) -> dict[str, Any] | None:
+    """The row a line holds, or None when it is not a JSON object."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def _parse(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]], bool]:
     """Rows, corrupt ``(line number, text)`` and whether the last of them is a partial tail."""
     data = path.read_bytes()
@@ -214,13 +217,11 @@ def _parse(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]], boo
     for i, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
-        try:
-            obj = json.loads(raw)
-            if not isinstance(obj, dict):
-                raise ValueError("not a JSON object")
-            rows.append(obj)
-        except ValueError:
+        obj = _row_of(raw)
+        if obj is None:
             bad.append((i, raw.decode(errors="replace")))
+        else:
+            rows.append(obj)
     return rows, bad, partial_tail and bool(bad) and bad[-1][0] == len(lines)
 
 
