@@ -24,7 +24,7 @@ from pathlib import Path
 from fusionbench.errors import FusionBenchError, first_line
 
 ENTRY_POINT_GROUP = "fusionbench.plugins"
-#: what this process imported: plugin spec -> sha256 (12 hex) of its source file
+#: what this process imported: plugin spec -> sha256 (12 hex) of its source (:func:`_source_hash`)
 LOADED: dict[str, str] = {}
 #: what has been imported (a file by its resolved path, so ./x.py and x.py are one plugin)
 _IMPORTED: set[str] = set()

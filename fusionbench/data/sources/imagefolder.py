@@ -138,7 +138,7 @@ def build_imagefolder(cfg: Any, split: str) -> datasets.Dataset:
 
 def _candidates(value: Any, answer: str, i: int) -> list[str]:
     """An item's candidates ([] where it has none: null, missing or empty, so choice scoring uses
-    every answer of its question type); ``i`` is its 0-based row, reported as the file's line."""
+    every answer of its question type); ``i`` is its 0-based row, reported as "item i + 1"."""
     if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value):
         return []
     found = [str(c) for c in value] if isinstance(value, list) else [c.strip() for c in str(value).split("|")]
