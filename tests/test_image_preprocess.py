@@ -67,6 +67,31 @@ def test_resize_modes_on_a_wide_image(capsys, monkeypatch):
     assert np.asarray(fit_square(_two_halves(20, 20), 20, "pad")).tolist() == np.asarray(_two_halves(20, 20)).tolist()
 
 
+class _Wide(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return _two_halves(40, 20)
+
+
+def test_stretch_note_is_said_once_across_data_loader_workers(capfd, monkeypatch, tmp_path):
+    """The collator (and so the resize) runs in the loader's workers, re-created every epoch: the
+    note is said once per run, not once per worker per epoch."""
+    import tempfile
+
+    from fusionbench.assets import vision
+
+    monkeypatch.setattr(vision, "_warned_stretch", False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the workers' marker, away from other runs
+    loader = torch.utils.data.DataLoader(_Wide(), batch_size=2, num_workers=2,
+                                         collate_fn=lambda imgs: [np.asarray(fit_square(im, 20, "stretch")) for im in imgs])
+    for _epoch in range(2):
+        assert sum(len(b) for b in loader) == 8
+    assert capfd.readouterr().err.count("a 40x20 image is stretched to 20x20") == 1
+    assert len(list(tmp_path.glob("fusionbench-*-stretch.said"))) == 1
+
+
 def test_vision_resize_reaches_preprocess_and_is_validated():
     cfg = load_config(TINY, ["vision.resize=pad"])
     enc = load_vision(cfg.vision)

@@ -22,6 +22,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _warned_stretch = False
 
 
+def _first_in_run(name: str) -> bool:
+    """Whether this is the run's first call with ``name``: once in the main process, and once across
+    all data-loader workers of a run however often they are re-created (a worker claims a marker
+    file named by its parent process; a re-forked worker finds it taken)."""
+    import os
+    import tempfile
+
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None:
+        return True
+    marker = os.path.join(tempfile.gettempdir(), f"fusionbench-{os.getppid()}-{name}.said")
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # an unwritable temp dir: say it (per worker) rather than never
+        return True
+
+
 def to_rgb(img):
     """A PIL image of any mode as 8-bit RGB. The integer greyscale modes PIL opens 16-bit PNG/TIFF
     as (``I;16*``, ``I``) are read as 0-65535 and float ``F`` as 0-1, by mode alone, so every image
@@ -54,8 +75,9 @@ def fit_square(img, side: int, mode: str, fill: tuple = IMAGENET_MEAN):
             import sys
 
             _warned_stretch = True
-            print(f"[fusionbench] note: a {w}x{h} image is stretched to {side}x{side} (vision.resize=stretch; "
-                  f"vision.resize=pad or crop keeps its aspect ratio); said once", file=sys.stderr, flush=True)
+            if _first_in_run("stretch"):
+                print(f"[fusionbench] note: a {w}x{h} image is stretched to {side}x{side} (vision.resize=stretch; "
+                      f"vision.resize=pad or crop keeps its aspect ratio); said once", file=sys.stderr, flush=True)
     return img.resize((side, side), Image.BICUBIC)
 
 
