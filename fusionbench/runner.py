@@ -171,13 +171,35 @@ def check_hardware(tcfg: DictConfig, where: str = "") -> None:
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # its "GPU available: ..." lines come again when the real Trainer starts
     try:
-        L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
-    except Exception as e:  # noqa: BLE001 - Lightning raises ValueError, MisconfigurationException, RuntimeError
-        settings = " ".join(f"trainer.{k}={v}" for k, v in kw.items())
-        raise FusionBenchError(f"{where}Lightning does not accept {settings}: {first_line(e)}") from None
+        error = _trainer_refuses(kw)
+        if error is not None:
+            culprits = _hardware_culprits(kw)
+            settings = " with ".join(f"trainer.{k}={kw[k]}" for k in culprits)
+            raise FusionBenchError(f"{where}Lightning does not accept {settings}: {first_line(error)}")
     finally:
         quiet.setLevel(level)
     _HARDWARE_CHECKED.add(key)
+
+
+def _trainer_refuses(kw: dict[str, Any]) -> Exception | None:
+    """Lightning's objection to a ``Trainer`` with these settings, or None."""
+    try:
+        L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+    except Exception as e:  # noqa: BLE001 - Lightning raises ValueError, MisconfigurationException, RuntimeError
+        return e
+    return None
+
+
+def _hardware_culprits(kw: dict[str, Any]) -> list[str]:
+    """The settings to name for a refused ``kw`` (Lightning's message does not say which): those
+    refused on their own, the others at their defaults; else (only the combination is refused,
+    e.g. ``accelerator=cpu`` with ``strategy=fsdp`` on a GPU machine) all the changed ones."""
+    from fusionbench.config import TrainConfig
+
+    defaults = hardware_kwargs(OmegaConf.structured(TrainConfig))
+    changed = [k for k in kw if kw[k] != defaults[k]] or list(kw)
+    alone = [k for k in changed if _trainer_refuses({**defaults, k: kw[k]}) is not None]
+    return alone or changed
 
 
 def check_plan_hardware(cfg: DictConfig, plan: list[DictConfig]) -> None:

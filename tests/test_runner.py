@@ -134,12 +134,12 @@ def test_bad_input_is_one_clear_error_and_no_row(tmp_path, capsys, overrides, me
 
 
 @pytest.mark.parametrize("overrides, messages", [
-    (["trainer.precision=17"], ["Lightning does not accept trainer.accelerator=cpu", "trainer.precision=17:",
+    (["trainer.precision=17"], ["Lightning does not accept trainer.precision=17: "
                                 "Precision '17' is invalid. Allowed precision values:"]),
-    (["trainer.strategy=dpp"], ["trainer.strategy=dpp", "You selected an invalid strategy name"]),
+    (["trainer.strategy=dpp"], ["Lightning does not accept trainer.strategy=dpp: You selected an invalid strategy name"]),
     (["trainer.accelerator=gpu"], ["Lightning does not accept trainer.accelerator=gpu", "No supported gpu backend"]),
     (["fusion=mlp", "stages=[{name: main, trainer: {strategy: fsdp}}]"],
-     ["stages[0] (main): Lightning does not accept", "trainer.strategy=fsdp", "requires a GPU accelerator"]),
+     ["stages[0] (main): Lightning does not accept trainer.strategy=fsdp: ", "requires a GPU accelerator"]),
 ])
 def test_lightning_settings_it_rejects_are_one_error_before_any_asset_loads(tmp_path, capsys, overrides, messages):
     if "accelerator=gpu" in overrides[0] and torch.cuda.is_available():
@@ -148,6 +148,7 @@ def test_lightning_settings_it_rejects_are_one_error_before_any_asset_loads(tmp_
     err = capsys.readouterr().err
     assert all(m in err for m in messages), err
     assert "Traceback" not in err and "preparing" not in err
+    assert "trainer.accelerator=cpu" not in err and "trainer.num_nodes" not in err  # only the offending setting
     assert err.strip().splitlines()[-1].startswith("fusionbench: error:")
     # a sweep refuses the whole grid before its first point (the bad one is the second)
     grid = ["grid={trainer.precision: [32-true, '17']}"]
@@ -155,6 +156,27 @@ def test_lightning_settings_it_rejects_are_one_error_before_any_asset_loads(tmp_
                  *grid]) == 2
     err = capsys.readouterr().err
     assert "Precision '17' is invalid" in err and "sweep 1/2" not in err and not (tmp_path / "res.jsonl").exists()
+
+
+def test_lightning_error_names_the_combination_when_no_setting_is_refused_alone(monkeypatch):
+    """Lightning's message does not say which setting it objects to: the error names the settings
+    refused on their own, else every changed one (here a refusal only of cpu with fsdp, as on a GPU
+    machine); a setting left at its default is never named."""
+    from omegaconf import OmegaConf
+
+    from fusionbench import runner
+    from fusionbench.config import TrainConfig
+    from fusionbench.errors import FusionBenchError
+
+    def refuses(kw):
+        return ValueError("fsdp needs a GPU") if (kw["accelerator"], kw["strategy"]) == ("cpu", "fsdp") else None
+
+    monkeypatch.setattr(runner, "_trainer_refuses", refuses)
+    tcfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"accelerator": "cpu", "strategy": "fsdp", "devices": 1})
+    with pytest.raises(FusionBenchError) as e:
+        runner.check_hardware(tcfg, "stages[1] (x): ")
+    assert str(e.value) == ("stages[1] (x): Lightning does not accept trainer.accelerator=cpu with trainer.strategy=fsdp: "
+                            "fsdp needs a GPU")
 
 
 def test_same_seed_gives_identical_numbers_and_seeds_aggregate_to_a_ci(tmp_path):
