@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                         ("train", "train (and checkpoint) only; no evaluation, no results row")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
-        p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. fusion=mlp trainer.max_steps=200")
+        p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. fusion=mlp trainer.max_steps=200 (not of a key the "
+                       "config's grid sets: the grid's value would win; refused)")
     p = sub.add_parser("sweep", help="every grid point x seed, skipping finished ones, resuming killed ones, "
                                       "going on past failures")
     p.add_argument("config", help="experiment YAML with a grid and/or seeds, e.g. experiments/main.yaml")

@@ -290,7 +290,61 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cfg = _merge_overrides(cfg, _check_overrides(overrides))
     except OmegaConfBaseException as e:
         raise FusionBenchError(_explain(e, "the command-line overrides")) from None
+    if overrides:
+        _no_override_under_the_grid(cfg, overrides)
     return finalise(cfg, validate_fusion=validate_fusion)
+
+
+def _grid_leaves(key: str, value: Any) -> list[str]:
+    """The dotted keys a grid value sets: ``fusion`` with a ``name`` replaces the whole strategy
+    (one leaf), other mappings set their leaves."""
+    if isinstance(value, DictConfig) and not (key == "fusion" and "name" in value):
+        return [leaf for k, v in value.items() for leaf in _grid_leaves(f"{key}.{k}", v)]
+    return [key]
+
+
+def _override_leaves(key: str, value: Any) -> list[str]:
+    """The dotted keys an override sets (``fusion=<name>`` sets the strategy's name only: a grid
+    may then set that strategy's options)."""
+    if isinstance(value, DictConfig):
+        return [leaf for k, v in value.items() for leaf in _override_leaves(f"{key}.{k}", v)]
+    return ["fusion.name"] if key == "fusion" else [key]
+
+
+def _no_override_under_the_grid(cfg: DictConfig, overrides: list[str]) -> None:
+    """A grid point is the config with its grid values applied last: a command-line override of a
+    key the grid also sets would be replaced without a word (``quickstart.yaml fusion=qformer``
+    would train mlp twice). Such an override is one error naming the grid values that win."""
+    setters: dict[str, list[str]] = {}  # grid leaf -> where the grid sets it
+    for axis, values in (cfg.grid or {}).items():
+        if axis == "variant":
+            for i, bundle in enumerate(values if isinstance(values, ListConfig) else []):
+                if isinstance(bundle, DictConfig):
+                    plain = OmegaConf.to_container(bundle)
+                    where = f"grid.variant[{i}] ({plain.pop('label', None) or _short(plain)})"
+                    for k, v in bundle.items():
+                        if k != "label":
+                            for leaf in _grid_leaves(str(k), v):
+                                setters.setdefault(leaf, []).append(where)
+        else:
+            setters.setdefault(str(axis), []).append(f"grid.{axis}")
+    if cfg.seeds:
+        setters.setdefault("seed", []).append("seeds")
+
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key in ("grid", "seeds") or key.startswith("grid."):
+            continue
+        # the grid wins where it sets the same key or a mapping holding it (a variant's fusion: {name: ...})
+        leaves = _override_leaves(key, OmegaConf.from_dotlist([item]).get(key))
+        hits = sorted({w for grid_leaf, where in setters.items() for w in where
+                       if any(leaf == grid_leaf or leaf.startswith(grid_leaf + ".") for leaf in leaves)})
+        if hits:
+            shown = ", ".join(hits[:4]) + (f" and {len(hits) - 4} more" if len(hits) > 4 else "")
+            fix = ("give the seeds as seeds=[...] instead" if key == "seed" else
+                   "change it in the grid, pick points with `sweep --only`, or drop the grid (grid={}) for a single point")
+            raise FusionBenchError(f"override {key}: the grid sets it too ({shown}), and a grid value is applied "
+                                   f"after the overrides, so yours would be replaced without effect; {fix}")
 
 
 def _merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:

@@ -93,6 +93,31 @@ def test_grid_and_stages_overrides_replace_rather_than_merge(tmp_path):
     assert dict(load_config(child, ["grid={seed: [1, 2]}"]).grid) == {"seed": [1, 2]}
 
 
+@pytest.mark.parametrize("overrides, names", [
+    (["fusion=qformer"], "grid.variant[0] (mlp), grid.variant[1] (blind)"),  # would have trained mlp twice
+    (["fusion.hidden_size=8"], "grid.variant[0] (mlp), grid.variant[1] (blind)"),  # a strategy switch drops it
+    (["trainer.lr=0.5"], "grid.variant[1] (blind)"),  # a dotted key in a variant
+    (["data.images=blank"], "grid.variant[1] (blind)"),
+    (["trainer={lr: 0.5}"], "grid.variant[1] (blind)"),  # a mapping over a variant's leaf
+    (["seed=7"], "(seeds)"),
+])
+def test_an_override_the_grid_would_replace_is_refused(tmp_path, overrides, names):
+    """A grid point applies its grid values after the command line: an override of a key the grid
+    sets used to vanish silently (quickstart.yaml fusion=qformer trained mlp twice)."""
+    exp = tmp_path / "g.yaml"
+    exp.write_text(f"defaults: [{TINY}]\nseeds: [0, 1]\ngrid:\n  variant:\n    - {{label: mlp, fusion: {{name: mlp}}}}\n"
+                   "    - {label: blind, fusion: {name: mlp}, data.images: shuffled, trainer: {lr: 0.1}}\n")
+    with pytest.raises(FusionBenchError, match="the grid sets it too") as e:
+        load_config(exp, overrides)
+    assert names in str(e.value) and "replaced without effect" in str(e.value)
+    # keys the grid leaves alone, a new grid, or no grid at all: as before
+    assert load_config(exp, ["trainer.batch_size=4", "trainer.max_steps=3"]).trainer.batch_size == 4
+    assert load_config(exp, ["grid={}", "seeds=[]", "fusion=qformer", "seed=7"]).fusion.name == "qformer"
+    assert [p.fusion.name for p in expand_grid(load_config(exp, ["grid={fusion: [linear]}", "trainer.lr=0.5"]))] == ["linear"] * 2
+    with pytest.raises(FusionBenchError, match="override fusion.r: the grid sets it too .grid.fusion.r."):
+        load_config(TINY, ["grid={fusion.r: [2, 4]}", "fusion=lora", "fusion.r=8"])
+
+
 def test_config_hash_ignores_output_locations():
     a = load_config(TINY, ["output_dir=/tmp/a", "results_file=/tmp/a.jsonl"])
     b = load_config(TINY, ["output_dir=/tmp/b"])
