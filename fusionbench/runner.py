@@ -355,6 +355,16 @@ def checkpoint_step(path: Path) -> int | None:
 RESUME_OTHER_CODE = "FUSIONBENCH_RESUME_OTHER_CODE"
 
 
+def checkpoint_target(path: Path, stage: DictConfig) -> int | None:
+    """The steps the stage of this checkpoint trains for: recorded in the checkpoint (a
+    compute-matched stage's follow from its FLOPs budget), else ``trainer.max_steps``; None for a
+    compute-matched checkpoint of older code, which did not record them."""
+    header = _checkpoint_header(path)
+    if header is not None and "fusionbench_max_steps" in header:
+        return int(header["fusionbench_max_steps"])
+    return None if stage.trainer.flops_budget > 0 else int(stage.trainer.max_steps)
+
+
 def checkpoint_code(path: Path) -> str | None:
     """The ``code_hash`` of the code that saved a stage checkpoint (None: none there, unreadable, or
     saved by a fusionbench older than this record)."""
@@ -619,10 +629,18 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, stage:
     steps = checkpoint_step(ckpt)
     if steps is None:
         raise FusionBenchError(f"cannot read the checkpoint {ckpt}")
-    if steps < chosen.trainer.max_steps and chosen.trainer.flops_budget <= 0 and not allow_partial:
-        raise FusionBenchError(f"{ckpt} is from step {steps} of {chosen.trainer.max_steps}: the run did not finish "
-                               "(resume it with the same command, or evaluate it as it is with --allow-partial; "
-                               "the row then says steps: {steps})".replace("{steps}", str(steps)))
+    target = checkpoint_target(ckpt, chosen)
+    if (target is None or steps < target) and not allow_partial:
+        of = (f"step {steps} of {target}: the run did not finish" if target is not None else
+              f"step {steps} of a compute-matched stage whose step count it does not record (older code): "
+              "whether the run finished is unknown")
+        raise FusionBenchError(f"{ckpt} is from {of} (resume it with the same command, or evaluate it as it is "
+                               f"with --allow-partial; the row then says steps: {steps})")
+    trained_by = checkpoint_code(ckpt)
+    other_code = trained_by is not None and trained_by != code_hash()
+    if other_code:
+        log(f"{ckpt} was trained by other code (code_hash {trained_by}; this code is {code_hash()}): "
+            "the row records it as trained_code_hash")
     check_writable(results_file or cfg.results_file)
     prep = Prepared(cfg, text_suite=cfg.eval.text_suite)
     model = prep.model
@@ -640,6 +658,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, stage:
     trained = read_stage_record(run_dir, chosen.name, steps)
     curve_points = trained.pop("curve", None)
     trained.pop("steps", None)
+    if other_code:
+        trained["trained_code_hash"] = trained_by
     row = result_row(cfg, chosen, model, run_dir, metrics, **trained, eval_s=time.time() - t0, source="eval",
                      steps=steps, checkpoint=str(ckpt),
                      **({"curve": json.dumps(curve_points)} if curve_points is not None else {}))

@@ -26,8 +26,8 @@ from omegaconf import DictConfig
 from fusionbench.config import config_hash, grid_points
 from fusionbench.errors import FusionBenchError
 from fusionbench.results import append_row, check_writable, code_hash, git_sha, read_results
-from fusionbench.runner import (check_plan_hardware, checkpoint_step, log, run_dir_of, run_point, stage_checkpoint,
-                                stage_plan)
+from fusionbench.runner import (check_plan_hardware, checkpoint_step, checkpoint_target, log, run_dir_of, run_point,
+                                stage_checkpoint, stage_plan)
 
 
 def finished_stages(results_file: str | Path) -> dict[str, set[str]]:
@@ -143,9 +143,13 @@ def describe(cfg: DictConfig, only: list[str] | None = None) -> list[str]:
 def _checkpoint_state(point: DictConfig, stage: DictConfig) -> str:
     """Where an unfinished point's next stage stands on this machine's disk: its newest Lightning
     checkpoint (the sweep continues from it), or nothing when it has none."""
-    step = checkpoint_step(stage_checkpoint(run_dir_of(point), stage.name))
+    ckpt = stage_checkpoint(run_dir_of(point), stage.name)
+    step = checkpoint_step(ckpt)
     if step is None:
         return ""
-    if step >= stage.trainer.max_steps:
+    target = checkpoint_target(ckpt, stage)  # a compute-matched stage's steps follow from its budget
+    if target is None:
+        return f" ({stage.name}: checkpoint at step {step} of a compute-matched stage; resumes there if unfinished)"
+    if step >= target:
         return f" ({stage.name}: trained, {step} steps; evaluation left)"
-    return f" ({stage.name}: checkpoint at step {step} of {stage.trainer.max_steps}; resumes there)"
+    return f" ({stage.name}: checkpoint at step {step} of {target}; resumes there)"

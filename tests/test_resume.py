@@ -213,6 +213,15 @@ def test_a_checkpoint_that_other_code_trained_is_not_reused_silently(tmp_path, m
     # the same code: a finished checkpoint is evaluated again without complaint, and no trained_code_hash
     [again] = run_point(cfg)
     assert "trained_code_hash" not in again
+    # `fusionbench eval` of it after the code changed: new measurements, the row says which code trained it
+    from fusionbench.cli import main
+
+    run_dir = next((tmp_path / "runs").glob("*/linear-*"))
+    trained_by = code_hash()
+    monkeypatch.setattr(runner, "code_hash", lambda: "edited000000")
+    assert main(["eval", str(run_dir), "--results-file", str(tmp_path / "eval.jsonl")]) == 0
+    assert read_rows(tmp_path / "eval.jsonl")[0]["trained_code_hash"] == trained_by
+    assert "was trained by other code" in capsys.readouterr().err
 
 
 def test_curves_travel_in_the_checkpoint():
@@ -257,3 +266,30 @@ def test_rows_count_the_steps_taken_and_eval_refuses_a_partial_checkpoint(tmp_pa
     assert [r["steps"] for r in read_rows(out)] == [5]
     [row] = run_point(cfg)  # resumes and finishes
     assert row["steps"] == 8 and row["resumed_from_step"] == 5
+
+
+def test_a_compute_matched_checkpoint_is_judged_by_its_budgets_steps(tmp_path, monkeypatch, capsys):
+    """A compute-matched stage trains for the steps its FLOPs budget allows, not trainer.max_steps:
+    the checkpoint records them, so `sweep --dry-run` says where it stands and `fusionbench eval`
+    refuses it unfinished (it used to skip that check) and accepts it finished."""
+    import fusionbench.runner as runner
+    from fusionbench.cli import main
+    from fusionbench.sweep import describe
+
+    monkeypatch.setattr(runner, "steps_for_budget", lambda model, data, tcfg: (6, 1.0e9))
+    cfg = tiny_cfg("fusion=linear", "trainer.max_steps=20", "trainer.flops_budget=6e9", "trainer.warmup_steps=0",
+                   "trainer.checkpoint_every_n_steps=3", "eval.val_items=0", tmp_path=tmp_path)
+    record = FusionModule.training_step
+    _kill_at(monkeypatch, 4)
+    with pytest.raises(Killed):
+        run_point(cfg)
+    monkeypatch.setattr(FusionModule, "training_step", record)
+    [line] = describe(cfg)
+    assert line.endswith("todo (main: checkpoint at step 3 of 6; resumes there)"), line
+    run_dir = next((tmp_path / "runs").glob("*/linear-*"))
+    out = tmp_path / "eval.jsonl"
+    assert main(["eval", str(run_dir), "--results-file", str(out)]) == 2
+    assert "is from step 3 of 6: the run did not finish" in capsys.readouterr().err
+    [row] = run_point(cfg)
+    assert row["steps"] == 6 and row["resumed_from_step"] == 3
+    assert main(["eval", str(run_dir), "--results-file", str(out)]) == 0  # finished at 6 of 20 nominal steps

@@ -79,6 +79,9 @@ class FusionModule(L.LightningModule):
         checkpoint["fusionbench_stage"] = self.model.stage
         # which code trained these weights: a run restarted after the code changed must not reuse them silently
         checkpoint["fusionbench_code_hash"] = code_hash()
+        # the steps this stage trains for (a compute-matched stage's come from its FLOPs budget, not
+        # trainer.max_steps): whether a checkpoint is the finished stage, for eval and sweep --dry-run
+        checkpoint["fusionbench_max_steps"] = int(self.train_cfg.max_steps)
         # the random streams (dropout, ...) as they are at this step: a resumed run draws what the
         # uninterrupted one would have
         # (plain types and tensors: the checkpoint stays loadable with ``weights_only=True``)
