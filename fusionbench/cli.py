@@ -68,10 +68,14 @@ def _cmd_assets(args) -> None:
 def _cmd_report(args) -> None:
     from fusionbench.report import report, sync_readme
 
-    for path in report(args.results or ["results"], args.paper):
+    results = args.results or ["results"]
+    paper = args.paper
+    if paper is None:
+        paper = "paper" if [Path(r).resolve() for r in results] == [Path("results").resolve()] else "paper/local"
+    for path in report(results, paper):
         print(path)
-    readme = args.readme if args.readme is not None else ("README.md" if args.paper == "paper" else "")
-    if readme and Path(readme).exists() and sync_readme(readme, Path(args.paper) / "tables"):
+    readme = args.readme if args.readme is not None else ("README.md" if Path(paper) == Path("paper") else "")
+    if readme and Path(readme).exists() and sync_readme(readme, Path(paper) / "tables"):
         print(readme)
 
 
@@ -156,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder of *.jsonl result tables (default: results, the committed reference "
                         "rows); repeat to report several together, e.g. --results results --results "
                         "results/local (your runs, labelled '(local)')")
-    p.add_argument("--paper", default="paper", help="output folder (figures/, tables/); paper/ holds the "
-                                                    "committed ones, paper/local/ is git-ignored")
+    p.add_argument("--paper", default=None, help="output folder (figures/, tables/); paper/ holds the committed "
+                                                 "ones, paper/local/ is git-ignored (default: paper for the "
+                                                 "committed results/ alone, else paper/local, so other rows "
+                                                 "never overwrite the committed tables by accident)")
     p.add_argument("--readme", default=None, metavar="PATH",
                    help="rewrite this file's '<!-- report: NAME.md -->' blocks with the tables just written "
                         "(default: README.md when --paper is paper, the committed tables; '': none)")

@@ -146,6 +146,20 @@ def test_local_rows_are_reported_beside_the_committed_ones_never_instead(tmp_pat
     assert "% results/runs.jsonl + results/local/runs.jsonl:" in (tmp_path / "p" / "tables" / "main.tex").read_text()
     report(committed, tmp_path / "p1")
     assert "(local)" not in (tmp_path / "p1" / "tables" / "main.md").read_text()
+    # without --paper, other rows than results/ alone go to paper/local/: the committed paper/ and the
+    # README's tables are never rewritten from them by accident
+    import os
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- report: main.md -->\nold\n<!-- /report -->\n")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["report", "--results", str(local)]) == 0
+    finally:
+        os.chdir(cwd)
+    assert (tmp_path / "paper" / "local" / "tables" / "main.md").exists()
+    assert not (tmp_path / "paper" / "tables").exists() and "old" in readme.read_text()
 
 
 def test_user_runs_write_to_a_git_ignored_results_folder():
