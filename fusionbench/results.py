@@ -250,7 +250,12 @@ def check(path: str | Path, repair: bool = False) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FusionBenchError(f"no such results table: {path}")
+    if path.suffix != ".jsonl":
+        raise FusionBenchError(f"{path} is not a results table (those are *.jsonl); not checked")
     rows, bad, _ = _parse(path)
+    if repair and bad and not rows:
+        raise FusionBenchError(f"{path}: none of its {len(bad)} lines is a row, so it is not a results table "
+                               "(or wholly damaged); --repair would empty it: left as it is")
     if repair and bad:
         with _locked(path):
             rows, bad, _ = _parse(path)  # again, under the lock

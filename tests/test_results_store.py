@@ -86,6 +86,21 @@ def test_corrupt_line_mid_file_is_an_error_naming_file_and_line_and_check_repair
     assert main(["results", "check", str(path)]) == 0
 
 
+def test_results_check_never_repairs_a_file_that_is_not_a_table(tmp_path, capsys):
+    """`results check --repair README.md` would have moved every line of it out as "corrupt"."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# notes\nsome text\n")
+    assert main(["results", "check", "--repair", str(readme)]) == 2
+    assert "is not a results table (those are *.jsonl)" in capsys.readouterr().err
+    csvlike = tmp_path / "res.jsonl"
+    csvlike.write_text("a,b\n1,2\n")
+    assert main(["results", "check", str(csvlike)]) == 1  # checked: 2 corrupt lines
+    assert main(["results", "check", "--repair", str(csvlike)]) == 2
+    assert "none of its 2 lines is a row" in capsys.readouterr().err
+    assert readme.read_text() == "# notes\nsome text\n" and csvlike.read_text() == "a,b\n1,2\n"
+    assert not list(tmp_path.glob("*.corrupt"))
+
+
 def test_a_whole_row_without_its_newline_is_kept(tmp_path):
     path = tmp_path / "res.jsonl"
     path.write_text(json.dumps({"a": 1}))  # edited by hand, no final newline
