@@ -57,6 +57,9 @@ def test_fusion_override_switches_strategy_and_drops_old_options():
     (["fusion={name: lora, alpha: 0}"], "fusion.alpha=0.0 is out of range for strategy 'lora': it must be > 0"),
     (["fusion={name: moe, z_coef: .nan}"], "fusion.z_coef=nan is out of range for strategy 'moe'"),
     (["fusion={name: moe, num_experts: 0}"], "fusion.num_experts=0 is out of range for strategy 'moe': it must be >= 1"),
+    # an option every strategy has but only flamingo acts on
+    (["fusion={name: mlp, text_path_drift: true}"], "fusion.text_path_drift=true does nothing for strategy 'mlp': "
+                                                    "only flamingo has a text path to let drift"),
     # values YAML cannot parse name the key; a glued colon is explained
     (["grid={fusion:[linear, mlp]}"], "override grid: the value '{fusion:[linear, mlp]}' is not valid YAML"),
     (["fusion={name:mlp}"], "has the key 'name:mlp'; in a {key: value} mapping YAML needs a space after each colon"),

@@ -108,6 +108,10 @@ def fusion_options(node: Any) -> DictConfig:
                                    f"Options: {', '.join(fields)}") from None
         raise FusionBenchError(f"invalid value for 'fusion.{key}' ({name}): {first_line(e)}") from None
     check_option_ranges(str(name), cls.Options, merged)
+    if merged.get("text_path_drift") and not cls.HAS_TEXT_PATH_DRIFT:
+        users = [n for n in FUSIONS.names() if getattr(FUSIONS.get(n), "HAS_TEXT_PATH_DRIFT", False)]
+        raise FusionBenchError(f"fusion.text_path_drift=true does nothing for strategy {name!r}: only "
+                               f"{', '.join(users) or 'no strategy'} has a text path to let drift")
     return merged
 
 
@@ -122,6 +126,9 @@ class FusionStrategy(nn.Module):
     #: state; "trained": LM weights change (the default: no promise). Options may refine it:
     #: override :meth:`text_invariant_for`.
     TEXT_PATH: ClassVar[str] = "trained"
+    #: whether ``fusion.text_path_drift: true`` means something for this strategy (it is refused
+    #: where it would be silently ignored)
+    HAS_TEXT_PATH_DRIFT: ClassVar[bool] = False
 
     @classmethod
     def default_options(cls) -> DictConfig:

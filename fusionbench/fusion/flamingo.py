@@ -150,6 +150,7 @@ class Flamingo(FusionStrategy):
 
     Options = FlamingoOptions
     TEXT_PATH = "conditioned"  # text after the image cross-attends to it (text_path_drift: see below)
+    HAS_TEXT_PATH_DRIFT = True
 
     def __init__(self, options, lm_hidden_size, vision_dim, vision_tokens):
         super().__init__(options, lm_hidden_size, vision_dim, vision_tokens)
