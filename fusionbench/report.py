@@ -824,9 +824,13 @@ def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
     for c in declared_contrasts(final):
         line = {"contrast": c.get("name", f"{c.get('a')} - {c.get('b')}"), "a": c.get("a"), "b": c.get("b"),
                 "metric": c.get("metric", "mm/choice/acc"), "expect": c.get("expect", "greater")}
-        # only rows of the experiment that declared the contrast (older rows of a table may share a label)
+        # only rows of the experiment (config name) that declares the contrast: a table may hold other
+        # experiments' rows under the same labels, but rows the experiment ran before the contrast was
+        # added (or edited) count: they are its rows all the same
         declares = final["config"].map(lambda cf: c in (json.loads(cf).get("contrasts") or []))
-        side = {k: final[declares & (label == line[k])] for k in ("a", "b") if not c.get(f"{k}_table")}
+        names = {json.loads(cf).get("name") for cf in final.loc[declares, "config"]}
+        ours = final["config"].map(lambda cf: json.loads(cf).get("name") in names)
+        side = {k: final[ours & (label == line[k])] for k in ("a", "b") if not c.get(f"{k}_table")}
         for k in ("a", "b"):
             if c.get(f"{k}_table"):
                 other = runs[runs["table"] == c[f"{k}_table"]]

@@ -245,6 +245,26 @@ def test_comparisons_table_paired_contrasts_and_n_a(tmp_path):
     assert comparisons(prepare(pd.DataFrame(rows2))).iloc[0]["verdict"] == "n/a"
 
 
+def test_a_contrast_added_after_some_rows_ran_counts_them(tmp_path):
+    """docs/adding_a_fusion.md: add a strategy and its contrast against mlp, sweep (only the new
+    points run): mlp's earlier rows of the same experiment count, although their configs predate the
+    contrast; rows of another experiment in the same table with the same label do not."""
+    from fusionbench.report import comparisons, prepare
+
+    contrast = {"name": "new > mlp", "a": "new", "b": "mlp"}
+    good, bad = "1" * 80 + "0" * 20, "1" * 40 + "0" * 60
+    rows = _contrast_rows([], {"mlp": {0: bad, 1: bad}})  # ran before the contrast existed
+    rows += _contrast_rows([contrast], {"new": {0: good, 1: good}})
+    for r in rows:
+        r["config"] = json.dumps({**json.loads(r["config"]), "name": "main"})
+    line = comparisons(prepare(pd.DataFrame(rows))).iloc[0]
+    assert line["verdict"] == "supported" and line["seeds"] == 2 and line["diff"] == pytest.approx(0.4)
+    for r in rows[:2]:  # mlp's rows from another experiment: not this contrast's
+        r["config"] = json.dumps({**json.loads(r["config"]), "name": "pilot"})
+    line = comparisons(prepare(pd.DataFrame(rows))).iloc[0]
+    assert line["verdict"] == "n/a" and "no rows of mlp" in line["why"]
+
+
 def test_a_contrast_says_where_its_two_sides_ran_on_different_cpus(tmp_path):
     """The same seed reproduces only on one CPU model (the MoE dense stage: val 0.3825 on the Xeon three
     times, 0.415 on an EPYC): the table and the paper's sentence say when a pair's runs had other CPUs."""
