@@ -426,11 +426,14 @@ def study_qtypes(cfg: DictConfig) -> list[str]:
     return list(cfg.data.qtypes) or list(dataset_qtypes(cfg))
 
 
-def _check_contrast_power(cfg: DictConfig, i: int, c: dict) -> None:
+def check_contrast_power(cfg: DictConfig, i: int, c: dict, counts: dict[str, int] | None = None) -> None:
     """A contrast on multiple-choice accuracy (``mm/choice/acc`` or ``mm/choice/<qtype>/acc``) with
     a stated ``mde`` needs enough test items of its question type to detect it (80% power, alpha
     0.05; :func:`fusionbench.stats.items_needed`); a contrast on a
-    question type the data leaves out has none. Either is one error before any compute."""
+    question type the data leaves out has none. Either is one error before any compute.
+    ``counts``: the built test split's items per question type (checked again once it is built: a
+    folder dataset's ``test_size`` is only a cap, and balancing drops items); None: from
+    ``data.test_size``, the split's size when the config is read."""
     metric = str(c.get("metric", "mm/choice/acc"))
     parts = metric.split("/")
     if not (metric.startswith("mm/choice/") and metric.endswith("/acc") and len(parts) in (3, 4)):
@@ -441,8 +444,10 @@ def _check_contrast_power(cfg: DictConfig, i: int, c: dict) -> None:
     except FusionBenchError:
         return  # an unknown dataset is reported by the data module, with the known names
     name = c.get("name") or f"{c['a']} - {c['b']}"
-    items = int(cfg.data.test_size)
-    if len(parts) == 4:
+    items = int(cfg.data.test_size) if counts is None else sum(counts.values())
+    if len(parts) == 4 and counts is not None:
+        items = counts.get(parts[2], 0)
+    elif len(parts) == 4:
         qtype = parts[2]
         if known and qtype not in known:
             raise FusionBenchError(f"contrasts[{i}] ({name}): metric {metric} names question type {qtype!r}; "
@@ -463,7 +468,8 @@ def _check_contrast_power(cfg: DictConfig, i: int, c: dict) -> None:
         raise FusionBenchError(
             f"contrasts[{i}] ({name}): detecting a difference of {float(c['mde']):g} in {metric} with 80% power "
             f"needs >= {need} paired test items (discordance {float(c.get('discordance', DISCORDANCE)):g}; "
-            f"fusionbench.stats.items_needed); data.test_size={cfg.data.test_size} gives {items}")
+            f"fusionbench.stats.items_needed); " + (f"data.test_size={cfg.data.test_size} gives {items}" if counts is None
+                                                    else f"the test split as built has {items}"))
 
 
 def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
@@ -502,7 +508,7 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
             raise FusionBenchError(f"contrasts[{i}]: at most one side may come from another results table")
         if c.get("expect", "greater") not in ("greater", "less"):
             raise FusionBenchError(f"contrasts[{i}].expect must be 'greater' or 'less', got {c['expect']!r}")
-        _check_contrast_power(cfg, i, c)
+        check_contrast_power(cfg, i, c)
     from fusionbench.evaluation import EVALUATORS
 
     for name in cfg.eval.metrics:

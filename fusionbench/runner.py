@@ -87,9 +87,15 @@ class Prepared:
             if len(short) == 1:
                 raise FusionBenchError("choice scoring needs at least 2 test items, data.test_size gives 1")
             if len(short):
+                from collections import Counter
+
+                from fusionbench.config import check_contrast_power
                 from fusionbench.evaluation.choice import item_choices
 
                 item_choices(short)
+                counts = Counter(short["qtype"])  # the contrasts' power on the items there are
+                for i, c in enumerate(cfg.contrasts or []):
+                    check_contrast_power(cfg, i, OmegaConf.to_container(c) if OmegaConf.is_config(c) else c, dict(counts))
         # the depth probes' floor: the same strategy, same seed, before any training (a random
         # connector already passes image information on); measured here, before the weights move
         self.untrained_probes: dict[str, float] = {}

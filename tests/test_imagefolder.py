@@ -166,3 +166,25 @@ def test_an_over_long_choice_candidate_is_refused_before_training(tmp_path, caps
     assert "(2" in err and "characters)" in err  # the 2000-character example is shortened, not quoted whole
     assert "stage main: training" not in err
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_contrasts_power_is_checked_on_the_test_items_the_folder_really_gives(tmp_path, capsys):
+    """For a folder dataset data.test_size is only a cap (the README's example says 100000) and the
+    balanced test split drops items: a contrast's stated MDE is checked again on the split as built,
+    before any training, and the balancing says how many items it kept."""
+    root = _folder(tmp_path, n=90)
+    rows = [json.loads(line) for line in (root / "annotations.jsonl").read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["answer"] = "red" if i % 6 else "green"  # mostly red: balancing keeps few test items
+    (root / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    contrast = "contrasts=[{a: mlp, b: blind, mde: 0.05}]"
+    assert load_config(TINY, ["data.name=imagefolder", f"data.options.path={root}", "data.test_size=100000",
+                              contrast]).contrasts  # the cap alone passes the config check
+    rc = main(["run", str(TINY), "data.name=imagefolder", f"data.options.path={root}", "data.train_size=1000",
+               "data.val_size=1000", "data.test_size=100000", contrast, f"output_dir={tmp_path / 'runs'}",
+               f"results_file={tmp_path / 'r.jsonl'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "contrasts[0] (mlp - blind): detecting a difference of 0.05" in err
+    assert "the test split as built has" in err, err
+    assert "items kept" in err, err
+    assert "stage main: training" not in err and not (tmp_path / "r.jsonl").exists()

@@ -118,7 +118,11 @@ def build_imagefolder(cfg: Any, split: str) -> datasets.Dataset:
 
     answers = [str(a) for a in ds["answer"]]
     if split == "test" and opts["balance_test"]:
+        before = len(keep)
         keep = _balanced(keep, [qtypes[i] for i in keep], [answers[i] for i in keep], cfg.seed)
+        if len(keep) < before:
+            print(f"[fusionbench] {NAME} test: balanced (every gold answer of a question type equally often, "
+                  f"data.options.balance_test): {len(keep)} of {before} items kept", file=sys.stderr, flush=True)
     order = split_rng(cfg.seed, split, NAME).permutation(len(keep))
     size = int({"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}[split])
     keep = sorted(keep[j] for j in order[:size])
