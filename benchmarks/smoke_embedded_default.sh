@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FB=${FB:-.venv/bin/fusionbench}
 OUT=${OUT:-results/smoke/embedded_default.jsonl}
-SHORT=(trainer.max_steps=4 data.train_size=64 data.val_size=32 eval.mm_items=16
+SHORT=(trainer.max_steps=4 trainer.warmup_steps=0 data.train_size=64 data.val_size=32 eval.mm_items=16
        eval.text.n_per_task=10 eval.text.ppl_chunks=4 "results_file=$OUT" output_dir=runs/smoke)
 for key in $($FB list | sed -n 's/^fusion strategies: //p' | tr -d ','); do
   extra=()
