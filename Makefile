@@ -30,7 +30,7 @@ report: setup
 	$(VENV)/bin/fusionbench report $(REPORT_ARGS_$(REPORT))
 	$(if $(filter committed,$(REPORT)),$(VENV)/bin/fusionbench power)
 
-# the paper's main results (resumable: finished points are skipped), then figures, tables and PDF
+# the paper's main results (resumable: finished points are skipped); `make report` then writes figures and tables
 sweep: setup
 	$(VENV)/bin/fusionbench sweep experiments/main.yaml
 
