@@ -169,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: README.md when --paper is paper, the committed tables; '': none)")
     p = sub.add_parser("power", help="from a pilot's rows: the step budget, the noise and the minimum "
                                      "detectable effect of the study (fusionbench.power) -> results/power.md")
-    p.add_argument("--pilot", default="results/pilot.jsonl", help="the pilot's results table")
-    p.add_argument("--out", default="results/power.md", help="Markdown file to write")
-    p.add_argument("--mde", type=float, default=0.05, help="the difference the study must detect")
-    p.add_argument("--tol", type=float, default=0.02, help="budget: first step within this of the best val accuracy")
+    p.add_argument("--pilot", default="results/pilot.jsonl", help="the pilot's results table (default: results/pilot.jsonl)")
+    p.add_argument("--out", default="results/power.md", help="Markdown file to write (default: results/power.md, the committed one)")
+    p.add_argument("--mde", type=float, default=0.05, help="the difference the study must detect (default: 0.05)")
+    p.add_argument("--tol", type=float, default=0.02, help="budget: first step within this of the best val accuracy (default: 0.02)")
     p.add_argument("--study", default=None,
                    help="the study config whose test items and seeds the MDE is computed for (default: "
                         "experiments/main.yaml where it exists; '': none)")
