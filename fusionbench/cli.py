@@ -23,7 +23,7 @@ def _cmd_sweep(args) -> int:
     from fusionbench.config import load_config
     from fusionbench.sweep import describe, sweep
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, only=args.only)
     if args.dry_run:
         for line in describe(cfg, args.only):
             print(line)

@@ -277,9 +277,10 @@ def _check_overrides(overrides: list[str]) -> list[str]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                validate_fusion: bool = True) -> DictConfig:
+                validate_fusion: bool = True, only: list[str] | None = None) -> DictConfig:
     """YAML + overrides merged onto the schema. Unknown keys and wrong types raise
-    :class:`FusionBenchError` naming the key."""
+    :class:`FusionBenchError` naming the key, as does an override of a key the grid sets (of the
+    points ``only``, ``sweep --only``'s labels, selects)."""
     raw = _read_yaml(Path(path)) if path is not None else OmegaConf.create()
     try:
         cfg = OmegaConf.merge(_SCHEMA, raw)
@@ -291,7 +292,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except OmegaConfBaseException as e:
         raise FusionBenchError(_explain(e, "the command-line overrides")) from None
     if overrides:
-        _no_override_under_the_grid(cfg, overrides)
+        _no_override_under_the_grid(cfg, overrides, only)
     return finalise(cfg, validate_fusion=validate_fusion)
 
 
@@ -311,23 +312,48 @@ def _override_leaves(key: str, value: Any) -> list[str]:
     return ["fusion.name"] if key == "fusion" else [key]
 
 
-def _no_override_under_the_grid(cfg: DictConfig, overrides: list[str]) -> None:
+def _no_override_under_the_grid(cfg: DictConfig, overrides: list[str], only: list[str] | None = None) -> None:
     """A grid point is the config with its grid values applied last: a command-line override of a
     key the grid also sets would be replaced without a word (``quickstart.yaml fusion=qformer``
-    would train mlp twice). Such an override is one error naming the grid values that win."""
+    would train mlp twice). Such an override is one error naming the grid values that win. A
+    stage's ``trainer`` settings (a variant's ``stages``) win over ``trainer.*`` in the same way.
+    ``only``: ``sweep --only``'s labels; grid values no selected point has do not count."""
+    axes = {str(a): (list(v) if isinstance(v, ListConfig) else [v]) for a, v in (cfg.grid or {}).items()}
+
+    def label(axis: str, value: Any) -> str:  # as grid_points labels a point (sweep.select matches it)
+        plain = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+        if axis == "variant" and isinstance(plain, dict):
+            return str(plain.pop("label", None) or _short(plain))
+        return str(plain)
+
+    def live(axis: str, value: Any) -> bool:  # is it in a point `only` selects?
+        if not only or label(axis, value) in only:
+            return True
+        return any(label(a, v) in only for a, vs in axes.items() if a != axis for v in vs)
+
     setters: dict[str, list[str]] = {}  # grid leaf -> where the grid sets it
-    for axis, values in (cfg.grid or {}).items():
-        if axis == "variant":
-            for i, bundle in enumerate(values if isinstance(values, ListConfig) else []):
-                if isinstance(bundle, DictConfig):
-                    plain = OmegaConf.to_container(bundle)
-                    where = f"grid.variant[{i}] ({plain.pop('label', None) or _short(plain)})"
-                    for k, v in bundle.items():
-                        if k != "label":
-                            for leaf in _grid_leaves(str(k), v):
-                                setters.setdefault(leaf, []).append(where)
-        else:
-            setters.setdefault(str(axis), []).append(f"grid.{axis}")
+
+    def sets(key: str, value: Any, where: str) -> None:
+        for leaf in _grid_leaves(key, value):
+            setters.setdefault(leaf, []).append(where)
+        if key == "stages" and isinstance(value, ListConfig):  # a stage's trainer/data beat the top level's
+            for stage in value:
+                for part in ("trainer", "data"):
+                    if isinstance(stage, DictConfig) and isinstance(stage.get(part), DictConfig):
+                        for leaf in _grid_leaves(part, stage[part]):
+                            setters.setdefault(leaf, []).append(f"{where}, stage {stage.get('name')}")
+
+    for axis, values in axes.items():
+        for i, value in enumerate(values):
+            if not live(axis, value):
+                continue
+            if axis == "variant" and isinstance(value, DictConfig):
+                where = f"grid.variant[{i}] ({label(axis, value)})"
+                for k, v in value.items():
+                    if k != "label":
+                        sets(str(k), v, where)
+            elif axis != "variant":
+                sets(axis, value, f"grid.{axis}")
     if cfg.seeds:
         setters.setdefault("seed", []).append("seeds")
 
@@ -336,13 +362,14 @@ def _no_override_under_the_grid(cfg: DictConfig, overrides: list[str]) -> None:
         if key in ("grid", "seeds") or key.startswith("grid."):
             continue
         # the grid wins where it sets the same key or a mapping holding it (a variant's fusion: {name: ...})
-        leaves = _override_leaves(key, OmegaConf.from_dotlist([item]).get(key))
+        leaves = _override_leaves(key, OmegaConf.select(OmegaConf.from_dotlist([item]), key))
         hits = sorted({w for grid_leaf, where in setters.items() for w in where
                        if any(leaf == grid_leaf or leaf.startswith(grid_leaf + ".") for leaf in leaves)})
         if hits:
             shown = ", ".join(hits[:4]) + (f" and {len(hits) - 4} more" if len(hits) > 4 else "")
             fix = ("give the seeds as seeds=[...] instead" if key == "seed" else
-                   "change it in the grid, pick points with `sweep --only`, or drop the grid (grid={}) for a single point")
+                   "change it in the grid, leave those points out with `sweep --only`, or drop the grid "
+                   "(grid={}) for a single point")
             raise FusionBenchError(f"override {key}: the grid sets it too ({shown}), and a grid value is applied "
                                    f"after the overrides, so yours would be replaced without effect; {fix}")
 

@@ -119,6 +119,19 @@ def test_an_override_the_grid_would_replace_is_refused(tmp_path, overrides, name
     assert [p.fusion.name for p in expand_grid(load_config(exp, ["grid={fusion: [linear]}", "trainer.lr=0.5"]))] == ["linear"] * 2
     with pytest.raises(FusionBenchError, match="override fusion.r: the grid sets it too .grid.fusion.r."):
         load_config(TINY, ["grid={fusion.r: [2, 4]}", "fusion=lora", "fusion.r=8"])
+    # a dotted key given a mapping; a variant's stages (their trainer wins over trainer.*)
+    with pytest.raises(FusionBenchError, match="override eval.text: the grid sets it too"):
+        load_config(TINY, ["grid={variant: [{eval.text.n_per_task: 3}]}", "eval.text={n_per_task: 5}"])
+    staged = "grid={variant: [{label: s, stages: [{name: main, trainer: {max_steps: 2}}]}, {label: plain, fusion: linear}]}"
+    with pytest.raises(FusionBenchError, match=r"override trainer.max_steps: the grid sets it too .grid.variant\[0\] "
+                                               r"\(s\), stage main\)"):
+        load_config(TINY, [staged, "trainer.max_steps=3"])
+    # `sweep --only` leaves the point that sets it out: allowed; an axis of mappings sets only their keys
+    assert load_config(TINY, [staged, "trainer.max_steps=3"], only=["plain"]).trainer.max_steps == 3
+    with pytest.raises(FusionBenchError, match="the grid sets it too"):
+        load_config(TINY, [staged, "trainer.max_steps=3"], only=["s"])
+    points = expand_grid(load_config(TINY, ["grid={trainer: [{lr: 0.1}, {lr: 0.2}]}", "trainer.batch_size=4"]))
+    assert [(p.trainer.lr, p.trainer.batch_size) for p in points] == [(0.1, 4), (0.2, 4)]
 
 
 def test_config_hash_ignores_output_locations():
