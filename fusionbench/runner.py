@@ -179,33 +179,41 @@ def check_hardware(tcfg: DictConfig, where: str = "") -> None:
     try:
         error = _trainer_refuses(kw)
         if error is not None:
-            culprits = _hardware_culprits(kw)
-            settings = " with ".join(f"trainer.{k}={kw[k]}" for k in culprits)
-            raise FusionBenchError(f"{where}Lightning does not accept {settings}: {first_line(error)}")
+            raise FusionBenchError(f"{where}Lightning does not accept {_hardware_culprits(kw)}: {first_line(error)}")
     finally:
         quiet.setLevel(level)
     _HARDWARE_CHECKED.add(key)
 
 
-def _trainer_refuses(kw: dict[str, Any]) -> Exception | None:
-    """Lightning's objection to a ``Trainer`` with these settings, or None."""
-    try:
-        L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
-    except Exception as e:  # noqa: BLE001 - Lightning raises ValueError, MisconfigurationException, RuntimeError
-        return e
+def _trainer_refuses(kw: dict[str, Any], quiet: bool = False) -> Exception | None:
+    """Lightning's objection to a ``Trainer`` with these settings, or None (``quiet``: without the
+    warnings a probe with settings the user never gave would print)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        try:
+            L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      **kw)
+        except Exception as e:  # noqa: BLE001 - Lightning raises ValueError, MisconfigurationException, RuntimeError
+            return e
     return None
 
 
-def _hardware_culprits(kw: dict[str, Any]) -> list[str]:
+def _hardware_culprits(kw: dict[str, Any]) -> str:
     """The settings to name for a refused ``kw`` (Lightning's message does not say which): those
-    refused on their own, the others at their defaults; else (only the combination is refused,
-    e.g. ``accelerator=cpu`` with ``strategy=fsdp`` on a GPU machine) all the changed ones."""
+    whose return to the default makes the rest accepted; else those refused on their own (the
+    others at their defaults); else every changed one."""
     from fusionbench.config import TrainConfig
 
     defaults = hardware_kwargs(OmegaConf.structured(TrainConfig))
     changed = [k for k in kw if kw[k] != defaults[k]] or list(kw)
-    alone = [k for k in changed if _trainer_refuses({**defaults, k: kw[k]}) is not None]
-    return alone or changed
+    without = [k for k in changed if _trainer_refuses({**kw, k: defaults[k]}, quiet=True) is None]
+    if without:
+        return " with ".join(f"trainer.{k}={kw[k]}" for k in without)
+    alone = [k for k in changed if _trainer_refuses({**defaults, k: kw[k]}, quiet=True) is not None]
+    return " and ".join(f"trainer.{k}={kw[k]}" for k in alone or changed)
 
 
 def check_plan_hardware(cfg: DictConfig, plan: list[DictConfig]) -> None:
