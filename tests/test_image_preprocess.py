@@ -47,10 +47,20 @@ def _two_halves(w, h):
     return Image.fromarray(a)
 
 
-def test_resize_modes_on_a_wide_image(capsys, monkeypatch):
+@pytest.fixture
+def fresh_run(monkeypatch, tmp_path):
+    """A run of its own for the once-per-run notes: their markers in tmp_path, none said yet."""
+    import tempfile
+
     from fusionbench.assets import vision
 
     monkeypatch.setattr(vision, "_warned_stretch", False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("FUSIONBENCH_NOTE_RUN", "test-run")
+    return tmp_path / "fusionbench-notes-test-run"
+
+
+def test_resize_modes_on_a_wide_image(capsys, fresh_run):
     img = _two_halves(40, 20)
     stretch = np.asarray(fit_square(img, 20, "stretch"))
     pad = np.asarray(fit_square(img, 20, "pad"))
@@ -75,21 +85,22 @@ class _Wide(torch.utils.data.Dataset):
         return _two_halves(40, 20)
 
 
-def test_stretch_note_is_said_once_across_data_loader_workers(capfd, monkeypatch, tmp_path):
-    """The collator (and so the resize) runs in the loader's workers, re-created every epoch: the
-    note is said once per run, not once per worker per epoch."""
-    import tempfile
-
+def _reset_note(worker_id):
     from fusionbench.assets import vision
 
-    monkeypatch.setattr(vision, "_warned_stretch", False)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the workers' marker, away from other runs
-    loader = torch.utils.data.DataLoader(_Wide(), batch_size=2, num_workers=2,
+    vision._warned_stretch = False  # as a spawned worker starts: only the marker keeps the note from repeating
+
+
+def test_stretch_note_is_said_once_across_data_loader_workers(capfd, fresh_run):
+    """The collator (and so the resize) runs in the loader's workers, re-created every epoch, and in
+    the main process (validation, evaluation): the note is said once per run, not once per process."""
+    fit_square(_two_halves(40, 20), 20, "stretch")  # the main process first
+    loader = torch.utils.data.DataLoader(_Wide(), batch_size=2, num_workers=2, worker_init_fn=_reset_note,
                                          collate_fn=lambda imgs: [np.asarray(fit_square(im, 20, "stretch")) for im in imgs])
     for _epoch in range(2):
         assert sum(len(b) for b in loader) == 8
-    assert capfd.readouterr().err.count("a 40x20 image is stretched to 20x20") == 1
-    assert len(list(tmp_path.glob("fusionbench-*-stretch.said"))) == 1
+    assert capfd.readouterr().err.count("a 40x20 image is stretched to 20x20") == 1  # 5 without the marker
+    assert (fresh_run / "stretch.said").exists()
 
 
 def test_vision_resize_reaches_preprocess_and_is_validated():

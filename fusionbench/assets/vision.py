@@ -22,24 +22,42 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _warned_stretch = False
 
 
-def _first_in_run(name: str) -> bool:
-    """Whether this is the run's first call with ``name``: once in the main process, and once across
-    all data-loader workers of a run however often they are re-created (a worker claims a marker
-    file named by its parent process; a re-forked worker finds it taken)."""
+def _run_notes_dir():
+    """The folder of this run's once-per-run note markers, named by a token the first fusionbench
+    process sets in the environment at import, so its data-loader workers (forked or spawned) and
+    any process it starts share it; that process removes the folder at exit."""
+    import atexit
     import os
+    import secrets
+    import shutil
     import tempfile
+    from pathlib import Path
 
-    from torch.utils.data import get_worker_info
+    if "FUSIONBENCH_NOTE_RUN" not in os.environ:
+        os.environ["FUSIONBENCH_NOTE_RUN"] = f"{os.getpid()}-{secrets.token_hex(4)}"
+        folder = Path(tempfile.gettempdir()) / f"fusionbench-notes-{os.environ['FUSIONBENCH_NOTE_RUN']}"
+        owner = os.getpid()
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+    return Path(tempfile.gettempdir()) / f"fusionbench-notes-{os.environ['FUSIONBENCH_NOTE_RUN']}"
 
-    if get_worker_info() is None:
-        return True
-    marker = os.path.join(tempfile.gettempdir(), f"fusionbench-{os.getppid()}-{name}.said")
+
+_run_notes_dir()  # at import, in the main process: before any worker starts
+
+
+def _first_in_run(name: str) -> bool:
+    """Whether this is the run's first call with ``name``: once across the main process and all its
+    data-loader workers, however often they are re-created (each claims a marker file in
+    :func:`_run_notes_dir`)."""
+    import os
+
+    folder = _run_notes_dir()
     try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        folder.mkdir(exist_ok=True)
+        os.close(os.open(folder / f"{name}.said", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         return True
     except FileExistsError:
         return False
-    except OSError:  # an unwritable temp dir: say it (per worker) rather than never
+    except OSError:  # an unwritable temp dir: say it (per process) rather than never
         return True
 
 
