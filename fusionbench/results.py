@@ -253,7 +253,7 @@ def check(path: str | Path, repair: bool = False) -> dict[str, Any]:
     if path.suffix != ".jsonl":
         raise FusionBenchError(f"{path} is not a results table (those are *.jsonl); not checked")
     rows, bad, _ = _parse(path)
-    if repair and bad and not rows:
+    if repair and len(bad) > 1 and not rows:  # one line: a table whose first append was cut short
         raise FusionBenchError(f"{path}: none of its {len(bad)} lines is a row, so it is not a results table "
                                "(or wholly damaged); --repair would empty it: left as it is")
     if repair and bad:

@@ -371,12 +371,17 @@ RESUME_OTHER_CODE = "FUSIONBENCH_RESUME_OTHER_CODE"
 
 def checkpoint_target(path: Path, stage: DictConfig) -> int | None:
     """The steps the stage of this checkpoint trains for: recorded in the checkpoint (a
-    compute-matched stage's follow from its FLOPs budget), else ``trainer.max_steps``; None for a
-    compute-matched checkpoint of older code, which did not record them."""
+    compute-matched stage's follow from its FLOPs budget), else ``trainer.max_steps``. A
+    compute-matched checkpoint of older code did not record them: its own step when the stage's
+    training record (written when it finished) belongs to it, else None (unknown)."""
     header = _checkpoint_header(path)
     if header is not None and "fusionbench_max_steps" in header:
         return int(header["fusionbench_max_steps"])
-    return None if stage.trainer.flops_budget > 0 else int(stage.trainer.max_steps)
+    if stage.trainer.flops_budget <= 0:
+        return int(stage.trainer.max_steps)
+    step = None if header is None else header.get("global_step")
+    finished = step is not None and read_stage_record(path.parents[2], stage.name, int(step))  # path: run_dir/checkpoints/<stage>/last.ckpt
+    return int(step) if finished else None
 
 
 def checkpoint_code(path: Path) -> str | None:
