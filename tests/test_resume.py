@@ -35,6 +35,15 @@ def _kill_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(FusionModule, "training_step", die)
 
 
+def _run_killed_at(monkeypatch, cfg, step: int) -> None:
+    """``run_point(cfg)`` killed when training reaches ``step``; training then works again."""
+    record = FusionModule.training_step
+    _kill_at(monkeypatch, step)
+    with pytest.raises(Killed):
+        run_point(cfg)
+    monkeypatch.setattr(FusionModule, "training_step", record)
+
+
 def _trained(run_dir):
     ckpt = torch.load(next(run_dir.glob("**/checkpoints/main/last.ckpt")), map_location="cpu", weights_only=False)
     return ckpt["global_step"], ckpt["state_dict"]
@@ -102,11 +111,7 @@ def test_a_resume_at_a_validation_step_keeps_that_validation(tmp_path, monkeypat
     overrides = [o for o in OVERRIDES if not o.startswith("trainer.val_every_n_steps")] + ["trainer.val_every_n_steps=5"]
     [row_whole] = run_point(tiny_cfg(*overrides, tmp_path=tmp_path / "whole"))
     cut = tiny_cfg(*overrides, tmp_path=tmp_path / "cut")
-    record = FusionModule.training_step
-    _kill_at(monkeypatch, 12)
-    with pytest.raises(Killed):
-        run_point(cut)
-    monkeypatch.setattr(FusionModule, "training_step", record)
+    _run_killed_at(monkeypatch, cut, 12)
     [row_cut] = run_point(cut)
     assert [p["step"] for p in json.loads(row_whole["val_curve"])] == [5, 10]
     cut_curve, whole_curve = json.loads(row_cut["val_curve"]), json.loads(row_whole["val_curve"])
@@ -279,11 +284,7 @@ def test_a_compute_matched_checkpoint_is_judged_by_its_budgets_steps(tmp_path, m
     monkeypatch.setattr(runner, "steps_for_budget", lambda model, data, tcfg: (6, 1.0e9))
     cfg = tiny_cfg("fusion=linear", "trainer.max_steps=20", "trainer.flops_budget=6e9", "trainer.warmup_steps=0",
                    "trainer.checkpoint_every_n_steps=3", "eval.val_items=0", tmp_path=tmp_path)
-    record = FusionModule.training_step
-    _kill_at(monkeypatch, 4)
-    with pytest.raises(Killed):
-        run_point(cfg)
-    monkeypatch.setattr(FusionModule, "training_step", record)
+    _run_killed_at(monkeypatch, cfg, 4)
     [line] = describe(cfg)
     assert line.endswith("todo (main: checkpoint at step 3 of 6; resumes there)"), line
     run_dir = next((tmp_path / "runs").glob("*/linear-*"))
