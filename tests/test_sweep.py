@@ -242,11 +242,12 @@ def test_gpu_study_script_runs_its_config_at_tiny_scale_on_cpu(tmp_path):
     res, paper = tmp_path / "results", tmp_path / "paper"
     tiny = ["lm.source=tiny", "vision.source=tiny_cnn", "vision.image_size=32", "vision.depth=3", "vision.width=32",
             "vision.pool_tokens=0", "data.train_size=32", "data.val_size=16", "data.test_size=24", "data.image_size=32",
-            "trainer.max_steps=2", "trainer.warmup_steps=0", "trainer.batch_size=8", "trainer.max_length=256",
+            "trainer.warmup_steps=0", "trainer.batch_size=8", "trainer.max_length=256",
             "trainer.accelerator=cpu", "trainer.compile=false",
             "trainer.val_every_n_steps=0", "trainer.checkpoint_every_n_steps=0", "eval.batch_size=8",
             "eval.val_items=8", "eval.mm_items=8", "eval.text_suite=false", "eval.probes=false", "seeds=[0]",
-            "contrasts=[]", "grid={variant: [{fusion: {name: mlp, hidden_size: 0}}, {label: moe, fusion: {name: moe, "
+            # the steps in the grid: an override of trainer.max_steps is refused where a variant's stages set theirs
+            "contrasts=[]", "grid={variant: [{fusion: {name: mlp, hidden_size: 0}, trainer.max_steps: 2}, {label: moe, fusion: {name: moe, "
             "num_experts: 2, top_k: 1}, stages: [{name: dense, trainer: {max_steps: 1}}, {name: upcycle, "
             "trainer: {max_steps: 1}}]}]}", f"output_dir={tmp_path / 'runs'}", f"results_file={res / 'main_gpu.jsonl'}"]
     env = {**os.environ, "FB": f"{sys.executable} -m fusionbench.cli", "PY": sys.executable,
