@@ -320,11 +320,8 @@ def _no_override_under_the_grid(cfg: DictConfig, overrides: list[str], only: lis
     ``only``: ``sweep --only``'s labels; grid values no selected point has do not count."""
     axes = {str(a): (list(v) if isinstance(v, ListConfig) else [v]) for a, v in (cfg.grid or {}).items()}
 
-    def label(axis: str, value: Any) -> str:  # as grid_points labels a point (sweep.select matches it)
-        plain = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
-        if axis == "variant" and isinstance(plain, dict):
-            return str(plain.pop("label", None) or _short(plain))
-        return str(plain)
+    def label(axis: str, value: Any) -> str:
+        return str(point_label(axis, value))
 
     def live(axis: str, value: Any) -> bool:  # is it in a point `only` selects?
         if not only or label(axis, value) in only:
@@ -648,21 +645,30 @@ def grid_points(cfg: DictConfig) -> list[tuple[dict[str, Any], DictConfig]]:
             for key, value in zip(keys, combo):
                 if key == "variant":
                     bundle = OmegaConf.to_container(value)
-                    name = bundle.pop("label", None)
+                    bundle.pop("label", None)
                     for k, v in bundle.items():
                         base = _apply(base, k, OmegaConf.create({"v": v}).v)
-                    label["variant"] = name or _short(bundle)
+                    label["variant"] = point_label(key, value)
                     continue
                 plain = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
                 base = _apply(base, key, OmegaConf.create({"v": plain}).v if key in ("fusion", "stages") else None,
                               f"{key}={OmegaConf.to_yaml(value).strip() if isinstance(value, (DictConfig, ListConfig)) else value}"
                               if key not in ("fusion", "stages") else None)
                 if key != "seed":
-                    label[key] = plain
+                    label[key] = point_label(key, value)
         except OmegaConfBaseException as e:
             raise FusionBenchError(_explain(e, "grid")) from None
         points.append((label, finalise(base)))
     return points
+
+
+def point_label(axis: str, value: Any) -> Any:
+    """How a grid value labels its points (``sweep --only`` matches its ``str``): a variant's
+    ``label`` or a short name for it, an axis value as plain data."""
+    plain = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+    if axis == "variant" and isinstance(plain, dict):
+        return plain.pop("label", None) or _short(plain)
+    return plain
 
 
 def _short(bundle: dict[str, Any]) -> str:

@@ -33,12 +33,14 @@ def _run_notes_dir():
     import tempfile
     from pathlib import Path
 
-    if "FUSIONBENCH_NOTE_RUN" not in os.environ:
+    new = "FUSIONBENCH_NOTE_RUN" not in os.environ
+    if new:
         os.environ["FUSIONBENCH_NOTE_RUN"] = f"{os.getpid()}-{secrets.token_hex(4)}"
-        folder = Path(tempfile.gettempdir()) / f"fusionbench-notes-{os.environ['FUSIONBENCH_NOTE_RUN']}"
+    folder = Path(tempfile.gettempdir()) / f"fusionbench-notes-{os.environ['FUSIONBENCH_NOTE_RUN']}"
+    if new:
         owner = os.getpid()
         atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
-    return Path(tempfile.gettempdir()) / f"fusionbench-notes-{os.environ['FUSIONBENCH_NOTE_RUN']}"
+    return folder
 
 
 _run_notes_dir()  # at import, in the main process: before any worker starts
