@@ -353,6 +353,15 @@ def _no_override_under_the_grid(cfg: DictConfig, overrides: list[str], only: lis
                 sets(axis, value, f"grid.{axis}")
     if cfg.seeds:
         setters.setdefault("seed", []).append("seeds")
+    # the config's own stages (a variant's `stages` replaces them for its points)
+    variants = [v for v in axes.get("variant", []) if live("variant", v)]
+    own_stages: dict[str, list[str]] = {}
+    if not variants or any(not (isinstance(v, DictConfig) and "stages" in v) for v in variants):
+        for i, stage in enumerate(cfg.stages or []):
+            for part in ("trainer", "data"):
+                if isinstance(stage, DictConfig) and isinstance(stage.get(part), DictConfig):
+                    for leaf in _grid_leaves(part, stage[part]):
+                        own_stages.setdefault(leaf, []).append(f"stages[{i}] ({stage.get('name')})")
 
     for item in overrides:
         key = item.split("=", 1)[0]
@@ -369,6 +378,15 @@ def _no_override_under_the_grid(cfg: DictConfig, overrides: list[str], only: lis
                    "(grid={}) for a single point")
             raise FusionBenchError(f"override {key}: the grid sets it too ({shown}), and a grid value is applied "
                                    f"after the overrides, so yours would be replaced without effect; {fix}")
+        hits = [w for stage_leaf, where in own_stages.items() for w in where
+                if any(leaf == stage_leaf or leaf.startswith(stage_leaf + ".") for leaf in leaves)]
+        if hits:
+            first = hits[0].split(" ")[0].replace("[", ".").rstrip("]")  # stages[2] -> stages.2
+            raise FusionBenchError(
+                f"override {key}: the config's {', '.join(hits)} set{'s' if len(hits) == 1 else ''} it too, and a "
+                f"stage's trainer/data win over the top-level ones, so yours would be replaced without effect; "
+                f"set it per stage ({first}.{key}=...), or replace the stages (stages=[...]; stages=[] trains one "
+                f"main stage)")
 
 
 def _merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -383,7 +401,25 @@ def _merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
                                    + ("; in a {key: value} mapping YAML needs a space after each colon"
                                       if ":" in value else "")) from None
         _no_glued_colons(key, node, value)
+        if key.startswith("stages."):
+            cfg = _apply_to_stage(cfg, key, OmegaConf.select(OmegaConf.from_dotlist([item]), key), item)
+            continue
         cfg = _apply(cfg, key, node if key in ("fusion", "grid", "stages", "seeds") else None, item)
+    return cfg
+
+
+def _apply_to_stage(cfg: DictConfig, key: str, node: Any, item: str) -> DictConfig:
+    """``stages.<i>.trainer.max_steps=300``: one setting of one of the config's stages (a stage's
+    keys are checked when the stages are planned, as the YAML's are)."""
+    parts = key.split(".")
+    stages = list(cfg.stages or [])
+    shown = ", ".join(f"{i} ({s.get('name') if isinstance(s, DictConfig) else s})" for i, s in enumerate(stages)) or "none"
+    if not parts[1].isdigit() or int(parts[1]) >= len(stages):
+        raise FusionBenchError(f"override {item!r}: stages.<i> takes a stage's index; this config's stages: {shown}")
+    if len(parts) < 3 or parts[2] not in ("name", "trainer", "data"):
+        raise FusionBenchError(f"override {item!r}: a stage has the keys name, trainer and data "
+                               f"(e.g. stages.{parts[1]}.trainer.max_steps=...)")
+    OmegaConf.update(cfg, key, node, merge=True)
     return cfg
 
 

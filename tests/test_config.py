@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 
 import pytest
 from omegaconf import OmegaConf
@@ -132,6 +133,32 @@ def test_an_override_the_grid_would_replace_is_refused(tmp_path, overrides, name
         load_config(TINY, [staged, "trainer.max_steps=3"], only=["s"])
     points = expand_grid(load_config(TINY, ["grid={trainer: [{lr: 0.1}, {lr: 0.2}]}", "trainer.batch_size=4"]))
     assert [(p.trainer.lr, p.trainer.batch_size) for p in points] == [(0.1, 4), (0.2, 4)]
+
+
+def test_a_stage_setting_beats_the_top_level_override_so_it_is_refused_and_stages_i_sets_one(tmp_path):
+    """A config's own stages (moe.yaml's dense / unfreeze / upcycle) set trainer keys that used to
+    beat a `trainer.max_steps=...` override silently; `stages.<i>.<key>=...` sets one stage's key."""
+    exp = tmp_path / "s.yaml"
+    exp.write_text(f"defaults: [{TINY}]\nfusion: {{name: moe}}\nstages:\n  - {{name: dense, trainer: {{max_steps: 4}}}}\n"
+                   "  - {name: upcycle, trainer: {max_steps: 6, lr: 0.01}}\n")
+    with pytest.raises(FusionBenchError, match=r"override trainer.max_steps: the config's stages\[0\] \(dense\), "
+                                               r"stages\[1\] \(upcycle\) set it too.*stages.0.trainer.max_steps="):
+        load_config(exp, ["trainer.max_steps=3"])
+    with pytest.raises(FusionBenchError, match=r"stages\[1\] \(upcycle\) sets it too.*stages.1.trainer.lr="):
+        load_config(exp, ["trainer.lr=0.5"])
+    # keys no stage sets, a stage's own key, or no stages: allowed, and they land where they should
+    cfg = load_config(exp, ["trainer.batch_size=4", "stages.1.trainer.max_steps=9", "stages.0.data={images: blank}"])
+    assert (cfg.trainer.batch_size, cfg.stages[1].trainer.max_steps, cfg.stages[1].trainer.lr) == (4, 9, 0.01)
+    assert cfg.stages[0].data.images == "blank" and cfg.stages[0].trainer.max_steps == 4
+    assert load_config(exp, ["stages=[]", "trainer.max_steps=3"]).trainer.max_steps == 3
+    for bad, msg in [("stages.2.trainer.max_steps=1", "this config's stages: 0 (dense), 1 (upcycle)"),
+                     ("stages.dense.trainer.max_steps=1", "stages.<i> takes a stage's index"),
+                     ("stages.0.traner.max_steps=1", "a stage has the keys name, trainer and data")]:
+        with pytest.raises(FusionBenchError, match=re.escape(msg)):
+            load_config(exp, [bad])
+    # a grid whose every point brings its own stages: the config's stages do not apply, the grid's check does
+    grid = "grid={variant: [{label: a, stages: [{name: main}]}]}"
+    assert load_config(exp, [grid, "fusion=linear", "trainer.max_steps=3"]).trainer.max_steps == 3
 
 
 def test_config_hash_ignores_output_locations():
