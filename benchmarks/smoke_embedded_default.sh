@@ -7,13 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FB=${FB:-.venv/bin/fusionbench}
 OUT=${OUT:-results/smoke/embedded_default.jsonl}
-SHORT=(trainer.max_steps=4 trainer.warmup_steps=0 data.train_size=64 data.val_size=32 eval.mm_items=16
+SHORT=(trainer.warmup_steps=0 data.train_size=64 data.val_size=32 eval.mm_items=16
        eval.text.n_per_task=10 eval.text.ppl_chunks=4 "results_file=$OUT" output_dir=runs/smoke)
 for key in $($FB list | sed -n 's/^fusion strategies: //p' | tr -d ','); do
-  extra=()
-  if [ "$key" = moe ]; then
-    extra=("stages=[{name: dense, trainer: {max_steps: 2}}, {name: unfreeze, trainer: {max_steps: 2}}, {name: upcycle, trainer: {max_steps: 2}}]")
+  steps=(trainer.max_steps=4)
+  if [ "$key" = moe ]; then  # its stages set their own steps (a trainer.max_steps override is refused)
+    steps=("stages=[{name: dense, trainer: {max_steps: 2}}, {name: unfreeze, trainer: {max_steps: 2}}, {name: upcycle, trainer: {max_steps: 2}}]")
   fi
   echo "=== $key"
-  $FB run "experiments/fusion/$key.yaml" "${SHORT[@]}" "${extra[@]}" "$@"
+  $FB run "experiments/fusion/$key.yaml" "${steps[@]}" "${SHORT[@]}" "$@"
 done

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import itertools
 import json
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -353,15 +354,12 @@ def _no_override_under_the_grid(cfg: DictConfig, overrides: list[str], only: lis
                 sets(axis, value, f"grid.{axis}")
     if cfg.seeds:
         setters.setdefault("seed", []).append("seeds")
-    # the config's own stages (a variant's `stages` replaces them for its points)
+    # the config's own stages, unless every point replaces them (a `stages` axis; variants with stages)
     variants = [v for v in axes.get("variant", []) if live("variant", v)]
-    own_stages: dict[str, list[str]] = {}
-    if not variants or any(not (isinstance(v, DictConfig) and "stages" in v) for v in variants):
-        for i, stage in enumerate(cfg.stages or []):
-            for part in ("trainer", "data"):
-                if isinstance(stage, DictConfig) and isinstance(stage.get(part), DictConfig):
-                    for leaf in _grid_leaves(part, stage[part]):
-                        own_stages.setdefault(leaf, []).append(f"stages[{i}] ({stage.get('name')})")
+    replaced = "stages" in axes or (bool(variants) and all(isinstance(v, DictConfig) and "stages" in v
+                                                           for v in variants))
+    own = [] if replaced else list(enumerate(cfg.stages or []))
+    given = any(item.split("=", 1)[0] == "stages" for item in overrides)
 
     for item in overrides:
         key = item.split("=", 1)[0]
@@ -378,22 +376,47 @@ def _no_override_under_the_grid(cfg: DictConfig, overrides: list[str], only: lis
                    "(grid={}) for a single point")
             raise FusionBenchError(f"override {key}: the grid sets it too ({shown}), and a grid value is applied "
                                    f"after the overrides, so yours would be replaced without effect; {fix}")
-        hits = [w for stage_leaf, where in own_stages.items() for w in where
-                if any(leaf == stage_leaf or leaf.startswith(stage_leaf + ".") for leaf in leaves)]
-        if hits:
-            first = hits[0].split(" ")[0].replace("[", ".").rstrip("]")  # stages[2] -> stages.2
-            raise FusionBenchError(
-                f"override {key}: the config's {', '.join(hits)} set{'s' if len(hits) == 1 else ''} it too, and a "
-                f"stage's trainer/data win over the top-level ones, so yours would be replaced without effect; "
-                f"set it per stage ({first}.{key}=...), or replace the stages (stages=[...]; stages=[] trains one "
-                f"main stage)")
+        if not own or not key.startswith(("trainer", "data")):
+            continue
+        for leaf in leaves:  # a stage's trainer/data win over the top-level ones
+            setting = [(i, st) for i, st in own if _stage_sets(st, leaf)]
+            named = ", ".join(f"stages[{i}] ({_stage_name(st)})" for i, st in setting)
+            if setting and len(setting) == len(own):
+                whose = "the stages given on the command line" if given else "the config's stages"
+                fix = ", ".join(f"stages.{i}.{leaf}=..." for i, _ in setting)
+                raise FusionBenchError(
+                    f"override {leaf}: every stage sets it too ({whose}: {named}), and a stage's trainer/data win "
+                    f"over the top-level ones, so yours would have no effect; set it per stage ({fix})"
+                    + ("" if given else ", or replace the stages (stages=[...]; stages=[] trains one main stage)"))
+            if setting:
+                rest = ", ".join(str(_stage_name(st)) for i, st in own if i not in {j for j, _ in setting})
+                print(f"[fusionbench] note: override {leaf} applies to stage(s) {rest} only; {named} set their own "
+                      f"(stages.<i>.{leaf}=... sets one stage's)", file=sys.stderr, flush=True)
+
+
+def _stage_name(stage: Any) -> Any:
+    return stage.get("name") if isinstance(stage, DictConfig) else stage
+
+
+def _stage_sets(stage: Any, leaf: str) -> bool:
+    """Does a stage's trainer/data set the dotted ``leaf`` (or a mapping holding it)?"""
+    for part in ("trainer", "data"):
+        if isinstance(stage, DictConfig) and isinstance(stage.get(part), DictConfig):
+            if any(leaf == mine or leaf.startswith(mine + ".") for mine in _grid_leaves(part, stage[part])):
+                return True
+    return False
 
 
 def _merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     import yaml
 
+    edited_stage = None
     for item in overrides:
         key, value = item.split("=", 1)
+        if key == "stages" and edited_stage:
+            raise FusionBenchError(f"override stages=...: it replaces the stages, so the earlier {edited_stage!r} "
+                                   "would be lost; give stages.<i>.<key>=... after stages=[...]")
+        edited_stage = item if key.startswith("stages.") else edited_stage
         try:
             node = OmegaConf.from_dotlist([item]).get(key)
         except yaml.YAMLError as e:
@@ -415,7 +438,12 @@ def _apply_to_stage(cfg: DictConfig, key: str, node: Any, item: str) -> DictConf
     stages = list(cfg.stages or [])
     shown = ", ".join(f"{i} ({s.get('name') if isinstance(s, DictConfig) else s})" for i, s in enumerate(stages)) or "none"
     if not parts[1].isdigit() or int(parts[1]) >= len(stages):
-        raise FusionBenchError(f"override {item!r}: stages.<i> takes a stage's index; this config's stages: {shown}")
+        variants = (cfg.grid or {}).get("variant") or []
+        hint = ("; the grid's variants bring their own stages: change those in the grid"
+                if any(isinstance(v, DictConfig) and "stages" in v for v in variants) or "stages" in (cfg.grid or {})
+                else "")
+        raise FusionBenchError(f"override {item!r}: stages.<i> takes a stage's index; this config's stages: "
+                               f"{shown}{hint}")
     if len(parts) < 3 or parts[2] not in ("name", "trainer", "data"):
         raise FusionBenchError(f"override {item!r}: a stage has the keys name, trainer and data "
                                f"(e.g. stages.{parts[1]}.trainer.max_steps=...)")
@@ -589,8 +617,8 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
             try:
                 trainer = OmegaConf.merge(cfg.trainer, stage.get("trainer") or {})
                 data = OmegaConf.merge(cfg.data, stage.get("data") or {})
-            except OmegaConfBaseException:
-                continue  # an unknown key: the stage plan names it, with the stage (runner.stage_plan)
+            except OmegaConfBaseException as e:  # as runner.stage_plan words it
+                raise FusionBenchError(_explain(e, f"stages[{i}] ({_stage_name(stage)})")) from None
             check_ranges(trainer, data, where=f"stages[{i}] ")
     return cfg
 
@@ -677,6 +705,7 @@ def grid_points(cfg: DictConfig) -> list[tuple[dict[str, Any], DictConfig]]:
         base.seeds = []
         OmegaConf.set_struct(base, True)
         label: dict[str, Any] = {}
+        grid_set: list[tuple[str, str]] = []  # (leaf, where) the point's grid values set
         try:
             for key, value in zip(keys, combo):
                 if key == "variant":
@@ -684,8 +713,11 @@ def grid_points(cfg: DictConfig) -> list[tuple[dict[str, Any], DictConfig]]:
                     bundle.pop("label", None)
                     for k, v in bundle.items():
                         base = _apply(base, k, OmegaConf.create({"v": v}).v)
+                        grid_set += [(leaf, f"grid.variant ({point_label(key, value)})")
+                                     for leaf in _grid_leaves(k, OmegaConf.create({"v": v}).v)]
                     label["variant"] = point_label(key, value)
                     continue
+                grid_set += [(leaf, f"grid.{key}") for leaf in _grid_leaves(key, value)]
                 plain = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
                 base = _apply(base, key, OmegaConf.create({"v": plain}).v if key in ("fusion", "stages") else None,
                               f"{key}={OmegaConf.to_yaml(value).strip() if isinstance(value, (DictConfig, ListConfig)) else value}"
@@ -694,6 +726,12 @@ def grid_points(cfg: DictConfig) -> list[tuple[dict[str, Any], DictConfig]]:
                     label[key] = point_label(key, value)
         except OmegaConfBaseException as e:
             raise FusionBenchError(_explain(e, "grid")) from None
+        stages = list(base.stages or [])
+        for leaf, where in grid_set:
+            if stages and leaf.startswith(("trainer.", "data.")) and all(_stage_sets(st, leaf) for st in stages):
+                raise FusionBenchError(f"{where} sets {leaf}, but every stage of that point sets its own "
+                                       f"({', '.join(str(_stage_name(st)) for st in stages)}), so the grid value "
+                                       f"has no effect; set it in the stages")
         points.append((label, finalise(base)))
     return points
 

@@ -76,3 +76,13 @@ def test_assets_listing_says_which_cached_assets_are_prepared(tmp_path, monkeypa
     assert status() == {"smollm2": False, "efficientnet_lite0": True, "cifar_grid": True, "text_suite": False}
     (cache_dir("pypi", "bigbench") / "bigbench-1.0.0.tar.gz").write_bytes(b"x")
     assert status()["text_suite"] is True
+
+
+def test_a_tests_monkeypatch_undo_keeps_it_off_the_users_cache(monkeypatch, tmp_path_factory):
+    """conftest's cache isolation is its own MonkeyPatch: a test's undo() (test_resume's, after
+    swapping training_step) used to send the rest of that test to ~/.cache/fusionbench."""
+    isolated = str(tmp_path_factory.getbasetemp() / "cache")
+    assert os.environ["FUSIONBENCH_CACHE"] == isolated
+    monkeypatch.setenv("FUSIONBENCH_CACHE", "/elsewhere")
+    monkeypatch.undo()
+    assert os.environ["FUSIONBENCH_CACHE"] == isolated and str(cache_dir("data")).startswith(isolated)

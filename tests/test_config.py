@@ -135,30 +135,68 @@ def test_an_override_the_grid_would_replace_is_refused(tmp_path, overrides, name
     assert [(p.trainer.lr, p.trainer.batch_size) for p in points] == [(0.1, 4), (0.2, 4)]
 
 
-def test_a_stage_setting_beats_the_top_level_override_so_it_is_refused_and_stages_i_sets_one(tmp_path):
+def test_a_key_every_stage_sets_is_refused_as_an_override_and_stages_i_sets_one_stage(tmp_path, capsys):
     """A config's own stages (moe.yaml's dense / unfreeze / upcycle) set trainer keys that used to
-    beat a `trainer.max_steps=...` override silently; `stages.<i>.<key>=...` sets one stage's key."""
+    beat a `trainer.max_steps=...` override silently. A key every stage sets is refused (it would have
+    no effect), a key some stages set applies to the others with a note, and
+    `stages.<i>.<key>=...` sets one stage's key."""
     exp = tmp_path / "s.yaml"
     exp.write_text(f"defaults: [{TINY}]\nfusion: {{name: moe}}\nstages:\n  - {{name: dense, trainer: {{max_steps: 4}}}}\n"
                    "  - {name: upcycle, trainer: {max_steps: 6, lr: 0.01}}\n")
-    with pytest.raises(FusionBenchError, match=r"override trainer.max_steps: the config's stages\[0\] \(dense\), "
-                                               r"stages\[1\] \(upcycle\) set it too.*stages.0.trainer.max_steps="):
+    with pytest.raises(FusionBenchError, match=r"override trainer.max_steps: every stage sets it too \(the config's "
+                                               r"stages: stages\[0\] \(dense\), stages\[1\] \(upcycle\)\).*"
+                                               r"stages.0.trainer.max_steps=..., stages.1.trainer.max_steps="):
         load_config(exp, ["trainer.max_steps=3"])
-    with pytest.raises(FusionBenchError, match=r"stages\[1\] \(upcycle\) sets it too.*stages.1.trainer.lr="):
-        load_config(exp, ["trainer.lr=0.5"])
+    with pytest.raises(FusionBenchError, match=r"every stage sets it too \(the stages given on the command line"):
+        load_config(exp, ["stages=[{name: dense, trainer: {max_steps: 2}}]", "trainer={max_steps: 3}"])
+    # a key only some stages set: it applies to the others, and says so
+    assert load_config(exp, ["trainer.lr=0.5"]).trainer.lr == 0.5
+    assert "override trainer.lr applies to stage(s) dense only; stages[1] (upcycle) set their own" in capsys.readouterr().err
     # keys no stage sets, a stage's own key, or no stages: allowed, and they land where they should
     cfg = load_config(exp, ["trainer.batch_size=4", "stages.1.trainer.max_steps=9", "stages.0.data={images: blank}"])
     assert (cfg.trainer.batch_size, cfg.stages[1].trainer.max_steps, cfg.stages[1].trainer.lr) == (4, 9, 0.01)
     assert cfg.stages[0].data.images == "blank" and cfg.stages[0].trainer.max_steps == 4
     assert load_config(exp, ["stages=[]", "trainer.max_steps=3"]).trainer.max_steps == 3
+    assert load_config(exp, ["stages=[{name: dense}]", "stages.0.trainer.max_steps=5"]).stages[0].trainer.max_steps == 5
     for bad, msg in [("stages.2.trainer.max_steps=1", "this config's stages: 0 (dense), 1 (upcycle)"),
                      ("stages.dense.trainer.max_steps=1", "stages.<i> takes a stage's index"),
-                     ("stages.0.traner.max_steps=1", "a stage has the keys name, trainer and data")]:
+                     ("stages.0.traner.max_steps=1", "a stage has the keys name, trainer and data"),
+                     ("stages.0.trainer.max_stepz=1", "unknown config key 'trainer.max_stepz' in stages[0] (dense)"),
+                     ("stages.0.trainer.max_steps=abc", "invalid config value for 'trainer.max_steps' in stages[0] (dense)")]:
         with pytest.raises(FusionBenchError, match=re.escape(msg)):
             load_config(exp, [bad])
+    with pytest.raises(FusionBenchError, match=r"the earlier 'stages.1.trainer.max_steps=9' would be lost"):
+        load_config(exp, ["stages.1.trainer.max_steps=9", "stages=[{name: dense}]"])
     # a grid whose every point brings its own stages: the config's stages do not apply, the grid's check does
-    grid = "grid={variant: [{label: a, stages: [{name: main}]}]}"
-    assert load_config(exp, [grid, "fusion=linear", "trainer.max_steps=3"]).trainer.max_steps == 3
+    assert load_config(exp, ["grid={variant: [{label: a, stages: [{name: main}]}]}", "fusion=linear",
+                             "trainer.max_steps=3"]).trainer.max_steps == 3
+    # a grid value every stage of its point overrides has no effect either
+    for grid in ("grid={trainer.max_steps: [2, 3]}", "grid={variant: [{label: a, trainer.max_steps: 2}]}"):
+        with pytest.raises(FusionBenchError, match=r"sets trainer.max_steps, but every stage of that point sets its own "
+                                                   r"\(dense, upcycle\)"):
+            expand_grid(load_config(exp, [grid]))
+    assert [p.trainer.lr for p in expand_grid(load_config(exp, ["grid={trainer.lr: [0.1, 0.2]}"]))] == [0.1, 0.2]
+
+
+def test_smoke_script_gives_moe_its_steps_in_stages_not_a_refused_trainer_override(tmp_path):
+    """benchmarks/smoke_embedded_default.sh's overrides for moe (whose stages set their own steps)
+    load: `run` is swapped for `sweep --dry-run`, which loads and validates the config and trains nothing."""
+    import os
+    import subprocess
+    import sys
+
+    fb = tmp_path / "fb"
+    fb.write_text(f"""#!/usr/bin/env bash
+[ "$1" = list ] && {{ echo "fusion strategies: moe, linear"; exit 0; }}
+[ "$1" = run ] && shift && exec {sys.executable} -m fusionbench sweep "$@" --dry-run
+exit 3
+""")
+    fb.chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "smoke_embedded_default.sh"),
+                           f"output_dir={tmp_path}", f"results_file={tmp_path / 'r.jsonl'}"],
+                          env={**os.environ, "FB": str(fb)}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("seed=0") == 2 and "=== moe" in proc.stdout
 
 
 def test_config_hash_ignores_output_locations():

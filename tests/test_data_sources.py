@@ -5,6 +5,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import base64
+import hashlib
 import io
 import json
 import re
@@ -428,3 +429,24 @@ def test_cifar_real_extraction():
     check_schema(train, 64)
     val = cg.build_grids(images, labels, cfg, "val")
     assert not set(raw_images(train)) & set(raw_images(val))
+
+
+def test_cached_dataset_keeps_a_copy_another_process_finished_first(cache):
+    """Two processes building one dataset: the later one keeps the first one's folder (which the
+    first may be reading) and drops its own copy; an incomplete folder is replaced."""
+    key = {"name": "race"}
+    path = sc.cache_dir("data", "race") / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def finished_elsewhere():  # while this process builds, another saves the same key
+        datasets.Dataset.from_dict({"x": [1, 2]}).save_to_disk(str(path))
+        return datasets.Dataset.from_dict({"x": [1, 2]})
+
+    assert list(sc.cached_dataset("race", key, finished_elsewhere)["x"]) == [1, 2]
+    assert not (path / "fusionbench_key.json").exists()  # the other process's folder, untouched
+    assert not list(path.parent.glob(".*.tmp-*"))
+    half = {"name": "half"}
+    half_path = path.parent.parent / "half" / hashlib.sha256(json.dumps(half, sort_keys=True).encode()).hexdigest()[:16]
+    half_path.mkdir(parents=True)
+    (half_path / "partial.arrow").write_bytes(b"")  # a killed writer's leftovers, no dataset_info.json
+    assert list(sc.cached_dataset("half", half, lambda: datasets.Dataset.from_dict({"x": [3]}))["x"]) == [3]
+    assert not (half_path / "partial.arrow").exists() and (half_path / "fusionbench_key.json").exists()
