@@ -2,7 +2,8 @@
 # Every registered strategy through `fusionbench run` on the embedded default (SmolLM2-135M +
 # EfficientNet-Lite0), from its own experiments/fusion/<key>.yaml, shortened to a few steps and a few
 # eval items: proves each trains, evaluates (multimodal + text suite + forgetting) and writes rows.
-# Rows go to results/smoke/ (not read by `fusionbench report`). Extra arguments are overrides for every run.
+# Rows go to results/smoke/ (not read by `fusionbench report`). Extra arguments are overrides for every run
+# (not trainer.max_steps: moe's stages set their own, and an override every stage overrides is refused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FB=${FB:-.venv/bin/fusionbench}

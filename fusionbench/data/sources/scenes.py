@@ -196,14 +196,11 @@ def cached_dataset(name: str, key: dict[str, Any], build: Callable[[], datasets.
         shutil.rmtree(tmp)
     ds.save_to_disk(str(tmp))
     (tmp / "fusionbench_key.json").write_text(json.dumps(key, sort_keys=True, default=str, indent=1))
+    if path.exists() and not (path / "dataset_info.json").exists():  # a killed, older non-atomic writer's
+        shutil.rmtree(path, ignore_errors=True)
     try:
-        if (path / "dataset_info.json").exists():  # another process finished first: keep its copy (it may be reading it)
-            shutil.rmtree(tmp)
-        else:
-            if path.exists():  # an incomplete folder from a killed, older non-atomic writer
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-    except OSError:  # another process finished first
+        os.replace(tmp, path)  # refused onto a folder another process finished first: keep its copy
+    except OSError:  # (it may be reading it)
         shutil.rmtree(tmp, ignore_errors=True)
         if not (path / "dataset_info.json").exists():
             raise
