@@ -432,11 +432,11 @@ def _merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def _apply_to_stage(cfg: DictConfig, key: str, node: Any, item: str) -> DictConfig:
-    """``stages.<i>.trainer.max_steps=300``: one setting of one of the config's stages (a stage's
-    keys are checked when the stages are planned, as the YAML's are)."""
+    """``stages.<i>.trainer.max_steps=300``: one setting of one of the config's stages (its keys and
+    values are checked by :func:`finalise`, as the YAML's are)."""
     parts = key.split(".")
     stages = list(cfg.stages or [])
-    shown = ", ".join(f"{i} ({s.get('name') if isinstance(s, DictConfig) else s})" for i, s in enumerate(stages)) or "none"
+    shown = ", ".join(f"{i} ({_stage_name(s)})" for i, s in enumerate(stages)) or "none"
     if not parts[1].isdigit() or int(parts[1]) >= len(stages):
         variants = (cfg.grid or {}).get("variant") or []
         hint = ("; the grid's variants bring their own stages: change those in the grid"
