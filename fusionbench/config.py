@@ -317,7 +317,8 @@ def _no_override_under_the_grid(cfg: DictConfig, overrides: list[str], only: lis
     """A grid point is the config with its grid values applied last: a command-line override of a
     key the grid also sets would be replaced without a word (``quickstart.yaml fusion=qformer``
     would train mlp twice). Such an override is one error naming the grid values that win. A
-    stage's ``trainer`` settings (a variant's ``stages``) win over ``trainer.*`` in the same way.
+    stage's ``trainer`` settings (a variant's ``stages``) win over ``trainer.*`` in the same way where every
+    stage of the variant sets the key.
     ``only``: ``sweep --only``'s labels; grid values no selected point has do not count."""
     axes = {str(a): (list(v) if isinstance(v, ListConfig) else [v]) for a, v in (cfg.grid or {}).items()}
 
@@ -334,12 +335,16 @@ def _no_override_under_the_grid(cfg: DictConfig, overrides: list[str], only: lis
     def sets(key: str, value: Any, where: str) -> None:
         for leaf in _grid_leaves(key, value):
             setters.setdefault(leaf, []).append(where)
-        if key == "stages" and isinstance(value, ListConfig):  # a stage's trainer/data beat the top level's
-            for stage in value:
-                for part in ("trainer", "data"):
-                    if isinstance(stage, DictConfig) and isinstance(stage.get(part), DictConfig):
-                        for leaf in _grid_leaves(part, stage[part]):
-                            setters.setdefault(leaf, []).append(f"{where}, stage {stage.get('name')}")
+        if key == "stages" and isinstance(value, ListConfig) and len(value):
+            # a stage's trainer/data beat the top level's: a key every stage of the variant sets is lost
+            # for its points (one only some stages set still reaches the others, as with the config's own)
+            leaves = {leaf for stage in value for part in ("trainer", "data")
+                      if isinstance(stage, DictConfig) and isinstance(stage.get(part), DictConfig)
+                      for leaf in _grid_leaves(part, stage[part])}
+            for leaf in sorted(leaves):
+                if all(_stage_sets(stage, leaf) for stage in value):
+                    names = ", ".join(str(_stage_name(stage)) for stage in value)
+                    setters.setdefault(leaf, []).append(f"{where}, stage{'s' if len(value) > 1 else ''} {names}")
 
     for axis, values in axes.items():
         for i, value in enumerate(values):

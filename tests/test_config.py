@@ -170,6 +170,9 @@ def test_a_key_every_stage_sets_is_refused_as_an_override_and_stages_i_sets_one_
     # a grid whose every point brings its own stages: the config's stages do not apply, the grid's check does
     assert load_config(exp, ["grid={variant: [{label: a, stages: [{name: main}]}]}", "fusion=linear",
                              "trainer.max_steps=3"]).trainer.max_steps == 3
+    # a variant whose stages set a key only in some stages: the override reaches the others, as above
+    partial = "grid={variant: [{label: m, stages: [{name: dense}, {name: upcycle, trainer: {warmup_steps: 1}}]}]}"
+    assert load_config(exp, [partial, "trainer.warmup_steps=0"]).trainer.warmup_steps == 0
     # a grid value every stage of its point overrides has no effect either
     for grid in ("grid={trainer.max_steps: [2, 3]}", "grid={variant: [{label: a, trainer.max_steps: 2}]}"):
         with pytest.raises(FusionBenchError, match=r"sets trainer.max_steps, but every stage of that point sets its own "
