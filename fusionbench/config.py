@@ -338,10 +338,7 @@ def _no_override_under_the_grid(cfg: DictConfig, overrides: list[str], only: lis
         if key == "stages" and isinstance(value, ListConfig) and len(value):
             # a stage's trainer/data beat the top level's: a key every stage of the variant sets is lost
             # for its points (one only some stages set still reaches the others, as with the config's own)
-            leaves = {leaf for stage in value for part in ("trainer", "data")
-                      if isinstance(stage, DictConfig) and isinstance(stage.get(part), DictConfig)
-                      for leaf in _grid_leaves(part, stage[part])}
-            for leaf in sorted(leaves):
+            for leaf in _stage_leaves(value[0]):  # a key every stage sets, the first one among them
                 if all(_stage_sets(stage, leaf) for stage in value):
                     names = ", ".join(str(_stage_name(stage)) for stage in value)
                     setters.setdefault(leaf, []).append(f"{where}, stage{'s' if len(value) > 1 else ''} {names}")
@@ -403,13 +400,16 @@ def _stage_name(stage: Any) -> Any:
     return stage.get("name") if isinstance(stage, DictConfig) else stage
 
 
+def _stage_leaves(stage: Any) -> list[str]:
+    """The dotted keys a stage's trainer/data set."""
+    return [leaf for part in ("trainer", "data")
+            if isinstance(stage, DictConfig) and isinstance(stage.get(part), DictConfig)
+            for leaf in _grid_leaves(part, stage[part])]
+
+
 def _stage_sets(stage: Any, leaf: str) -> bool:
     """Does a stage's trainer/data set the dotted ``leaf`` (or a mapping holding it)?"""
-    for part in ("trainer", "data"):
-        if isinstance(stage, DictConfig) and isinstance(stage.get(part), DictConfig):
-            if any(leaf == mine or leaf.startswith(mine + ".") for mine in _grid_leaves(part, stage[part])):
-                return True
-    return False
+    return any(leaf == mine or leaf.startswith(mine + ".") for mine in _stage_leaves(stage))
 
 
 def _merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
