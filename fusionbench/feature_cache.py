@@ -51,6 +51,9 @@ class FeatureCache:
     def features(self, encoder: nn.Module, encoder_key: str, pixel_values: torch.Tensor) -> torch.Tensor:
         # features computed under autocast (bf16 training) are other numbers, in another dtype, than
         # the float32 ones evaluation outside autocast needs: each is cached under its own key
+        # features are cached per device: a GPU run validates on the GPU and evaluates its test set on
+        # the CPU (where Lightning leaves the model after fit), with the same images
+        encoder_key = f"{encoder_key}@{pixel_values.device}"
         device = pixel_values.device.type
         if torch.is_autocast_enabled(device):
             encoder_key = f"{encoder_key}@autocast-{torch.get_autocast_dtype(device)}"

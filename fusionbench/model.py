@@ -189,7 +189,13 @@ class VisionLanguageModel(nn.Module):
 
     @contextlib.contextmanager
     def _lm_context(self, input_ids, attention_mask, pixel_values):
-        """Yields LM keyword arguments for this input, with the strategy's state set."""
+        """Yields LM keyword arguments for this input, with the strategy's state set. The inputs move
+        to the model's device first: evaluation code builds its batches on the CPU, and a validation
+        callback runs while Lightning holds the model on the accelerator."""
+        device = self.lm.get_input_embeddings().weight.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device)
         if pixel_values is None:
             if bool((input_ids == IMAGE_TOKEN_ID).any()):
                 raise FusionBenchError("text-only input must not contain image placeholders")
@@ -272,12 +278,14 @@ class VisionLanguageModel(nn.Module):
 
     def logits(self, input_ids, attention_mask, pixel_values=None, positions=None) -> torch.Tensor:
         """Full-vocabulary logits ``[B, T, V]`` (evaluation); with a boolean ``positions [B, T]``
-        only those rows, ``[N, V]`` (the output layer runs only there)."""
+        only those rows, ``[N, V]`` (the output layer runs only there). Computed on the model's
+        device, returned on ``input_ids``'s."""
+        caller = input_ids.device
         with self._lm_context(input_ids, attention_mask, pixel_values) as kwargs:
             if positions is None:
-                return self.lm(**kwargs, use_cache=False).logits
+                return self.lm(**kwargs, use_cache=False).logits.to(caller)
             hidden = self.lm.get_decoder()(**kwargs, use_cache=False).last_hidden_state
-        return self._head(hidden[positions])
+        return self._head(hidden[positions.to(hidden.device)]).to(caller)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens: int = 8, **gen) -> torch.Tensor:
@@ -289,7 +297,7 @@ class VisionLanguageModel(nn.Module):
         with self._lm_context(input_ids, attention_mask, pixel_values) as kwargs:
             if "input_ids" in kwargs:  # text-only: embed ourselves so the output is new tokens only
                 kwargs["inputs_embeds"] = self.lm.get_input_embeddings()(kwargs.pop("input_ids"))
-            return self.lm.generate(**kwargs, max_new_tokens=max_new_tokens, **gen)
+            return self.lm.generate(**kwargs, max_new_tokens=max_new_tokens, **gen).to(input_ids.device)
 
     # -- checkpoints of the trainable part only --------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

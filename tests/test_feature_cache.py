@@ -66,3 +66,36 @@ def test_cache_is_bounded():
     for i in range(10):
         cache.features(enc, key, torch.full((1, 64), float(i)))  # 256 bytes each
     assert cache.bytes <= 1024 and len(cache.store) == 4
+
+
+def test_features_are_cached_per_device():
+    """A GPU run validates on the GPU and evaluates on the CPU with the same images: a feature
+    computed on one device is never returned for the other (it would be a tensor on the wrong
+    device, and other float numbers)."""
+    model = tiny_model("mlp")
+    batch, _ = image_batch(model, n=2)
+    cache = FeatureCache()
+    cache.features(model.vision, fingerprint(model.vision), batch["pixel_values"])
+    assert {enc for enc, _ in cache.store} == {f"{fingerprint(model.vision)}@cpu"}
+
+
+def test_evaluation_inputs_follow_the_model_and_outputs_the_caller(monkeypatch):
+    """``logits`` moves its inputs to the model's device and returns on the caller's: the choice
+    evaluation builds CPU batches, and the validation callback runs while Lightning holds the model
+    on the accelerator (which no CPU test has: here the move is observed on its way)."""
+    model = tiny_model("mlp")
+    batch, _ = image_batch(model, n=2)
+    moved = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        moved.append(args[0] if args else kwargs.get("device"))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    pos = batch["attention_mask"].bool()
+    out = model.logits(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], positions=pos)
+    monkeypatch.undo()
+    device = model.lm.get_input_embeddings().weight.device
+    assert moved[:3] == [device, device, device]  # input ids, mask, pixels, before anything runs
+    assert out.device == batch["input_ids"].device and out.shape[0] == int(pos.sum())
