@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -126,9 +127,23 @@ class Prepared:
         path = cache_dir("text_base") / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())
-        log(f"scoring the base LM on the text suite ({backend}; cached per LM and suite) ...")
-        scores = text_scores(self.cfg, self.lm, self.tokenizer, suite, backend=backend)
-        path.write_text(json.dumps(scores))
+        import fcntl
+
+        # sweeps started side by side (one per strategy on a GPU machine) score the base once: the
+        # first takes the lock, the others wait for its file instead of each scoring the same LM
+        with open(path.with_name(f".{path.stem}.lock"), "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log("another process is scoring the base LM on the text suite; waiting for its scores ...")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.exists():
+                return json.loads(path.read_text())
+            log(f"scoring the base LM on the text suite ({backend}; cached per LM and suite) ...")
+            scores = text_scores(self.cfg, self.lm, self.tokenizer, suite, backend=backend)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(scores))
+            os.replace(tmp, path)
         return scores
 
 

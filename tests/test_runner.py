@@ -373,3 +373,31 @@ def test_provenance_sees_untracked_source_and_hashes_the_code(tmp_path):
     (repo / "fusionbench" / "fusion" / "my_new_fusion.py").write_text("X = 1\n")
     sha2, h2 = state()
     assert sha2 == sha + "-dirty" and h2 != h
+
+
+def test_side_by_side_processes_score_the_base_lm_once(monkeypatch):
+    """Sweeps started together (one per strategy on a GPU machine) all need the base LM's text
+    scores: the first scores it, the others wait for its cached file instead of each scoring it."""
+    import threading
+    import time as _time
+    from types import SimpleNamespace
+
+    from fusionbench import runner
+
+    calls = []
+
+    def slow_scores(cfg, lm, tokenizer, suite, backend=None):
+        calls.append(threading.get_ident())
+        _time.sleep(0.5)
+        return {"text/x": 0.5}
+
+    monkeypatch.setattr(runner, "text_scores", slow_scores)
+    prep = SimpleNamespace(cfg=tiny_cfg("eval.text_suite=true"), lm=None, tokenizer=None)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(runner.Prepared._base_text_scores(prep, None)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and got == [{"text/x": 0.5}] * 3
