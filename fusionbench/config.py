@@ -619,6 +619,11 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
     check_ranges(cfg.trainer, cfg.data, cfg.vision, cfg.eval)
     for i, stage in enumerate(cfg.stages):
         if isinstance(stage, DictConfig) and ("trainer" in stage or "data" in stage):
+            for part in ("trainer", "data"):
+                if stage.get(part) is not None and not isinstance(stage.get(part), DictConfig):
+                    raise FusionBenchError(f"stages[{i}] ({_stage_name(stage)}).{part} must be a mapping of "
+                                           f"{part} keys (e.g. {{{'max_steps: 300' if part == 'trainer' else 'train_size: 6000'}}}), "
+                                           f"got {stage.get(part)!r}")
             try:
                 trainer = OmegaConf.merge(cfg.trainer, stage.get("trainer") or {})
                 data = OmegaConf.merge(cfg.data, stage.get("data") or {})

@@ -311,3 +311,11 @@ def test_a_plain_numeric_option_may_be_negative_but_must_be_finite():
                                                "be a finite number"):
         check_option_ranges("probe", GateOptions, OmegaConf.merge(OmegaConf.structured(GateOptions),
                                                                   {"gate_init": float("inf")}))
+
+
+def test_a_stage_part_that_is_not_a_mapping_is_one_clear_error():
+    from fusionbench.errors import FusionBenchError
+
+    for bad in ("stages.0.trainer=5", "stages.1.data=[1]"):
+        with pytest.raises(FusionBenchError, match=r"stages\[\d\] \(\w+\)\.(trainer|data) must be a mapping of \1 keys \(e\.g\. \{\w+: \d+\}\)"):
+            load_config(ROOT / "experiments" / "fusion" / "moe.yaml", [bad])
