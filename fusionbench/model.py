@@ -297,7 +297,9 @@ class VisionLanguageModel(nn.Module):
         with self._lm_context(input_ids, attention_mask, pixel_values) as kwargs:
             if "input_ids" in kwargs:  # text-only: embed ourselves so the output is new tokens only
                 kwargs["inputs_embeds"] = self.lm.get_input_embeddings()(kwargs.pop("input_ids"))
-            return self.lm.generate(**kwargs, max_new_tokens=max_new_tokens, **gen).to(input_ids.device)
+            out = self.lm.generate(**kwargs, max_new_tokens=max_new_tokens, **gen)
+        # the new tokens on the caller's device (a GenerateOutput, asked for with return_dict_in_generate, as it is)
+        return out.to(input_ids.device) if isinstance(out, torch.Tensor) else out
 
     # -- checkpoints of the trainable part only --------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
