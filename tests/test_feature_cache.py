@@ -99,3 +99,26 @@ def test_evaluation_inputs_follow_the_model_and_outputs_the_caller(monkeypatch):
     device = model.lm.get_input_embeddings().weight.device
     assert moved[:3] == [device, device, device]  # input ids, mask, pixels, before anything runs
     assert out.device == batch["input_ids"].device and out.shape[0] == int(pos.sum())
+
+
+def test_text_scoring_inputs_follow_the_model(monkeypatch):
+    """The forgetting curve scores the text suite while Lightning holds the model on the
+    accelerator: ``text_hidden`` moves ids, mask and position ids to the model's device."""
+    from fusionbench.model import text_hidden
+
+    model = tiny_model("mlp")
+    ids = torch.tensor([[1, 2, 3]])
+    mask = torch.ones_like(ids)
+    pos = torch.tensor([[0, 1, 2]])
+    moved = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        moved.append((self.data_ptr(), args[0] if args else kwargs.get("device")))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    text_hidden(model, ids, mask, position_ids=pos)
+    monkeypatch.undo()
+    device = model.lm.get_input_embeddings().weight.device
+    assert {(t.data_ptr(), device) for t in (ids, mask, pos)} <= set(moved)

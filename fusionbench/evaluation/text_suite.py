@@ -165,7 +165,8 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
         if isinstance(model, VisionLanguageModel):
             new = model.generate(ids, mask, None, max_new_tokens=max_new_tokens)
         else:
-            new = lm.generate(inputs_embeds=lm.get_input_embeddings()(ids), attention_mask=mask,
+            embed = lm.get_input_embeddings()
+            new = lm.generate(inputs_embeds=embed(ids.to(embed.weight.device)), attention_mask=mask.to(embed.weight.device),
                               max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                               eos_token_id=tokenizer.eos_token_id)
         out += tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -337,9 +338,9 @@ def _target_logprobs(model, seqs: list[list[int]], starts: list[int], pad: int,
         for i, s in enumerate(chunk):
             positions[i, st[i] - 1:len(s) - 1] = True
         targets = ids[:, 1:][positions[:, :-1]]
-        hidden, _ = hidden_fn(ids, mask)
-        logp = F.log_softmax(head(hidden[positions]).float(), dim=-1)
-        tok = logp.gather(-1, targets[:, None])[:, 0]
+        hidden, _ = hidden_fn(ids, mask)  # on the model's device (batches are built on the CPU)
+        logp = F.log_softmax(head(hidden[positions.to(hidden.device)]).float(), dim=-1)
+        tok = logp.gather(-1, targets.to(logp.device)[:, None])[:, 0]
         counts = positions.sum(1).tolist()
         out += [float(x.sum()) for x in torch.split(tok, counts)]
     return out
@@ -362,12 +363,14 @@ def _prose_kl(model, reference, seqs: list[list[int]], pad: int, batch_size: int
             positions[i, :len(s) - 1] = True
         hm, _ = hidden_m(ids, mask)
         hr, _ = hidden_r(ids, mask)
-        hm, hr = hm[positions], hr[positions]
+        hm, hr = hm[positions.to(hm.device)], hr[positions.to(hr.device)]
         kl = torch.empty(len(hm))
         for s0 in range(0, len(hm), rows_per_slice):
             lq = F.log_softmax(head_m(hm[s0:s0 + rows_per_slice]).float(), dim=-1)
-            lp = F.log_softmax(head_r(hr[s0:s0 + rows_per_slice]).float(), dim=-1)
-            kl[s0:s0 + rows_per_slice] = (lp.exp() * (lp - lq)).sum(-1)
+            # the reference may sit on another device (the base LM stays on the CPU while the
+            # forgetting curve scores the trained model on the accelerator)
+            lp = F.log_softmax(head_r(hr[s0:s0 + rows_per_slice]).float(), dim=-1).to(lq.device)
+            kl[s0:s0 + rows_per_slice] = (lp.exp() * (lp - lq)).sum(-1).cpu()
         out += [float(x.mean()) for x in torch.split(kl, positions.sum(1).tolist())]
     return out
 
@@ -393,16 +396,17 @@ def _choice_logprobs(model, items: list[tuple[list[int], list[list[int]]]], pad:
         b = e
         ctx_ids, ctx_mask = _pad([c for c, _ in batch], pad)
         ctx_len = torch.tensor([len(c) for c, _ in batch])
-        hidden, cache = hidden_fn(ctx_ids, ctx_mask, use_cache=True)
+        hidden, cache = hidden_fn(ctx_ids, ctx_mask, use_cache=True)  # on the model's device
+        dev = hidden.device
         owner = [i for i, (_, conts) in enumerate(batch) for _ in conts]
         conts = [t for _, ts in batch for t in ts]
         # the first token of each choice is predicted by its context's last position
-        first = head(hidden[torch.arange(len(batch)), ctx_len - 1]).float().log_softmax(-1)
-        lp_first = first[torch.tensor(owner), torch.tensor([t[0] for t in conts])]
+        first = head(hidden[torch.arange(len(batch), device=dev), (ctx_len - 1).to(dev)]).float().log_softmax(-1)
+        lp_first = first[torch.tensor(owner, device=dev), torch.tensor([t[0] for t in conts], device=dev)]
         lp = lp_first.tolist()
         if any(len(t) > 1 for t in conts):
             owner_t = torch.tensor(owner)
-            cache.batch_select_indices(owner_t)
+            cache.batch_select_indices(owner_t.to(dev))
             ids, mask = _pad(conts, pad)
             position_ids = ctx_len[owner_t, None] + torch.arange(ids.shape[1])
             hidden, _ = hidden_fn(ids, torch.cat([ctx_mask[owner_t], mask], dim=1), position_ids=position_ids,
@@ -410,8 +414,8 @@ def _choice_logprobs(model, items: list[tuple[list[int], list[list[int]]]], pad:
             positions = torch.zeros_like(mask, dtype=torch.bool)
             for i, t in enumerate(conts):
                 positions[i, :len(t) - 1] = True
-            logp = head(hidden[positions]).float().log_softmax(-1)
-            tok = logp.gather(-1, ids[:, 1:][positions[:, :-1]][:, None])[:, 0]
+            logp = head(hidden[positions.to(dev)]).float().log_softmax(-1)
+            tok = logp.gather(-1, ids[:, 1:][positions[:, :-1]][:, None].to(dev))[:, 0]
             for i, x in enumerate(torch.split(tok, positions.sum(1).tolist())):
                 lp[i] += float(x.sum())
         start = 0
