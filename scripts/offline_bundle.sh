@@ -16,7 +16,8 @@
 #            (538 MB; `fusionbench assets --prepare` rebuilds it there from the 98 MB GGUF), no built
 #            datasets (data/scenes, data/cifar_grid: built there again from the seed);
 #   dotgit/  a one-commit clone of HEAD, so the rows there record this commit (git_sha);
-#   ROOT     the cache folder the extracted members' markers name (offline_run.sh re-roots them).
+#   ROOT     the cache folder the extracted members' markers name (offline_run.sh re-roots them);
+#   PYTHON   the Python version the wheels are for (offline_run.sh refuses another).
 # One tar stream cut into parts of PART_MB (default 60) MB: part-00, part-01, ... and SHA256SUMS.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,26 +35,30 @@ STAGE=$(mktemp -d)
 trap 'rm -rf "$STAGE"' EXIT
 pins=()
 for p in "${WHEELS[@]}"; do
-  v=$(grep -iE "^${p}==" "$HERE/requirements.lock" | head -1 | sed -E 's/^[^=]+==([^ ;\\]+).*/\1/')
+  v=$({ grep -iE "^${p}==" "$HERE/requirements.lock" || true; } | head -1 | sed -E 's/^[^=]+==([^ ;\\]+).*/\1/')
   [ -n "$v" ] || { echo "offline_bundle: $p is not in requirements.lock" >&2; exit 1; }
   pins+=("$p==$v")
 done
 python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version "$PY_VERSION" \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d "$STAGE/wheels" "${pins[@]}"
-cp -a "$CACHE" "$STAGE/cache"
-rm -rf "$STAGE/cache/models" "$STAGE/cache/data/scenes" "$STAGE/cache/data/cifar_grid"  # rebuilt there (datasets: same seed, same rows)
-find "$STAGE/cache/pypi" -maxdepth 2 -type f \( -name '*.whl' -o -name '*.tar.gz' -o -name '*.zip' \) -delete
-find "$STAGE/cache/debian" -name '*.deb' -delete 2>/dev/null || true
-# the CIFAR-10 images are read from data/cifar10_test/*.npz; the 34 MB task file they came from is not
-if [ -f "$STAGE/cache/data/cifar10_test/cifar10_test_v1.npz" ]; then
-  rm -rf "$STAGE"/cache/pypi/bigbench_files/bigbench-*/bigbench/benchmark_tasks/cifar10_classification
-  rm -f "$STAGE"/cache/pypi/bigbench_files/@_cifar10_classification_*
+# rebuilt there: the LM checkpoint (from the GGUF), the built datasets (same seed, same rows)
+excludes=(--exclude=./models --exclude=./data/scenes --exclude=./data/cifar_grid --exclude='./pypi/*/*.whl'
+          --exclude='./pypi/*/*.tar.gz' --exclude='./pypi/*/*.zip' --exclude='./debian/*/*.deb')
+# the CIFAR-10 images are read from data/cifar10_test/<CACHE_FILE>; the 34 MB task file they came from is not
+npz=$(cd "$HERE" && python3 -c "import re; print(re.search(r'CACHE_FILE = \"(.+?)\"', open('fusionbench/data/sources/cifar_grid.py').read()).group(1))")
+if [ -f "$CACHE/data/cifar10_test/$npz" ]; then
+  excludes+=(--exclude='./pypi/bigbench_files/bigbench-*/bigbench/benchmark_tasks/cifar10_classification'
+             --exclude='./pypi/bigbench_files/@_cifar10_classification_*')
 fi
-echo "$CACHE" > "$STAGE/ROOT"
+mkdir -p "$STAGE/cache"
+tar -cf - -C "$CACHE" "${excludes[@]}" . | tar -xf - -C "$STAGE/cache"
+# the folder the markers (pypi/*_files/*.path) were written with, and the Python the wheels are for
+realpath "$CACHE" > "$STAGE/ROOT"
+echo "$PY_VERSION" > "$STAGE/PYTHON"
 git clone -q --depth 1 "file://$HERE" "$STAGE/clone" && mv "$STAGE/clone/.git" "$STAGE/dotgit" && rm -rf "$STAGE/clone"
 mkdir -p "$OUT"
 rm -f "$OUT"/part-* "$OUT/SHA256SUMS"
-tar -cf - -C "$STAGE" wheels cache dotgit ROOT | split -b "${PART_MB}000000" -d -a 2 - "$OUT/part-"
+tar -cf - -C "$STAGE" wheels cache dotgit ROOT PYTHON | split -b "${PART_MB}000000" -d -a 2 - "$OUT/part-"
 (cd "$OUT" && sha256sum part-* > SHA256SUMS)
 echo "offline_bundle: $(ls "$OUT"/part-* | wc -l) part(s) in $OUT ($(du -sh "$OUT" | cut -f1)), commit $(git -C "$HERE" rev-parse --short HEAD)"

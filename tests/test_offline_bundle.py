@@ -36,6 +36,7 @@ def _bundle(tmp: Path, old_root: str) -> bytes:
         add("cache/pypi/bigbench_files/t/task.json", b"{}")
         add("cache/pypi/bigbench_files/@_t_task.json.path", f"{old_root}/pypi/bigbench_files/t/task.json".encode())
         add("ROOT", f"{old_root}\n".encode())
+        add("PYTHON", f"{sys.version_info[0]}.{sys.version_info[1]}\n".encode())
         add("dotgit/HEAD", b"ref: refs/heads/main\n")
     return buf.getvalue()
 
@@ -80,3 +81,31 @@ def test_offline_run_refuses_a_damaged_part(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "missing or damaged" in proc.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_offline_run_replaces_its_own_bundle_and_refuses_a_foreign_cache(tmp_path):
+    def deliver(d: Path, data: bytes) -> None:
+        d.mkdir()
+        (d / "part-00").write_bytes(data)
+        (d / "SHA256SUMS").write_text(f"{hashlib.sha256(data).hexdigest()}  part-00\n")
+
+    cache, tree = tmp_path / "cache", tmp_path / "tree"
+    tree.mkdir()
+    env = {**os.environ, "PARTS": str(tmp_path / "parts"), "SITE": str(tmp_path / "site"),
+           "FUSIONBENCH_CACHE": str(cache), "HOME": str(tmp_path),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    script = str(ROOT / "scripts" / "offline_run.sh")
+    deliver(tmp_path / "one", _bundle(tmp_path, "/a"))
+    run = lambda d: subprocess.run(["bash", script, str(d), "--", "true"], cwd=tree, env=env,
+                                   capture_output=True, text=True, timeout=120)
+    assert run(tmp_path / "one").returncode == 0
+    (cache / "stale").write_text("from the first bundle")
+    deliver(tmp_path / "two", _bundle(tmp_path, "/b"))
+    assert run(tmp_path / "two").returncode == 0 and not (cache / "stale").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "models").mkdir()
+    env["FUSIONBENCH_CACHE"] = str(foreign)
+    env["SITE"] = str(tmp_path / "site2")
+    proc = run(tmp_path / "two")
+    assert proc.returncode != 0 and "did not unpack" in proc.stderr and (foreign / "models").exists()
