@@ -412,8 +412,6 @@ def check_checkpoint_code(cfg: DictConfig, stages: list[DictConfig], done_stages
     since after an edit to a strategy its weights are not what this code would train. One error
     saying what to do, unless ``FUSIONBENCH_RESUME_OTHER_CODE=1`` (then the rows record the
     checkpoint's code as ``trained_code_hash``). Returns stage -> that other code hash."""
-    import os
-
     other = {}
     for stage in stages:
         if stage.name in done_stages or not stage.trainer.checkpoint:
