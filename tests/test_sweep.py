@@ -328,3 +328,28 @@ def test_the_cpu_study_queue_runs_every_contrast_strategy_first_and_names_only_r
     assert len(calls) == len(order) + 2 and all(c.endswith("--dry-run") for c in calls)
     assert calls[-2].startswith("-m fusionbench sweep experiments/ablations/lr.yaml")
     assert calls[-1].startswith("-m fusionbench sweep experiments/ablations/compute_matched.yaml")
+
+
+def test_gpu_check_script_runs_the_gpu_configs_paths_shrunk(tmp_path):
+    """scripts/gpu_check.sh (a GPU session's first command) on experiments/main_gpu.yaml, forced onto
+    the CPU at the tiny tier: the shrunk point trains, validates with its controls, scores the
+    forgetting curve, evaluates and writes one row into the scratch folder, not results/."""
+    from helpers import ROOT
+
+    from fusionbench.results import read_results
+
+    tiny = ["lm.source=tiny", "vision.source=tiny_cnn", "vision.image_size=32", "vision.depth=3", "vision.width=32",
+            "vision.pool_tokens=0", "data.image_size=32", "trainer.batch_size=8", "trainer.max_length=256",
+            "trainer.accelerator=cpu", "trainer.compile=false", "eval.batch_size=8"]
+    env = {**os.environ, "FB": f"{sys.executable} -m fusionbench.cli", "CHECK_DIR": str(tmp_path / "check"),
+           "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *tiny], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gpu_check: passed" in proc.stderr
+    row = read_results(tmp_path / "check" / "check.jsonl").iloc[0]
+    config = row["config"] if isinstance(row["config"], dict) else json.loads(row["config"])
+    assert row["steps"] == 20 and config["trainer"]["precision"] == "bf16-mixed"  # main_gpu's own
+    assert [p["step"] for p in json.loads(row["val_curve"])] == [10, 20]
+    assert "val/acc_shuffled" in json.loads(row["val_curve"])[-1]  # the image control, during training
+    assert [p["step"] for p in json.loads(row["curve"])] == [0, 10, 20]  # the forgetting curve
