@@ -29,9 +29,8 @@ HERE=$(pwd)
 bundle=$(sha256sum < "$PARTS/SHA256SUMS" | cut -c1-16)
 if [ "$(cat "$SITE/.unpacked" 2>/dev/null)" != "$bundle" ]; then  # a new bundle replaces the last one
   (cd "$PARTS" && sha256sum -c --quiet SHA256SUMS) || { echo "offline_run: parts missing or damaged" >&2; exit 1; }
-  cache=$FUSIONBENCH_CACHE
-  if [ -n "$(ls -A "$cache" 2>/dev/null)" ] && [ ! -f "$cache/.offline_bundle" ]; then
-    echo "offline_run: $cache holds a cache this script did not unpack; set FUSIONBENCH_CACHE to another folder" >&2
+  if [ -n "$(ls -A "$FUSIONBENCH_CACHE" 2>/dev/null)" ] && [ ! -f "$FUSIONBENCH_CACHE/.offline_bundle" ]; then
+    echo "offline_run: $FUSIONBENCH_CACHE holds a cache this script did not unpack; set FUSIONBENCH_CACHE to another folder" >&2
     exit 1
   fi
   U=$(mktemp -d)
@@ -43,9 +42,9 @@ if [ "$(cat "$SITE/.unpacked" 2>/dev/null)" != "$bundle" ]; then  # a new bundle
   rm -rf "$SITE"
   python3 -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
     --target "$SITE" "$U"/wheels/*.whl
-  rm -rf "$cache" && mkdir -p "$(dirname "$cache")" && mv "$U/cache" "$cache" && touch "$cache/.offline_bundle"
+  rm -rf "$FUSIONBENCH_CACHE" && mkdir -p "$(dirname "$FUSIONBENCH_CACHE")" && mv "$U/cache" "$FUSIONBENCH_CACHE" && touch "$FUSIONBENCH_CACHE/.offline_bundle"
   # the extracted members' markers name the bundling machine's cache folder: name this one
-  python3 - "$(cat "$U/ROOT")" "$cache" <<'PY'
+  python3 - "$(cat "$U/ROOT")" "$FUSIONBENCH_CACHE" <<'PY'
 import pathlib, sys
 old, new = sys.argv[1].rstrip("/"), sys.argv[2].rstrip("/")
 for marker in pathlib.Path(new, "pypi").glob("*_files/*.path"):

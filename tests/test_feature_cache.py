@@ -79,25 +79,31 @@ def test_features_are_cached_per_device():
     assert {enc for enc, _ in cache.store} == {f"{fingerprint(model.vision)}@cpu"}
 
 
+def _spy_on_moves(monkeypatch) -> list:
+    """``(data_ptr, device)`` of every ``Tensor.to`` call from now on (until ``monkeypatch.undo()``)."""
+    moved = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        moved.append((self.data_ptr(), args[0] if args else kwargs.get("device")))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    return moved
+
+
 def test_evaluation_inputs_follow_the_model_and_outputs_the_caller(monkeypatch):
     """``logits`` moves its inputs to the model's device and returns on the caller's: the choice
     evaluation builds CPU batches, and the validation callback runs while Lightning holds the model
     on the accelerator (which no CPU test has: here the move is observed on its way)."""
     model = tiny_model("mlp")
     batch, _ = image_batch(model, n=2)
-    moved = []
-    real_to = torch.Tensor.to
-
-    def spy(self, *args, **kwargs):
-        moved.append(args[0] if args else kwargs.get("device"))
-        return real_to(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "to", spy)
+    moved = _spy_on_moves(monkeypatch)
     pos = batch["attention_mask"].bool()
     out = model.logits(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], positions=pos)
     monkeypatch.undo()
     device = model.lm.get_input_embeddings().weight.device
-    assert moved[:3] == [device, device, device]  # input ids, mask, pixels, before anything runs
+    assert [d for _, d in moved[:3]] == [device, device, device]  # input ids, mask, pixels, before anything runs
     assert out.device == batch["input_ids"].device and out.shape[0] == int(pos.sum())
 
 
@@ -110,14 +116,7 @@ def test_text_scoring_inputs_follow_the_model(monkeypatch):
     ids = torch.tensor([[1, 2, 3]])
     mask = torch.ones_like(ids)
     pos = torch.tensor([[0, 1, 2]])
-    moved = []
-    real_to = torch.Tensor.to
-
-    def spy(self, *args, **kwargs):
-        moved.append((self.data_ptr(), args[0] if args else kwargs.get("device")))
-        return real_to(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "to", spy)
+    moved = _spy_on_moves(monkeypatch)
     text_hidden(model, ids, mask, position_ids=pos)
     monkeypatch.undo()
     device = model.lm.get_input_embeddings().weight.device

@@ -41,6 +41,13 @@ def _bundle(tmp: Path, old_root: str) -> bytes:
     return buf.getvalue()
 
 
+def _env(tmp_path: Path, cache: Path, site: str = "site") -> dict[str, str]:
+    """The script's folders under tmp_path, and this interpreter as the machine's ``python3``."""
+    return {**os.environ, "PARTS": str(tmp_path / "parts"), "SITE": str(tmp_path / site),
+            "FUSIONBENCH_CACHE": str(cache), "HOME": str(tmp_path),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
 def test_offline_run_collects_parts_then_unpacks_and_runs(tmp_path):
     data = _bundle(tmp_path, "/home/someone/.cache/fusionbench")
     a, b = tmp_path / "a", tmp_path / "b"
@@ -53,9 +60,7 @@ def test_offline_run_collects_parts_then_unpacks_and_runs(tmp_path):
     tree = tmp_path / "tree"
     tree.mkdir()
     cache = tmp_path / "cache"
-    env = {**os.environ, "PARTS": str(tmp_path / "parts"), "SITE": str(tmp_path / "site"),
-           "FUSIONBENCH_CACHE": str(cache), "HOME": str(tmp_path),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = _env(tmp_path, cache)
     script = str(ROOT / "scripts" / "offline_run.sh")
     first = subprocess.run(["bash", script, str(a)], cwd=tree, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0 and "part-00" in first.stdout and not cache.exists()
@@ -75,8 +80,7 @@ def test_offline_run_refuses_a_damaged_part(tmp_path):
     d.mkdir()
     (d / "part-00").write_bytes(data[:-10] + b"0123456789")
     (d / "SHA256SUMS").write_text(f"{hashlib.sha256(data).hexdigest()}  part-00\n")
-    env = {**os.environ, "PARTS": str(tmp_path / "parts"), "SITE": str(tmp_path / "site"),
-           "FUSIONBENCH_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    env = _env(tmp_path, tmp_path / "cache")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "offline_run.sh"), str(d), "--", "true"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "missing or damaged" in proc.stderr
@@ -91,9 +95,7 @@ def test_offline_run_replaces_its_own_bundle_and_refuses_a_foreign_cache(tmp_pat
 
     cache, tree = tmp_path / "cache", tmp_path / "tree"
     tree.mkdir()
-    env = {**os.environ, "PARTS": str(tmp_path / "parts"), "SITE": str(tmp_path / "site"),
-           "FUSIONBENCH_CACHE": str(cache), "HOME": str(tmp_path),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = _env(tmp_path, cache)
     script = str(ROOT / "scripts" / "offline_run.sh")
     deliver(tmp_path / "one", _bundle(tmp_path, "/a"))
     run = lambda d: subprocess.run(["bash", script, str(d), "--", "true"], cwd=tree, env=env,
@@ -105,7 +107,6 @@ def test_offline_run_replaces_its_own_bundle_and_refuses_a_foreign_cache(tmp_pat
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "models").mkdir()
-    env["FUSIONBENCH_CACHE"] = str(foreign)
-    env["SITE"] = str(tmp_path / "site2")
+    env = _env(tmp_path, foreign, site="site2")
     proc = run(tmp_path / "two")
     assert proc.returncode != 0 and "did not unpack" in proc.stderr and (foreign / "models").exists()

@@ -69,10 +69,11 @@ def _ready(name: str) -> bool:
     if name == "text_suite":
         from fusionbench.assets.pypi import _archives, _extracted  # what pypi.download takes as a finished download
         from fusionbench.config import TextEvalConfig
+        from fusionbench.evaluation.text_suite import task_glob
 
         text = TextEvalConfig()
         tasks = {t.split(":")[0] for t in [*text.tasks, *text.gen_tasks]}
-        extracted = _extracted(cache_dir("pypi", "bigbench_files"), [f"*/bigbench/benchmark_tasks/{t}/task.json" for t in tasks])
+        extracted = _extracted(cache_dir("pypi", "bigbench_files"), [task_glob(t) for t in tasks])
         # the sdist, or (a cache copied without archives: scripts/offline_bundle.sh) the default suite's tasks
         return (bool(_archives(cache_dir("pypi", "bigbench"))) or len(extracted) == len(tasks)) and (
             root / "debian" / "r-cran-janeaustenr" / ".unpacked").exists()

@@ -118,16 +118,21 @@ def pypi_files(requirement: str, member_globs: list[str], sdist: bool = False) -
     if todo:
         for glob, name in _extract(archive, out_dir, todo).items():
             path = out_dir / name
-            (out_dir / (glob.replace("/", "_").replace("*", "@") + ".path")).write_text(str(path))
+            _marker(out_dir, glob).write_text(str(path))
             result[glob] = path
     return result
+
+
+def _marker(out_dir: Path, glob: str) -> Path:
+    """The file recording where the member ``glob`` was extracted to."""
+    return out_dir / (glob.replace("/", "_").replace("*", "@") + ".path")
 
 
 def _extracted(out_dir: Path, member_globs: list[str]) -> dict[str, Path]:
     """The members whose extracted file (recorded by its ``.path`` marker) is still there."""
     found = {}
     for glob in member_globs:
-        marker = out_dir / (glob.replace("/", "_").replace("*", "@") + ".path")
+        marker = _marker(out_dir, glob)
         path = Path(marker.read_text()) if marker.exists() else None
         if path is not None and path.exists():
             found[glob] = path

@@ -80,11 +80,16 @@ class TextSuite:
                          gen, self.gen_max_new_tokens)
 
 
+def task_glob(task: str) -> str:
+    """The bigbench sdist member holding a JSON task (``name`` or ``name/subtask``)."""
+    return f"*/bigbench/benchmark_tasks/{task}/task.json"
+
+
 def _bigbench_json(tasks: list[str]) -> dict[str, dict]:
     """The JSON of each BIG-bench task (``name`` or ``name/subtask``), read from the sdist."""
     from fusionbench.errors import AssetUnavailable
 
-    globs = {t: f"*/bigbench/benchmark_tasks/{t}/task.json" for t in tasks}
+    globs = {t: task_glob(t) for t in tasks}
     try:
         paths = pypi_files(BIGBENCH, list(globs.values()), sdist=True)
     except AssetUnavailable as e:
