@@ -204,6 +204,12 @@ class EvalConfig:
     #: the slice: items per task and prose chunks
     curve_items_per_task: int = 8
     curve_prose_chunks: int = 2
+    #: where evaluation runs: ``auto`` (where training runs: rank 0's device as Lightning resolves
+    #: ``trainer.accelerator`` / ``devices`` on this machine, the CPU where this machine has none of
+    #: them, as when a GPU run is evaluated on a laptop) or a torch device (``cpu``, ``cuda``,
+    #: ``cuda:1``, ``mps``). The base LM's text scores are computed on the same device (the
+    #: forgetting curve's on the training device), so a frozen text path still forgets exactly 0
+    device: str = "auto"
 
 
 @dataclass
@@ -587,6 +593,14 @@ def finalise(cfg: DictConfig, validate_fusion: bool = True) -> DictConfig:
     if cfg.eval.text.backend == "lm_eval" and cfg.eval.text.gen_tasks:
         raise FusionBenchError(f"eval.text.gen_tasks={list(cfg.eval.text.gen_tasks)} are scored by the built-in suite "
                                f"only; with eval.text.backend=lm_eval set eval.text.gen_tasks=[] (or use backend suite)")
+    if cfg.eval.device != "auto":
+        import torch
+
+        try:
+            torch.device(cfg.eval.device)
+        except (RuntimeError, TypeError) as e:
+            raise FusionBenchError(f"eval.device must be 'auto' or a torch device (cpu, cuda, cuda:1, mps), "
+                                   f"got {cfg.eval.device!r}: {first_line(e)}") from None
     if cfg.vision.resize not in RESIZE_MODES:
         raise FusionBenchError(f"vision.resize must be one of {', '.join(RESIZE_MODES)}, got {cfg.vision.resize!r}")
     if cfg.data.images not in ("real", "shuffled", "blank"):
@@ -778,7 +792,7 @@ HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"vision.feature_cache": True, "trainer.
                                           "trainer.logger": "csv",
                                           "trainer.optimizer_impl": "fused", "trainer.cache_text_prefix": True,
                                           "eval.val_controls": False, "plugins": [],
-                                          "vision.resize": "stretch"}
+                                          "vision.resize": "stretch", "eval.device": "auto"}
 
 
 def config_hash(cfg: DictConfig, drop: tuple[str, ...] = ()) -> str:

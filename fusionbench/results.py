@@ -70,10 +70,28 @@ def _package_hash() -> str:
 
 
 def device_name() -> str:
+    """The machine's accelerator (its first GPU), else its CPU: where a run trains by default."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
+    return cpu_name()
+
+
+def device_label(device) -> str:
+    """What computed on ``device`` (a torch device): the GPU's name for ``cuda:i``, the CPU's (as in
+    :func:`device_name` on a machine without a GPU) for ``cpu``, the device's name otherwise."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device.index or 0)
+    if device.type == "cpu":
+        return cpu_name()
+    return str(device)
+
+
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

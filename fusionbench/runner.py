@@ -1,6 +1,7 @@
 """``fusionbench run``: assets -> model -> train (one or more stages) -> evaluate -> results rows."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from fusionbench.assets.paths import cache_dir
 from fusionbench.config import config_hash, grid_points
 from fusionbench.errors import FusionBenchError, first_line
 from fusionbench.model import VisionLanguageModel
-from fusionbench.results import append_row, check_writable, code_hash, device_name, git_sha, provenance
+from fusionbench.results import append_row, check_writable, code_hash, device_label, git_sha, provenance
 from fusionbench.training import FusionDataModule, FusionModule
 
 
@@ -47,6 +48,9 @@ class Prepared:
         from fusionbench.assets.vision import load_vision
 
         self.cfg = cfg
+        # where evaluation and the forgetting curve compute (checked before any asset loads)
+        self.eval_device = eval_device(cfg)
+        self.train_device = training_device(cfg.trainer) or torch.device("cpu")
         log(f"preparing {cfg.name}: fusion={cfg.fusion.name} lm={cfg.lm.source} vision={cfg.vision.source} "
             f"data={cfg.data.name} seed={cfg.seed}")
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -58,7 +62,8 @@ class Prepared:
         if text_suite and (not lm_eval_backend or cfg.eval.curve_every_n_steps > 0):
             from fusionbench.evaluation.text_suite import load_text_suite
             self.suite = load_text_suite(cfg.eval.text)
-        self.base_text = self._base_text_scores(self.suite) if text_suite else {}  # bare LM, before fusion
+        # the bare LM, before fusion, on the device the trained model is scored on
+        self.base_text = self._base_text_scores(self.suite, device=self.eval_device) if text_suite else {}
         # the bare base LM kept beside the model: token KL(base || trained) on the prose needs both
         # distributions (frozen-text strategies measure exactly 0, the others what they moved)
         self.reference = None
@@ -70,7 +75,8 @@ class Prepared:
         if self.suite is not None and cfg.eval.curve_every_n_steps > 0:
             e = cfg.eval
             self.curve_suite = self.suite.subset(e.curve_items_per_task, e.curve_prose_chunks)
-            self.curve_base = self._base_text_scores(self.curve_suite, f"curve{e.curve_items_per_task}-{e.curve_prose_chunks}")
+            self.curve_base = self._base_text_scores(self.curve_suite, f"curve{e.curve_items_per_task}-{e.curve_prose_chunks}",
+                                                     device=self.train_device)  # the curve scores during training
         context = lm_context_length(self.lm)
         if context and cfg.trainer.max_length > context:
             raise FusionBenchError(f"trainer.max_length={cfg.trainer.max_length} is longer than the LM's context "
@@ -104,11 +110,11 @@ class Prepared:
             from fusionbench.evaluation.probes import depth_probes
 
             log("depth probes of the untrained model (the probes' floor) ...")
-            with torch.random.fork_rng():
+            with torch.random.fork_rng(), on_device(self.model, self.eval_device):  # where the trained ones run
                 self.untrained_probes = depth_probes(self.model, n_train=cfg.eval.probe_train,
                                                      n_test=cfg.eval.probe_test, seed=cfg.seed)
 
-    def _base_text_scores(self, suite, part: str = "full") -> dict[str, float]:
+    def _base_text_scores(self, suite, part: str = "full", device=None) -> dict[str, float]:
         from fusionbench.evaluation.text_suite import SUITE_VERSION
 
         backend = self.cfg.eval.text.backend if part == "full" else "suite"
@@ -121,7 +127,8 @@ class Prepared:
         # the thread count and device change float reductions: exact-zero forgetting needs the base
         # scored by the same kernels as the trained model
         key = config_hash(OmegaConf.create({"lm": lm_identity(self.cfg), "version": version,
-                                            "threads": torch.get_num_threads(), "device": device_name(),
+                                            "threads": torch.get_num_threads(),
+                                            "device": device_label(device or torch.device("cpu")),
                                             "batch_size": self.cfg.eval.batch_size, "part": part,
                                             "suite": OmegaConf.to_container(self.cfg.eval.text)}))
         path = cache_dir("text_base") / f"{key}.json"
@@ -140,11 +147,69 @@ class Prepared:
             if path.exists():
                 return json.loads(path.read_text())
             log(f"scoring the base LM on the text suite ({backend}; cached per LM and suite) ...")
-            scores = text_scores(self.cfg, self.lm, self.tokenizer, suite, backend=backend)
+            with on_device(self.lm, device or torch.device("cpu")):
+                scores = text_scores(self.cfg, self.lm, self.tokenizer, suite, backend=backend)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             tmp.write_text(json.dumps(scores))
             os.replace(tmp, path)
         return scores
+
+
+@contextlib.contextmanager
+def on_device(module: torch.nn.Module, device: torch.device):
+    """``module`` on ``device`` inside the block, back where it was after (nothing moves when it is there)."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+_TRAINING_DEVICES: dict[str, torch.device | None] = {}
+
+
+def training_device(tcfg: DictConfig) -> torch.device | None:
+    """Rank 0's device for these ``trainer.*`` settings as Lightning resolves them on this machine
+    (a throwaway ``Trainer``, no model), or None where Lightning refuses them here (a GPU config on
+    a machine without one)."""
+    import logging
+    import warnings
+
+    kw = hardware_kwargs(tcfg)
+    key = json.dumps(kw, sort_keys=True, default=str)
+    if key not in _TRAINING_DEVICES:
+        quiet = logging.getLogger("lightning.pytorch")
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                    enable_model_summary=False, **kw)
+            _TRAINING_DEVICES[key] = trainer.strategy.root_device
+        except Exception:  # noqa: BLE001 - Lightning's refusal; check_hardware reports it where it matters
+            _TRAINING_DEVICES[key] = None
+        finally:
+            quiet.setLevel(level)
+    return _TRAINING_DEVICES[key]
+
+
+def eval_device(cfg: DictConfig) -> torch.device:
+    """Where ``cfg``'s evaluation runs (``eval.device``; ``auto``: :func:`training_device`, else
+    the CPU). A device this machine does not have is one clear error, before any compute."""
+    if cfg.eval.device == "auto":
+        return training_device(cfg.trainer) or torch.device("cpu")
+    device = torch.device(cfg.eval.device)
+    if device.type == "meta":
+        raise FusionBenchError("eval.device=meta: a meta tensor has no values to evaluate; use eval.device=auto or cpu")
+    if device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError / AssertionError by backend
+            raise FusionBenchError(f"eval.device={cfg.eval.device}: this machine has no such device "
+                                   f"({first_line(e)}); use eval.device=auto or cpu") from None
+    return device
 
 
 def text_scores(cfg: DictConfig, model, tokenizer, suite=None, backend: str | None = None,
@@ -614,9 +679,14 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
 def evaluate_model(cfg: DictConfig, prep: Prepared, model: VisionLanguageModel, data: FusionDataModule,
                    majority: dict[str, str]) -> dict[str, Any]:
     """The evaluation block of a run (also ``fusionbench eval``): every evaluator ``eval.metrics``
-    lists (fusionbench.evaluation), in order."""
+    lists (fusionbench.evaluation), in order, on ``prep.eval_device`` (the model and the base LM kept
+    for the prose KL move there: Lightning leaves a trained model on the CPU; evaluators build their
+    batches on the CPU and the model moves them)."""
     from fusionbench.evaluation import EvalContext, evaluate
 
+    model.to(prep.eval_device)
+    if prep.reference is not None:
+        prep.reference.to(prep.eval_device)
     return evaluate(EvalContext(cfg, prep, model, data, majority), list(cfg.eval.metrics))
 
 
@@ -631,7 +701,8 @@ def result_row(cfg: DictConfig, stage: DictConfig, model: VisionLanguageModel, r
         # the strategy's own answer for its validated options (the report reads it from here)
         "text_invariant": bool(model.fusion.text_invariant), "frozen_text_prefix": bool(model.fusion.frozen_text_prefix),
         **{k: (round(v, 2) if k.endswith("_s") else v) for k, v in extra.items()},
-        "config_hash": config_hash(cfg), "point_hash": config_hash(cfg, drop=("seed",)), "run_dir": str(run_dir), **provenance(), **metrics,
+        "config_hash": config_hash(cfg), "point_hash": config_hash(cfg, drop=("seed",)), "run_dir": str(run_dir), **provenance(),
+        "eval_device": device_label(eval_device(cfg)), **metrics,
         "config": json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True),
     }
 

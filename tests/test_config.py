@@ -235,7 +235,7 @@ def test_keys_added_later_do_not_change_old_hashes_at_their_default():
     assert config_hash(cfg) == hashlib.sha256(blob.encode()).hexdigest()[:12]
     for dotted, default in HASH_NEUTRAL_DEFAULTS.items():
         other = {bool: lambda d: not d, int: lambda d: d + 1, list: lambda d: ["some_plugin_module"],
-                 str: lambda d: {"fused": "foreach", "csv": "tensorboard", "stretch": "pad"}[d]}[type(default)](default)
+                 str: lambda d: {"fused": "foreach", "csv": "tensorboard", "stretch": "pad", "auto": "cpu"}[d]}[type(default)](default)
         changed = cfg.copy()
         OmegaConf.update(changed, dotted, other)  # (a logger's package need not be installed to hash it)
         assert config_hash(changed) != config_hash(cfg)

@@ -392,7 +392,7 @@ def test_side_by_side_processes_score_the_base_lm_once(monkeypatch):
         return {"text/x": 0.5}
 
     monkeypatch.setattr(runner, "text_scores", slow_scores)
-    prep = SimpleNamespace(cfg=tiny_cfg("eval.text_suite=true"), lm=None, tokenizer=None)
+    prep = SimpleNamespace(cfg=tiny_cfg("eval.text_suite=true"), lm=torch.nn.Linear(1, 1), tokenizer=None)
     got = []
     threads = [threading.Thread(target=lambda: got.append(runner.Prepared._base_text_scores(prep, None)))
                for _ in range(3)]

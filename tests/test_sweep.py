@@ -346,7 +346,7 @@ def test_gpu_check_script_runs_the_gpu_configs_paths_shrunk(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *tiny], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "gpu_check: passed" in proc.stderr
+    assert "gpu_check: passed" in proc.stderr and "gpu_check: trained on cpu:" in proc.stderr
     row = read_results(tmp_path / "check" / "check.jsonl").iloc[0]
     config = row["config"] if isinstance(row["config"], dict) else json.loads(row["config"])
     assert row["steps"] == 20 and config["trainer"]["precision"] == "bf16-mixed"  # main_gpu's own

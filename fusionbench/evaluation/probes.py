@@ -165,22 +165,23 @@ def collect_states(model, items: list[ProbeItem], condition: str = "image", batc
             ids, mask = batch["input_ids"], batch["attention_mask"]
             with model._lm_context(ids, mask, batch.get("pixel_values")) as kwargs:
                 out = model.lm.get_decoder()(**kwargs, use_cache=False, output_hidden_states=True)
-            hs = torch.stack([h.float() for h in out.hidden_states])  # [L+1, B, T, D]
-            parts.setdefault("last", []).append(hs[:, :, -1])
+            hs = torch.stack([h.float() for h in out.hidden_states])  # [L+1, B, T, D] on the model's device
+            parts.setdefault("last", []).append(hs[:, :, -1].cpu())  # the probes fit on the CPU
             image_pos = (ids[0] == IMAGE_TOKEN_ID).nonzero().flatten()
             n_image = int(image_pos.numel())
             if n_image == 0:
                 continue
             text_pos = torch.arange(int(image_pos.max()) + 1, ids.shape[1])
+            image_pos, text_pos = image_pos.to(hs.device), text_pos.to(hs.device)
             img, txt = hs[:, :, image_pos], hs[:, :, text_pos]  # [L+1, B, n_img, D], [L+1, B, n_txt, D]
-            parts.setdefault("img_mean", []).append(img.mean(2))
-            parts.setdefault("text_mean", []).append(txt.mean(2))
+            parts.setdefault("img_mean", []).append(img.mean(2).cpu())
+            parts.setdefault("text_mean", []).append(txt.mean(2).cpu())
             img_n, txt_n = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-            parts.setdefault("cos_img_text", []).append((img_n @ txt_n.transpose(-1, -2)).mean((-1, -2)))
+            parts.setdefault("cos_img_text", []).append((img_n @ txt_n.transpose(-1, -2)).mean((-1, -2)).cpu())
             tt = txt_n @ txt_n.transpose(-1, -2)  # [L+1, B, n_txt, n_txt]
             k = tt.shape[-1]
             off_diag = (tt.sum((-1, -2)) - tt.diagonal(dim1=-2, dim2=-1).sum(-1)) / max(k * (k - 1), 1)
-            parts.setdefault("cos_text_text", []).append(off_diag)
+            parts.setdefault("cos_text_text", []).append(off_diag.cpu())
     finally:
         model.train(was_training)
     states = {k: torch.cat(v, dim=1) for k, v in parts.items()}

@@ -1,0 +1,61 @@
+"""``eval.device``: where a run's evaluation (and its base LM's text scores) compute. ``auto``
+follows training, and falls back to the CPU on a machine without the trainer's accelerator (a GPU
+run evaluated on a laptop); a device this machine lacks is one clear error before any asset loads;
+the default changes no config hash; the row records where it was evaluated."""
+import pytest
+import torch
+
+from fusionbench.cli import main
+from fusionbench.config import config_hash
+from fusionbench.errors import FusionBenchError
+from fusionbench.results import device_label, read_results
+from fusionbench.runner import eval_device, training_device
+from tests.helpers import TINY, tiny_cfg
+
+
+def test_auto_follows_training_and_falls_back_to_the_cpu():
+    cfg = tiny_cfg()  # trainer.accelerator: cpu
+    assert cfg.eval.device == "auto" and training_device(cfg.trainer) == torch.device("cpu")
+    assert eval_device(cfg) == torch.device("cpu") and eval_device(tiny_cfg("eval.device=cpu")) == torch.device("cpu")
+    gpu = tiny_cfg("trainer.accelerator=gpu")
+    if torch.cuda.is_available():
+        assert training_device(gpu.trainer) == eval_device(gpu) == torch.device("cuda", 0)
+    else:  # Lightning refuses a GPU trainer here: evaluated where it can be, on the CPU
+        assert training_device(gpu.trainer) is None and eval_device(gpu) == torch.device("cpu")
+    assert config_hash(tiny_cfg("eval.device=auto")) == config_hash(cfg) != config_hash(tiny_cfg("eval.device=cpu"))
+
+
+def test_a_name_torch_does_not_know_is_refused_when_the_config_loads():
+    with pytest.raises(FusionBenchError, match="eval.device must be 'auto' or a torch device .* got 'gpu0'"):
+        tiny_cfg("eval.device=gpu0")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:63", "eval.device=cuda:63: this machine has no such device"),
+    ("xpu", "eval.device=xpu: this machine has no such device"),
+    ("meta", "eval.device=meta: a meta tensor has no values"),
+])
+def test_a_device_this_machine_lacks_is_one_error_before_any_asset_loads(tmp_path, capsys, device, message):
+    results = tmp_path / "res.jsonl"
+    results.write_text('{"earlier": "row"}\n')
+    assert main(["run", str(TINY), f"output_dir={tmp_path / 'runs'}", f"results_file={results}",
+                 f"eval.device={device}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "preparing" not in err
+    assert results.read_text() == '{"earlier": "row"}\n' and not list(tmp_path.glob("runs/**/*.ckpt"))
+
+
+def test_the_row_says_where_it_was_evaluated_and_cpu_is_auto_here(tmp_path):
+    """On a machine without an accelerator ``auto`` is the CPU: the same numbers as ``eval.device=cpu``
+    (base text scores, choice, generation, probes), and both rows name the CPU."""
+    common = ["fusion=mlp", "eval.text_suite=true", "eval.text.tasks=[]", "eval.text.gen_tasks=[]",
+              "eval.text.ppl_chunks=2", "eval.text.ppl_chunk_tokens=64", "eval.probes=true", "eval.probe_train=16",
+              "eval.probe_test=8", f"results_file={tmp_path / 'res.jsonl'}"]
+    for i, device in enumerate(("auto", "cpu")):
+        assert main(["run", str(TINY), *common, f"output_dir={tmp_path / f'runs{i}'}", f"eval.device={device}"]) == 0
+    df = read_results(tmp_path / "res.jsonl")
+    assert list(df.eval_device) == [device_label(torch.device("cpu"))] * 2 == list(df.device)
+    metrics = [c for c in df.columns if c.startswith(("mm/", "probe/", "text/", "forgetting/"))]
+    assert any(c.startswith("probe/") for c in metrics) and any(c.startswith("forgetting/") for c in metrics)
+    a, b = df.iloc[0], df.iloc[1]
+    assert all(a[c] == b[c] or (a[c] != a[c] and b[c] != b[c]) for c in metrics)
