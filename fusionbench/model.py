@@ -28,6 +28,30 @@ class VLMOutput:
     logits: torch.Tensor | None = None
 
 
+@contextlib.contextmanager
+def on_device(*modules: nn.Module | None, device: torch.device):
+    """The ``modules`` (None: skipped) on ``device`` inside the block, each back where its first
+    parameter was after it, also on an error (nothing moves when a module is already there)."""
+    present = [m for m in modules if m is not None]
+    homes = [next(m.parameters()).device for m in present]
+    try:
+        for m in present:
+            m.to(device)
+        yield
+    finally:
+        for m, home in zip(present, homes):
+            m.to(home)
+
+
+@contextlib.contextmanager
+def scoring_mode():
+    """How every score of a trained model is computed: decoder layers compiled for training
+    (``trainer.compile``) run eagerly, the kernels the base LM was scored with, so a frozen text
+    path still matches it exactly (compiled kernels fuse and reorder reductions)."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
 def lm_head(lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The LM's output layer (with Gemma-2-style final soft-capping where the config has it)."""
     logits = lm.get_output_embeddings()(hidden)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from fusionbench.assets.paths import cache_dir
 from fusionbench.config import config_hash, grid_points
 from fusionbench.errors import FusionBenchError, first_line
-from fusionbench.model import VisionLanguageModel
+from fusionbench.model import VisionLanguageModel, on_device, scoring_mode
 from fusionbench.results import append_row, check_writable, code_hash, device_label, git_sha, provenance
 from fusionbench.training import FusionDataModule, FusionModule
 
@@ -110,7 +110,7 @@ class Prepared:
             from fusionbench.evaluation.probes import depth_probes
 
             log("depth probes of the untrained model (the probes' floor) ...")
-            with torch.random.fork_rng(), on_device(self.model, self.eval_device):  # where the trained ones run
+            with torch.random.fork_rng(), on_device(self.model, device=self.eval_device):  # where the trained ones run
                 self.untrained_probes = depth_probes(self.model, n_train=cfg.eval.probe_train,
                                                      n_test=cfg.eval.probe_test, seed=cfg.seed)
 
@@ -126,9 +126,10 @@ class Prepared:
             version = f"{LM_EVAL_SUITE_VERSION}-lm_eval{lm_eval.__version__}"
         # the thread count and device change float reductions: exact-zero forgetting needs the base
         # scored by the same kernels as the trained model
+        device = device or torch.device("cpu")
+        on = {} if device.type == "cpu" else {"on": str(device.type), "cuda": torch.version.cuda, "torch": torch.__version__}
         key = config_hash(OmegaConf.create({"lm": lm_identity(self.cfg), "version": version,
-                                            "threads": torch.get_num_threads(),
-                                            "device": device_label(device or torch.device("cpu")),
+                                            "threads": torch.get_num_threads(), "device": device_label(device), **on,
                                             "batch_size": self.cfg.eval.batch_size, "part": part,
                                             "suite": OmegaConf.to_container(self.cfg.eval.text)}))
         path = cache_dir("text_base") / f"{key}.json"
@@ -147,23 +148,12 @@ class Prepared:
             if path.exists():
                 return json.loads(path.read_text())
             log(f"scoring the base LM on the text suite ({backend}; cached per LM and suite) ...")
-            with on_device(self.lm, device or torch.device("cpu")):
+            with on_device(self.lm, device=device or torch.device("cpu")):
                 scores = text_scores(self.cfg, self.lm, self.tokenizer, suite, backend=backend)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             tmp.write_text(json.dumps(scores))
             os.replace(tmp, path)
         return scores
-
-
-@contextlib.contextmanager
-def on_device(module: torch.nn.Module, device: torch.device):
-    """``module`` on ``device`` inside the block, back where it was after (nothing moves when it is there)."""
-    home = next(module.parameters()).device
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(home)
 
 
 _TRAINING_DEVICES: dict[str, torch.device | None] = {}
@@ -680,14 +670,15 @@ def evaluate_model(cfg: DictConfig, prep: Prepared, model: VisionLanguageModel, 
                    majority: dict[str, str]) -> dict[str, Any]:
     """The evaluation block of a run (also ``fusionbench eval``): every evaluator ``eval.metrics``
     lists (fusionbench.evaluation), in order, on ``prep.eval_device`` (the model and the base LM kept
-    for the prose KL move there: Lightning leaves a trained model on the CPU; evaluators build their
-    batches on the CPU and the model moves them)."""
+    for the prose KL move there and back: Lightning leaves a trained model on the CPU; evaluators
+    build their batches on the CPU and the model moves them), eagerly (:func:`scoring_mode`).
+    ``eval_device`` in the metrics: where the model's weights were."""
     from fusionbench.evaluation import EvalContext, evaluate
 
-    model.to(prep.eval_device)
-    if prep.reference is not None:
-        prep.reference.to(prep.eval_device)
-    return evaluate(EvalContext(cfg, prep, model, data, majority), list(cfg.eval.metrics))
+    with on_device(model, prep.reference, device=prep.eval_device), scoring_mode():
+        where = device_label(next(model.parameters()).device)
+        metrics = evaluate(EvalContext(cfg, prep, model, data, majority), list(cfg.eval.metrics))
+    return {"eval_device": where, **metrics}
 
 
 def result_row(cfg: DictConfig, stage: DictConfig, model: VisionLanguageModel, run_dir: Path,
@@ -701,8 +692,7 @@ def result_row(cfg: DictConfig, stage: DictConfig, model: VisionLanguageModel, r
         # the strategy's own answer for its validated options (the report reads it from here)
         "text_invariant": bool(model.fusion.text_invariant), "frozen_text_prefix": bool(model.fusion.frozen_text_prefix),
         **{k: (round(v, 2) if k.endswith("_s") else v) for k, v in extra.items()},
-        "config_hash": config_hash(cfg), "point_hash": config_hash(cfg, drop=("seed",)), "run_dir": str(run_dir), **provenance(),
-        "eval_device": device_label(eval_device(cfg)), **metrics,
+        "config_hash": config_hash(cfg), "point_hash": config_hash(cfg, drop=("seed",)), "run_dir": str(run_dir), **provenance(), **metrics,
         "config": json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True),
     }
 

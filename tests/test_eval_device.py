@@ -59,3 +59,22 @@ def test_the_row_says_where_it_was_evaluated_and_cpu_is_auto_here(tmp_path):
     assert any(c.startswith("probe/") for c in metrics) and any(c.startswith("forgetting/") for c in metrics)
     a, b = df.iloc[0], df.iloc[1]
     assert all(a[c] == b[c] or (a[c] != a[c] and b[c] != b[c]) for c in metrics)
+
+
+def test_compiled_training_still_scores_a_frozen_text_path_exactly(tmp_path):
+    """``trainer.compile`` compiles the decoder layers for training; every score (the forgetting
+    curve during training, the final evaluation) runs them eagerly, the kernels the base LM was
+    scored with, so the frozen text path of mlp forgets exactly 0 (no float-rounding residue)."""
+    import json
+
+    assert main(["run", str(TINY), "fusion=mlp", "trainer.compile=true", "trainer.max_steps=4", "eval.text_suite=true",
+                 "eval.text.tasks=[]", "eval.text.gen_tasks=[]", "eval.text.ppl_chunks=2", "eval.text.ppl_chunk_tokens=64",
+                 "eval.curve_every_n_steps=2", "eval.curve_prose_chunks=2", f"output_dir={tmp_path / 'runs'}",
+                 f"results_file={tmp_path / 'res.jsonl'}"]) == 0
+    row = read_results(tmp_path / "res.jsonl").iloc[0]
+    zeros = [c for c in row.index if c.startswith("forgetting/") or c == "text/kl"]
+    assert "text/kl" in zeros and "forgetting/austen/delta_log_ppl" in zeros
+    assert all(row[c] == 0 for c in zeros), {c: row[c] for c in zeros}
+    curve = json.loads(row["curve"])
+    assert [p["step"] for p in curve] == [0, 2, 4] and "forgetting/austen/delta_log_ppl" in curve[-1]
+    assert all(p[k] == 0 for p in curve for k in p if k.startswith("forgetting/") or k == "kl"), curve

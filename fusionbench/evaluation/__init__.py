@@ -20,7 +20,9 @@ register_evaluator = EVALUATORS.register
 @dataclass
 class EvalContext:
     """What an evaluator may read: the run's config, the prepared backbones / base-LM scores
-    (``prep``: ``Prepared``), the trained model, its data module and the majority answers."""
+    (``prep``: ``Prepared``), the trained model, its data module and the majority answers. The
+    model sits on ``eval.device`` (a GPU after GPU training): build batches anywhere and call it
+    through ``logits`` / ``generate`` / ``text_hidden`` (they move inputs to it), or move them."""
     cfg: Any
     prep: Any
     model: Any

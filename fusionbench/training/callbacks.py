@@ -7,6 +7,7 @@ import lightning as L
 import torch
 
 from fusionbench.evaluation.text_suite import TextSuite, forgetting, score_text_suite
+from fusionbench.model import on_device, scoring_mode
 
 
 class ForgettingCurve(L.Callback):
@@ -26,7 +27,9 @@ class ForgettingCurve(L.Callback):
         model = pl_module.model
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        # the base LM beside the model while it scores (its KL then from the same kernels: exact
+        # zeros for a frozen text path on an accelerator too), eagerly like the base was scored
+        with torch.no_grad(), on_device(self.reference, device=pl_module.device), scoring_mode():
             after = score_text_suite(self.suite, model, self.tokenizer,
                                      batch_size=self.batch_size, reference=self.reference)
         model.train(was_training)
