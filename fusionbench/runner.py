@@ -148,7 +148,7 @@ class Prepared:
             if path.exists():
                 return json.loads(path.read_text())
             log(f"scoring the base LM on the text suite ({backend}; cached per LM and suite) ...")
-            with on_device(self.lm, device=device or torch.device("cpu")):
+            with on_device(self.lm, device=device):
                 scores = text_scores(self.cfg, self.lm, self.tokenizer, suite, backend=backend)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             tmp.write_text(json.dumps(scores))
@@ -163,25 +163,12 @@ def training_device(tcfg: DictConfig) -> torch.device | None:
     """Rank 0's device for these ``trainer.*`` settings as Lightning resolves them on this machine
     (a throwaway ``Trainer``, no model), or None where Lightning refuses them here (a GPU config on
     a machine without one)."""
-    import logging
-    import warnings
-
     kw = hardware_kwargs(tcfg)
     key = json.dumps(kw, sort_keys=True, default=str)
     if key not in _TRAINING_DEVICES:
-        quiet = logging.getLogger("lightning.pytorch")
-        level = quiet.level
-        quiet.setLevel(logging.WARNING)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                    enable_model_summary=False, **kw)
-            _TRAINING_DEVICES[key] = trainer.strategy.root_device
-        except Exception:  # noqa: BLE001 - Lightning's refusal; check_hardware reports it where it matters
-            _TRAINING_DEVICES[key] = None
-        finally:
-            quiet.setLevel(level)
+        with _lightning_info_quiet():  # a refusal is check_hardware's to report, where it matters
+            trainer = _throwaway_trainer(kw, quiet=True)
+        _TRAINING_DEVICES[key] = None if isinstance(trainer, Exception) else trainer.strategy.root_device
     return _TRAINING_DEVICES[key]
 
 
@@ -233,42 +220,54 @@ def hardware_kwargs(tcfg: DictConfig) -> dict[str, Any]:
 _HARDWARE_CHECKED: set[str] = set()
 
 
+@contextlib.contextmanager
+def _lightning_info_quiet():
+    """Lightning's info lines ("GPU available: ...") held back: they come again when the real Trainer starts."""
+    import logging
+
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def check_hardware(tcfg: DictConfig, where: str = "") -> None:
     """Lightning's own check of accelerator / devices / strategy / precision (a throwaway
     ``Trainer`` built with them, no model): a mistyped strategy, an unknown precision or a GPU
     accelerator on a machine without one is one error before any asset loads, not a traceback after."""
-    import logging
-
     kw = hardware_kwargs(tcfg)
     key = json.dumps(kw, sort_keys=True, default=str)
     if key in _HARDWARE_CHECKED:
         return
-    quiet = logging.getLogger("lightning.pytorch")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)  # its "GPU available: ..." lines come again when the real Trainer starts
-    try:
+    with _lightning_info_quiet():
         error = _trainer_refuses(kw)
         if error is not None:
             raise FusionBenchError(f"{where}Lightning does not accept {_hardware_culprits(kw)}: {first_line(error)}")
-    finally:
-        quiet.setLevel(level)
     _HARDWARE_CHECKED.add(key)
 
 
-def _trainer_refuses(kw: dict[str, Any], quiet: bool = False) -> Exception | None:
-    """Lightning's objection to a ``Trainer`` with these settings, or None (``quiet``: without the
-    warnings a probe with settings the user never gave would print)."""
+def _throwaway_trainer(kw: dict[str, Any], quiet: bool = False) -> L.Trainer | Exception:
+    """A ``Trainer`` with these settings and no model, or Lightning's objection to them (``quiet``:
+    without the warnings a probe with settings the user never gave would print)."""
     import warnings
 
     with warnings.catch_warnings():
         if quiet:
             warnings.simplefilter("ignore")
         try:
-            L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      **kw)
+            return L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, **kw)
         except Exception as e:  # noqa: BLE001 - Lightning raises ValueError, MisconfigurationException, RuntimeError
             return e
-    return None
+
+
+def _trainer_refuses(kw: dict[str, Any], quiet: bool = False) -> Exception | None:
+    """Lightning's objection to a ``Trainer`` with these settings, or None."""
+    trainer = _throwaway_trainer(kw, quiet)
+    return trainer if isinstance(trainer, Exception) else None
 
 
 def _hardware_culprits(kw: dict[str, Any]) -> str:
