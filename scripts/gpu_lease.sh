@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# A lent GPU's one long command (the device tool allows at most 10 minutes per command, ~15 minutes of
+# device time per session): scripts/gpu_check.sh and main_gpu.yaml's points for SEEDS, one sweep per
+# strategy side by side (at this model size a step is bound by kernel launches, not by the GPU's
+# arithmetic, so processes side by side share the GPU well), all stopped at END (epoch seconds). What
+# finished is packed into $OUT/gpu_lease.tar.gz: rows (results/main_gpu.jsonl, the check's row), each
+# sweep's log and status file, each point's metrics.csv (also a killed point's: its step times), and
+# nvidia-smi's utilisation samples. A point not finished by END is lost with the machine.
+#   bash scripts/offline_run.sh PARTS -- env END=$(( $(date +%s) + 560 )) bash scripts/gpu_lease.sh
+# ONLY: the strategy labels, comma-separated (default: the contrast strategies with single-stage
+# budgets); SEEDS (default [0]); CONFIG (default experiments/main_gpu.yaml).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+FB=${FB:-.venv/bin/fusionbench}
+CONFIG=${CONFIG:-experiments/main_gpu.yaml}
+SEEDS=${SEEDS:-[0]}
+ONLY=${ONLY:-mlp,blind (mlp),visual_expert,flamingo,full_finetune,lora}
+END=${END:-$(( $(date +%s) + 480 ))}
+PACK=${OUT:-/tmp}/gpu_lease.tar.gz
+W=$(mktemp -d)
+mkdir -p "$W/logs"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1
+left() { echo $(( END - $(date +%s) )); }
+[ "$(left)" -gt 60 ] || { echo "gpu_lease: END leaves $(left) s; nothing started" >&2; exit 1; }
+echo "gpu_lease: $(date -u +%FT%TZ), $(left) s to END, commit $(git rev-parse --short HEAD 2>/dev/null)" | tee "$W/logs/lease.txt"
+nvidia-smi -L >> "$W/logs/lease.txt" 2>&1
+nvidia-smi dmon -s um -d 10 > "$W/logs/dmon.txt" 2>&1 &
+dmon=$!
+pids=()
+CHECK_DIR=$W/check timeout -k 5 "$(left)" bash scripts/gpu_check.sh > "$W/logs/gpu_check.log" 2>&1 &
+pids+=($!)
+IFS=, read -ra labels <<< "$ONLY"
+for label in "${labels[@]}"; do
+  slug=$(echo "$label" | tr -c 'A-Za-z0-9_\n' '_')
+  timeout -k 5 "$(left)" $FB sweep "$CONFIG" --only "$label" "seeds=$SEEDS" > "$W/logs/sweep_$slug.log" 2>&1 &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; echo "pid $p rc $?" >> "$W/logs/lease.txt"; done
+kill "$dmon" 2>/dev/null
+read -r name results < <(${PY:-python3} -c "from fusionbench.config import load_config as l; c = l('$CONFIG'); print(c.name, c.results_file)")
+[ -f "${results:-results/main_gpu.jsonl}" ] && cp "${results:-results/main_gpu.jsonl}" "$W/"
+[ -f "$W/check/check.jsonl" ] && cp "$W/check/check.jsonl" "$W/"
+runs=runs/${name:-main_gpu}
+[ -f "$runs/sweep.jsonl" ] && cp "$runs/sweep.jsonl" "$W/logs/"
+for d in "$runs"/*/; do
+  [ -d "$d" ] || continue
+  mkdir -p "$W/points/$(basename "$d")"
+  cp "$d/config.yaml" "$W/points/$(basename "$d")/" 2>/dev/null
+  find "$d/logs" -name 'metrics*.csv' -exec cp {} "$W/points/$(basename "$d")/" \; 2>/dev/null
+done
+echo "gpu_lease: done $(date -u +%FT%TZ), $(left) s to END" | tee -a "$W/logs/lease.txt"
+rm -rf "$W/check/runs"
+tar -czf "$PACK" -C "$W" . && echo "gpu_lease: packed $(du -h "$PACK" | cut -f1) into $PACK"
