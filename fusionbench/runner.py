@@ -115,23 +115,9 @@ class Prepared:
                                                      n_test=cfg.eval.probe_test, seed=cfg.seed)
 
     def _base_text_scores(self, suite, part: str = "full", device=None) -> dict[str, float]:
-        from fusionbench.evaluation.text_suite import SUITE_VERSION
-
         backend = self.cfg.eval.text.backend if part == "full" else "suite"
-        version = SUITE_VERSION
-        if backend == "lm_eval":
-            import lm_eval
-
-            from fusionbench.evaluation.lm_eval_adapter import LM_EVAL_SUITE_VERSION
-            version = f"{LM_EVAL_SUITE_VERSION}-lm_eval{lm_eval.__version__}"
-        # the thread count and device change float reductions: exact-zero forgetting needs the base
-        # scored by the same kernels as the trained model
         device = device or torch.device("cpu")
-        on = {} if device.type == "cpu" else {"on": str(device.type), "cuda": torch.version.cuda, "torch": torch.__version__}
-        key = config_hash(OmegaConf.create({"lm": lm_identity(self.cfg), "version": version,
-                                            "threads": torch.get_num_threads(), "device": device_label(device), **on,
-                                            "batch_size": self.cfg.eval.batch_size, "part": part,
-                                            "suite": OmegaConf.to_container(self.cfg.eval.text)}))
+        key = base_text_key(self.cfg, device, part)
         path = cache_dir("text_base") / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())
@@ -154,6 +140,28 @@ class Prepared:
             tmp.write_text(json.dumps(scores))
             os.replace(tmp, path)
         return scores
+
+
+def base_text_key(cfg: DictConfig, device: torch.device, part: str = "full") -> str:
+    """The cache key of the base LM's text-suite scores: the LM, the suite and its version, and what
+    changes float reductions (threads, device; off the CPU also the accelerator type, CUDA and torch
+    versions), since exact-zero forgetting needs the base scored by the same kernels as the trained
+    model. Plain strings only (``torch.__version__`` is a ``TorchVersion``, which omegaconf refuses)."""
+    from fusionbench.evaluation.text_suite import SUITE_VERSION
+
+    backend = cfg.eval.text.backend if part == "full" else "suite"
+    version = SUITE_VERSION
+    if backend == "lm_eval":
+        import lm_eval
+
+        from fusionbench.evaluation.lm_eval_adapter import LM_EVAL_SUITE_VERSION
+        version = f"{LM_EVAL_SUITE_VERSION}-lm_eval{lm_eval.__version__}"
+    on = {} if device.type == "cpu" else {"on": str(device.type), "cuda": str(torch.version.cuda),
+                                          "torch": str(torch.__version__)}
+    return config_hash(OmegaConf.create({"lm": lm_identity(cfg), "version": version,
+                                         "threads": torch.get_num_threads(), "device": device_label(device), **on,
+                                         "batch_size": cfg.eval.batch_size, "part": part,
+                                         "suite": OmegaConf.to_container(cfg.eval.text)}))
 
 
 _TRAINING_DEVICES: dict[str, torch.device | None] = {}

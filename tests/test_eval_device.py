@@ -78,3 +78,19 @@ def test_compiled_training_still_scores_a_frozen_text_path_exactly(tmp_path):
     curve = json.loads(row["curve"])
     assert [p["step"] for p in curve] == [0, 2, 4] and "forgetting/austen/delta_log_ppl" in curve[-1]
     assert all(p[k] == 0 for p in curve for k in p if k.startswith("forgetting/") or k == "kl"), curve
+
+
+def test_the_base_scores_cache_key_is_plain_on_an_accelerator(monkeypatch):
+    """Off the CPU the key also names the accelerator type, CUDA and torch versions; it must still
+    hash (``torch.__version__`` is a ``TorchVersion``, which omegaconf refused: every point of the
+    first GPU sweep failed there, before training). The CPU key names none of them."""
+    from fusionbench import runner
+    from fusionbench.runner import base_text_key
+
+    label = runner.device_label  # naming a GPU asks CUDA, which this machine may lack
+    monkeypatch.setattr(runner, "device_label", lambda d: "NVIDIA H200" if d.type == "cuda" else label(d))
+    cfg = tiny_cfg()
+    cpu = base_text_key(cfg, torch.device("cpu"))
+    gpu = base_text_key(cfg, torch.device("cuda", 0))
+    assert cpu != gpu != base_text_key(cfg, torch.device("cuda", 0), part="curve")
+    assert gpu == base_text_key(cfg, torch.device("cuda", 0)) and cpu == base_text_key(cfg, torch.device("cpu"))
