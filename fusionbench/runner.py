@@ -337,16 +337,22 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
-def compile_decoder_layers(model: VisionLanguageModel) -> int:
+def compile_decoder_layers(model: VisionLanguageModel, **compile_kwargs) -> int:
     """Regional ``torch.compile``: each decoder block of the LM (with whatever a strategy injected
     into it) is compiled in place; identical blocks share one compiled graph, so the cold start is
-    one block's, not the whole model's. Returns how many blocks."""
+    one block's, not the whole model's. Returns how many blocks.
+
+    Training then runs without the shared prompt prefix's KV cache (``trainer.cache_text_prefix``):
+    each block's cache update is guarded on its own layer index, so every block recompiled, and past
+    dynamo's limit of 8 the rest ran eagerly (seen on an H200: 22 of SmolLM2's 30 blocks). The
+    prefix's few tokens are cheap beside that; the loss is the same up to float rounding."""
     from fusionbench.fusion._lm import decoder_layers
 
     _, layers = decoder_layers(model.lm)
     for layer in layers:
         if not getattr(layer, "_compiled_call_impl", None):
-            layer.compile()
+            layer.compile(**compile_kwargs)
+    model.cache_text_prefix = False
     return len(layers)
 
 
@@ -616,7 +622,10 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
             log(f"stage {stage.name}: training {model.param_counts()['params_trainable']:,} parameters "
                 f"for {tcfg.max_steps} steps")
             if tcfg.compile:
-                compile_decoder_layers(model)
+                prefix = model.cache_text_prefix and model.fusion.frozen_text_prefix
+                n = compile_decoder_layers(model)
+                log(f"trainer.compile: {n} decoder blocks compiled" + ("; the shared prompt prefix's KV cache is off "
+                                                                       "(it recompiled every block)" if prefix else ""))
             data.resume_step = 0  # set from the checkpoint (FusionDataModule.load_state_dict) when resuming
             trainer.fit(module, datamodule=data, ckpt_path=ckpt if resume else None)
             trained: dict[str, Any] = {}

@@ -298,6 +298,33 @@ def test_regional_compile_gives_the_same_loss_and_gradients():
             assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
 
 
+def test_compiled_blocks_train_without_recompiling():
+    """With the decoder blocks compiled, a frozen-text strategy's training forward must not
+    recompile per block: the shared prompt prefix's KV cache guarded every block on its own layer
+    index (on an H200, 22 of 30 blocks fell back to eager past dynamo's recompile limit), so
+    compiling turns the prefix cache off."""
+    import torch._dynamo
+
+    from fusionbench.runner import compile_decoder_layers
+    from tests.helpers import image_batch
+
+    model = tiny_model("mlp")
+    batch, _ = image_batch(model, n=2)
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+    assert model.shared_prefix_length(args[0], args[1], args[3]) > 0  # the path that recompiled
+    eager = model(*args).loss
+    torch._dynamo.reset()
+    assert compile_decoder_layers(model, backend="eager") == len(model.lm.model.layers) > 1
+    assert model.shared_prefix_length(args[0], args[1], args[3]) == 0
+    model.train()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            loss = model(*args).loss
+            loss.backward()
+    assert torch.allclose(loss, eager, atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_plateau_criterion():
     from fusionbench.training.callbacks import plateaued
 
