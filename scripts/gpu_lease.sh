@@ -8,7 +8,8 @@
 # nvidia-smi's utilisation samples. A point not finished by END is lost with the machine.
 #   bash scripts/offline_run.sh PARTS -- env END=$(( $(date +%s) + 560 )) bash scripts/gpu_lease.sh
 # ONLY: the strategy labels, comma-separated (default: the contrast strategies with single-stage
-# budgets); SEEDS (default [0]); CONFIG (default experiments/main_gpu.yaml).
+# budgets); SEEDS (default [0]); CONFIG (default experiments/main_gpu.yaml); arguments: overrides
+# for every point, the check's too (tests/test_sweep.py runs it so at the tiny tier on the CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FB=${FB:-.venv/bin/fusionbench}
@@ -27,22 +28,29 @@ nvidia-smi -L >> "$W/logs/lease.txt" 2>&1
 nvidia-smi dmon -s um -d 10 > "$W/logs/dmon.txt" 2>&1 &
 dmon=$!
 pids=()
-CHECK_DIR=$W/check timeout -k 5 "$(left)" bash scripts/gpu_check.sh > "$W/logs/gpu_check.log" 2>&1 &
+CHECK_DIR=$W/check timeout -k 5 "$(left)" bash scripts/gpu_check.sh "$@" > "$W/logs/gpu_check.log" 2>&1 &
 pids+=($!)
 IFS=, read -ra labels <<< "$ONLY"
 for label in "${labels[@]}"; do
   slug=$(echo "$label" | tr -c 'A-Za-z0-9_\n' '_')
-  timeout -k 5 "$(left)" $FB sweep "$CONFIG" --only "$label" "seeds=$SEEDS" > "$W/logs/sweep_$slug.log" 2>&1 &
+  timeout -k 5 "$(left)" $FB sweep "$CONFIG" --only "$label" "seeds=$SEEDS" "$@" > "$W/logs/sweep_$slug.log" 2>&1 &
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; echo "pid $p rc $?" >> "$W/logs/lease.txt"; done
 kill "$dmon" 2>/dev/null
-read -r name results < <(${PY:-python3} -c "from fusionbench.config import load_config as l; c = l('$CONFIG'); print(c.name, c.results_file)")
-[ -f "${results:-results/main_gpu.jsonl}" ] && cp "${results:-results/main_gpu.jsonl}" "$W/"
+read -r results runs < <(${PY:-python3} - "$CONFIG" "$@" <<'PY'
+import sys
+from pathlib import Path
+from fusionbench.config import load_config
+c = load_config(sys.argv[1], [*sys.argv[2:], "grid={}"])  # where the points wrote, whatever the grid
+print(c.results_file, Path(c.output_dir) / c.name)
+PY
+)
+[ -n "${runs:-}" ] || echo "gpu_lease: could not read $CONFIG's results_file and output_dir; packing logs only" | tee -a "$W/logs/lease.txt" >&2
+[ -n "${results:-}" ] && [ -f "$results" ] && cp "$results" "$W/"
 [ -f "$W/check/check.jsonl" ] && cp "$W/check/check.jsonl" "$W/"
-runs=runs/${name:-main_gpu}
 [ -f "$runs/sweep.jsonl" ] && cp "$runs/sweep.jsonl" "$W/logs/"
-for d in "$runs"/*/; do
+for d in ${runs:+"$runs"/*/}; do
   [ -d "$d" ] || continue
   mkdir -p "$W/points/$(basename "$d")"
   cp "$d/config.yaml" "$W/points/$(basename "$d")/" 2>/dev/null

@@ -353,3 +353,42 @@ def test_gpu_check_script_runs_the_gpu_configs_paths_shrunk(tmp_path):
     assert [p["step"] for p in json.loads(row["val_curve"])] == [10, 20]
     assert "val/acc_shuffled" in json.loads(row["val_curve"])[-1]  # the image control, during training
     assert [p["step"] for p in json.loads(row["curve"])] == [0, 10, 20]  # the forgetting curve
+
+
+GPU_CHECK_SIZES = ["data.train_size=640", "data.val_size=48", "data.test_size=240", "eval.val_items=24", "eval.mm_items=8",
+                   "eval.text.n_per_task=8", "eval.text.ppl_chunks=2", "eval.probe_train=32", "eval.probe_test=16"]
+
+
+def test_gpu_lease_runs_the_check_and_the_points_side_by_side_and_packs_them(tmp_path):
+    """scripts/gpu_lease.sh (a lent GPU's one long command) in a copy of the tree, on the CPU at the
+    tiny tier: the check and one main_gpu point side by side, each one row; the pack holds both rows,
+    the point's config and metrics and every process's exit code. A deadline already past starts nothing."""
+    import shutil
+    import tarfile
+
+    copy = tmp_path / "repo"
+    for d in ("fusionbench", "scripts", "experiments"):
+        shutil.copytree(ROOT / d, copy / d)
+    tiny = ["lm.source=tiny", "vision.source=tiny_cnn", "vision.image_size=32", "vision.depth=3", "vision.width=32",
+            "vision.pool_tokens=0", "data.image_size=32", "trainer.batch_size=8", "trainer.max_length=256",
+            "trainer.accelerator=cpu", "trainer.compile=false", "eval.batch_size=8", "trainer.max_steps=4",
+            "trainer.warmup_steps=1", "trainer.val_every_n_steps=2", "trainer.checkpoint_every_n_steps=2",
+            "eval.curve_every_n_steps=2", "contrasts=[]", *GPU_CHECK_SIZES]
+    env = {**os.environ, "FB": f"{sys.executable} -m fusionbench.cli", "PY": sys.executable, "OUT": str(tmp_path),
+           "ONLY": "mlp", "CUDA_VISIBLE_DEVICES": "", "END": str(int(time.time()) - 1)}
+    late = subprocess.run(["bash", "scripts/gpu_lease.sh", *tiny], env=env, cwd=copy, capture_output=True, text=True)
+    assert late.returncode == 1 and "nothing started" in late.stderr and not (tmp_path / "gpu_lease.tar.gz").exists()
+    env["END"] = str(int(time.time()) + 840)
+    proc = subprocess.run(["bash", "scripts/gpu_lease.sh", *tiny], env=env, cwd=copy, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with tarfile.open(tmp_path / "gpu_lease.tar.gz") as tar:
+        tar.extractall(tmp_path / "pack", filter="data")
+    pack = tmp_path / "pack"
+    assert [line.split()[-1] for line in (pack / "logs" / "lease.txt").read_text().splitlines()
+            if line.startswith("pid ")] == ["0", "0"]  # the check, the mlp sweep
+    check, point = read_results(pack / "check.jsonl").iloc[0], read_results(pack / "main_gpu.jsonl").iloc[0]
+    assert check["steps"] == point["steps"] == 4 and point["strategy"] == "mlp" and point["seed"] == 0
+    [metrics] = list(pack.glob("points/mlp-*-s0/metrics.csv"))
+    assert (metrics.parent / "config.yaml").is_file() and "val/choice_acc" in metrics.read_text().splitlines()[0].split(",")
+    assert (copy / "results" / "main_gpu.jsonl").is_file()  # the sweep's own table, in the tree it ran in
