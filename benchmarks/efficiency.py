@@ -263,7 +263,7 @@ def measure(point, device: torch.device, steps: int, autocast: str | None = None
     fwd_s, bwd_s, opt_s = (statistics.median(p[i] for p in parts) for i in range(3))
     tokens = int(batch["attention_mask"].sum())
     b = int(batch["input_ids"].shape[0])
-    # FLOPs of the step as it runs (prompt-prefix KV cache and feature cache as configured), which
+    # FLOPs of the step as it runs (prompt-prefix KV cache, off under --compile, and feature cache), which
     # is what the hardware does; eff/flops_train_step counts the whole prompt and the encoder
     with FlopCounterMode(display=False) as counter:
         step()
@@ -278,6 +278,7 @@ def measure(point, device: torch.device, steps: int, autocast: str | None = None
         "images_per_s": b / step_s, "count_s": count_s, "warmup_s": warmup_s,
         "autocast": autocast or "none", "compile": compile_layers,
         "feature_cache": bool(getattr(model, "feature_cache", False)),
+        "cache_text_prefix": bool(getattr(model, "cache_text_prefix", False)),  # off once compiled
         "mem_static_bytes": static, "mem_step_peak_bytes": live.peak, "peak_mem_bytes": static + live.peak,
         "peak_mem_method": "live_tensor_storages", **eff,
     })

@@ -108,7 +108,8 @@ class TrainConfig:
     checkpoint_every_n_steps: int = 0
     #: regional torch.compile of every decoder block (fusionbench.runner.compile_decoder_layers);
     #: off by default: on a 2-core CPU a cold compile costs ~50-190 s for ~1.1x, on a GPU it is
-    #: usually worth it
+    #: usually worth it. It turns ``cache_text_prefix`` off (the cache made every block recompile);
+    #: rows say ``cache_text_prefix_used``
     compile: bool = False
     #: AdamW implementation: ``fused`` (one kernel over all parameters; CPU and CUDA) or
     #: ``foreach`` (torch's multi-tensor default). The same update rule, different float rounding;
@@ -118,7 +119,7 @@ class TrainConfig:
     #: training forwards compute a prompt prefix shared by the batch (the system prompt: ~19 of
     #: ~52 tokens per quickstart example) once and reuse its KV cache, for strategies whose text
     #: before the image never changes (``FusionStrategy.frozen_text_prefix``); the same math,
-    #: ~1/3 less LM compute there
+    #: ~1/3 less LM compute there. Not with ``compile`` (see there)
     cache_text_prefix: bool = True
     #: compute-matched training: when > 0, max_steps is replaced by how many steps fit this many
     #: training FLOPs (forward + backward, counted on a real batch with torch's FLOP counter)

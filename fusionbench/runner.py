@@ -349,6 +349,10 @@ def compile_decoder_layers(model: VisionLanguageModel, **compile_kwargs) -> int:
     from fusionbench.fusion._lm import decoder_layers
 
     _, layers = decoder_layers(model.lm)
+    if not all(getattr(layer, "_compiled_call_impl", None) for layer in layers):
+        # a new model (the next point of a sweep): dynamo's recompile limit counts per code object,
+        # shared by every model of the process, so earlier points' graphs would use it up
+        torch._dynamo.reset()
     for layer in layers:
         if not getattr(layer, "_compiled_call_impl", None):
             layer.compile(**compile_kwargs)
@@ -626,6 +630,8 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                 n = compile_decoder_layers(model)
                 log(f"trainer.compile: {n} decoder blocks compiled" + ("; the shared prompt prefix's KV cache is off "
                                                                        "(it recompiled every block)" if prefix else ""))
+            # what training ran with, beside the config's wish (trainer.compile turns the cache off)
+            extra["cache_text_prefix_used"] = bool(model.cache_text_prefix and model.fusion.frozen_text_prefix)
             data.resume_step = 0  # set from the checkpoint (FusionDataModule.load_state_dict) when resuming
             trainer.fit(module, datamodule=data, ckpt_path=ckpt if resume else None)
             trained: dict[str, Any] = {}

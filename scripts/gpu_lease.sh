@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A lent GPU's one long command (the device tool allows at most 10 minutes per command, ~15 minutes of
 # device time per session): scripts/gpu_check.sh and main_gpu.yaml's points for SEEDS, one sweep per
-# strategy side by side (at this model size a step is bound by kernel launches, not by the GPU's
-# arithmetic, so processes side by side share the GPU well), all stopped at END (epoch seconds). What
+# strategy side by side (alone, a step at this model size is bound by kernel launches; six side by
+# side kept an H200's SM about 80% busy, 2.1-2.8 steps/s each), all stopped at END (epoch seconds). What
 # finished is packed into $OUT/gpu_lease.tar.gz: rows (results/main_gpu.jsonl, the check's row), each
 # sweep's log and status file, each point's metrics.csv (also a killed point's: its step times), and
 # nvidia-smi's utilisation samples. A point not finished by END is lost with the machine.
@@ -18,12 +18,12 @@ SEEDS=${SEEDS:-[0]}
 ONLY=${ONLY:-mlp,blind (mlp),visual_expert,flamingo,full_finetune,lora}
 END=${END:-$(( $(date +%s) + 480 ))}
 PACK=${OUT:-/tmp}/gpu_lease.tar.gz
-W=$(mktemp -d)
-mkdir -p "$W/logs"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1
 left() { echo $(( END - $(date +%s) )); }
 [ "$(left)" -gt 60 ] || { echo "gpu_lease: END leaves $(left) s; nothing started" >&2; exit 1; }
-echo "gpu_lease: $(date -u +%FT%TZ), $(left) s to END, commit $(git rev-parse --short HEAD 2>/dev/null)" | tee "$W/logs/lease.txt"
+W=$(mktemp -d)
+mkdir -p "$W/logs"
+echo "gpu_lease: $(date -u +%FT%TZ), $(left) s to END, commit $(git describe --always --dirty 2>/dev/null)" | tee "$W/logs/lease.txt"
 nvidia-smi -L >> "$W/logs/lease.txt" 2>&1
 nvidia-smi dmon -s um -d 10 > "$W/logs/dmon.txt" 2>&1 &
 dmon=$!
@@ -54,7 +54,11 @@ for d in ${runs:+"$runs"/*/}; do
   [ -d "$d" ] || continue
   mkdir -p "$W/points/$(basename "$d")"
   cp "$d/config.yaml" "$W/points/$(basename "$d")/" 2>/dev/null
-  find "$d/logs" -name 'metrics*.csv' -exec cp {} "$W/points/$(basename "$d")/" \; 2>/dev/null
+  for stage in "$d"logs/*/; do  # one folder per stage (moe: dense, upcycle)
+    [ -d "$stage" ] || continue
+    mkdir -p "$W/points/$(basename "$d")/$(basename "$stage")"
+    cp "$stage"metrics*.csv "$W/points/$(basename "$d")/$(basename "$stage")/" 2>/dev/null
+  done
 done
 echo "gpu_lease: done $(date -u +%FT%TZ), $(left) s to END" | tee -a "$W/logs/lease.txt"
 rm -rf "$W/check/runs"

@@ -207,6 +207,7 @@ def test_benchmark_profile_and_prefix_cache_in_flops_as_run(tmp_path):
     off = bench.main([str(TINY), "trainer.cache_text_prefix=false", "vision.feature_cache=false", "--steps", "1",
                       "--strategies", "linear", "--device", "cpu"])[0]
     assert r["flops_step_as_run"] < off["flops_step_as_run"] < off["eff/flops_train_step"]
+    assert (r["cache_text_prefix"], off["cache_text_prefix"]) == (True, False)  # each row says which
     assert off["eff/flops_train_step"] == r["eff/flops_train_step"]  # counting ignores both caches
 
 

@@ -55,6 +55,7 @@ def test_the_row_says_where_it_was_evaluated_and_cpu_is_auto_here(tmp_path):
         assert main(["run", str(TINY), *common, f"output_dir={tmp_path / f'runs{i}'}", f"eval.device={device}"]) == 0
     df = read_results(tmp_path / "res.jsonl")
     assert list(df.eval_device) == [device_label(torch.device("cpu"))] * 2 == list(df.device)
+    assert list(df.cache_text_prefix_used) == [True, True]  # mlp's frozen prompt prefix, not compiled
     metrics = [c for c in df.columns if c.startswith(("mm/", "probe/", "text/", "forgetting/"))]
     assert any(c.startswith("probe/") for c in metrics) and any(c.startswith("forgetting/") for c in metrics)
     a, b = df.iloc[0], df.iloc[1]
@@ -72,6 +73,7 @@ def test_compiled_training_still_scores_a_frozen_text_path_exactly(tmp_path):
                  "eval.curve_every_n_steps=2", "eval.curve_prose_chunks=2", f"output_dir={tmp_path / 'runs'}",
                  f"results_file={tmp_path / 'res.jsonl'}"]) == 0
     row = read_results(tmp_path / "res.jsonl").iloc[0]
+    assert not row["cache_text_prefix_used"] and row["cache_text_prefix_used"] is not None  # compiled: off
     zeros = [c for c in row.index if c.startswith("forgetting/") or c == "text/kl"]
     assert "text/kl" in zeros and "forgetting/austen/delta_log_ppl" in zeros
     assert all(row[c] == 0 for c in zeros), {c: row[c] for c in zeros}

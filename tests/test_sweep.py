@@ -389,6 +389,6 @@ def test_gpu_lease_runs_the_check_and_the_points_side_by_side_and_packs_them(tmp
             if line.startswith("pid ")] == ["0", "0"]  # the check, the mlp sweep
     check, point = read_results(pack / "check.jsonl").iloc[0], read_results(pack / "main_gpu.jsonl").iloc[0]
     assert check["steps"] == point["steps"] == 4 and point["strategy"] == "mlp" and point["seed"] == 0
-    [metrics] = list(pack.glob("points/mlp-*-s0/metrics.csv"))
-    assert (metrics.parent / "config.yaml").is_file() and "val/choice_acc" in metrics.read_text().splitlines()[0].split(",")
+    [metrics] = list(pack.glob("points/mlp-*-s0/main/metrics.csv"))  # per stage
+    assert (metrics.parent.parent / "config.yaml").is_file() and "val/choice_acc" in metrics.read_text().splitlines()[0].split(",")
     assert (copy / "results" / "main_gpu.jsonl").is_file()  # the sweep's own table, in the tree it ran in
