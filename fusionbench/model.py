@@ -243,11 +243,17 @@ class VisionLanguageModel(nn.Module):
     #: only for strategies with ``frozen_text_prefix``)
     cache_text_prefix: bool = True
 
+    @property
+    def uses_text_prefix_cache(self) -> bool:
+        """Whether training reuses a shared prompt prefix's KV cache: ``cache_text_prefix`` (off once
+        the decoder blocks are compiled) and a strategy whose text before the image is frozen."""
+        return bool(self.cache_text_prefix and self.fusion.frozen_text_prefix)
+
     def shared_prefix_length(self, input_ids, attention_mask, labels) -> int:
         """How many leading positions every sequence of the batch shares as the same unlabelled,
         unpadded text (no image placeholder) whose next token is unlabelled too: the part whose
         keys/values a strategy with ``frozen_text_prefix`` never changes. 0: none usable."""
-        if not (self.cache_text_prefix and self.fusion.frozen_text_prefix) or labels is None:
+        if not self.uses_text_prefix_cache or labels is None:
             return 0
         same = ((input_ids == input_ids[:1]).all(0) & (attention_mask == 1).all(0)
                 & (input_ids != IMAGE_TOKEN_ID).all(0) & (labels == IGNORE_INDEX).all(0))

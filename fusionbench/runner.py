@@ -115,7 +115,7 @@ class Prepared:
                                                      n_test=cfg.eval.probe_test, seed=cfg.seed)
 
     def _base_text_scores(self, suite, part: str = "full", device=None) -> dict[str, float]:
-        backend = self.cfg.eval.text.backend if part == "full" else "suite"
+        backend = text_backend(self.cfg, part)
         device = device or torch.device("cpu")
         key = base_text_key(self.cfg, device, part)
         path = cache_dir("text_base") / f"{key}.json"
@@ -142,6 +142,12 @@ class Prepared:
         return scores
 
 
+def text_backend(cfg: DictConfig, part: str = "full") -> str:
+    """The backend that scores the base LM's ``part``: the full suite's configured one, the forgetting
+    curve's own suite always."""
+    return cfg.eval.text.backend if part == "full" else "suite"
+
+
 def base_text_key(cfg: DictConfig, device: torch.device, part: str = "full") -> str:
     """The cache key of the base LM's text-suite scores: the LM, the suite and its version, and what
     changes float reductions (threads, device; off the CPU also the accelerator type, CUDA and torch
@@ -149,9 +155,8 @@ def base_text_key(cfg: DictConfig, device: torch.device, part: str = "full") -> 
     model. Plain strings only (``torch.__version__`` is a ``TorchVersion``, which omegaconf refuses)."""
     from fusionbench.evaluation.text_suite import SUITE_VERSION
 
-    backend = cfg.eval.text.backend if part == "full" else "suite"
     version = SUITE_VERSION
-    if backend == "lm_eval":
+    if text_backend(cfg, part) == "lm_eval":
         import lm_eval
 
         from fusionbench.evaluation.lm_eval_adapter import LM_EVAL_SUITE_VERSION
@@ -349,13 +354,13 @@ def compile_decoder_layers(model: VisionLanguageModel, **compile_kwargs) -> int:
     from fusionbench.fusion._lm import decoder_layers
 
     _, layers = decoder_layers(model.lm)
-    if not all(getattr(layer, "_compiled_call_impl", None) for layer in layers):
+    fresh = [layer for layer in layers if not getattr(layer, "_compiled_call_impl", None)]
+    if fresh:
         # a new model (the next point of a sweep): dynamo's recompile limit counts per code object,
         # shared by every model of the process, so earlier points' graphs would use it up
         torch._dynamo.reset()
-    for layer in layers:
-        if not getattr(layer, "_compiled_call_impl", None):
-            layer.compile(**compile_kwargs)
+    for layer in fresh:
+        layer.compile(**compile_kwargs)
     model.cache_text_prefix = False
     return len(layers)
 
@@ -626,12 +631,12 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
             log(f"stage {stage.name}: training {model.param_counts()['params_trainable']:,} parameters "
                 f"for {tcfg.max_steps} steps")
             if tcfg.compile:
-                prefix = model.cache_text_prefix and model.fusion.frozen_text_prefix
+                prefix = model.uses_text_prefix_cache
                 n = compile_decoder_layers(model)
                 log(f"trainer.compile: {n} decoder blocks compiled" + ("; the shared prompt prefix's KV cache is off "
                                                                        "(it recompiled every block)" if prefix else ""))
             # what training ran with, beside the config's wish (trainer.compile turns the cache off)
-            extra["cache_text_prefix_used"] = bool(model.cache_text_prefix and model.fusion.frozen_text_prefix)
+            extra["cache_text_prefix_used"] = model.uses_text_prefix_cache
             data.resume_step = 0  # set from the checkpoint (FusionDataModule.load_state_dict) when resuming
             trainer.fit(module, datamodule=data, ckpt_path=ckpt if resume else None)
             trained: dict[str, Any] = {}

@@ -330,6 +330,13 @@ def test_the_cpu_study_queue_runs_every_contrast_strategy_first_and_names_only_r
     assert calls[-1].startswith("-m fusionbench sweep experiments/ablations/compute_matched.yaml")
 
 
+#: main_gpu.yaml's points at the tiny tier, forced onto the CPU (the GPU scripts' tests)
+GPU_CONFIG_ON_TINY_CPU = ["lm.source=tiny", "vision.source=tiny_cnn", "vision.image_size=32", "vision.depth=3",
+                          "vision.width=32", "vision.pool_tokens=0", "data.image_size=32", "trainer.batch_size=8",
+                          "trainer.max_length=256", "trainer.accelerator=cpu", "trainer.compile=false",
+                          "eval.batch_size=8"]
+
+
 def test_gpu_check_script_runs_the_gpu_configs_paths_shrunk(tmp_path):
     """scripts/gpu_check.sh (a GPU session's first command) on experiments/main_gpu.yaml, forced onto
     the CPU at the tiny tier: the shrunk point trains, validates with its controls, scores the
@@ -338,9 +345,7 @@ def test_gpu_check_script_runs_the_gpu_configs_paths_shrunk(tmp_path):
 
     from fusionbench.results import read_results
 
-    tiny = ["lm.source=tiny", "vision.source=tiny_cnn", "vision.image_size=32", "vision.depth=3", "vision.width=32",
-            "vision.pool_tokens=0", "data.image_size=32", "trainer.batch_size=8", "trainer.max_length=256",
-            "trainer.accelerator=cpu", "trainer.compile=false", "eval.batch_size=8"]
+    tiny = GPU_CONFIG_ON_TINY_CPU
     env = {**os.environ, "FB": f"{sys.executable} -m fusionbench.cli", "CHECK_DIR": str(tmp_path / "check"),
            "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *tiny], env=env, cwd=ROOT,
@@ -369,11 +374,8 @@ def test_gpu_lease_runs_the_check_and_the_points_side_by_side_and_packs_them(tmp
     copy = tmp_path / "repo"
     for d in ("fusionbench", "scripts", "experiments"):
         shutil.copytree(ROOT / d, copy / d)
-    tiny = ["lm.source=tiny", "vision.source=tiny_cnn", "vision.image_size=32", "vision.depth=3", "vision.width=32",
-            "vision.pool_tokens=0", "data.image_size=32", "trainer.batch_size=8", "trainer.max_length=256",
-            "trainer.accelerator=cpu", "trainer.compile=false", "eval.batch_size=8", "trainer.max_steps=4",
-            "trainer.warmup_steps=1", "trainer.val_every_n_steps=2", "trainer.checkpoint_every_n_steps=2",
-            "eval.curve_every_n_steps=2", "contrasts=[]", *GPU_CHECK_SIZES]
+    tiny = [*GPU_CONFIG_ON_TINY_CPU, "trainer.max_steps=4", "trainer.warmup_steps=1", "trainer.val_every_n_steps=2",
+            "trainer.checkpoint_every_n_steps=2", "eval.curve_every_n_steps=2", "contrasts=[]", *GPU_CHECK_SIZES]
     env = {**os.environ, "FB": f"{sys.executable} -m fusionbench.cli", "PY": sys.executable, "OUT": str(tmp_path),
            "ONLY": "mlp", "CUDA_VISIBLE_DEVICES": "", "END": str(int(time.time()) - 1)}
     late = subprocess.run(["bash", "scripts/gpu_lease.sh", *tiny], env=env, cwd=copy, capture_output=True, text=True)
