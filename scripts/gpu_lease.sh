@@ -8,7 +8,8 @@
 # nvidia-smi's utilisation samples. A point not finished by END is lost with the machine.
 #   bash scripts/offline_run.sh PARTS -- env END=$(( $(date +%s) + 560 )) bash scripts/gpu_lease.sh
 # ONLY: the strategy labels, comma-separated (default: the contrast strategies with single-stage
-# budgets); SEEDS (default [0]); CONFIG (default experiments/main_gpu.yaml); arguments: overrides
+# budgets); SEEDS (default [0]); CONFIG (default experiments/main_gpu.yaml); MIN_LEFT (default 60: seconds
+# END must leave, or nothing starts); arguments: overrides
 # for every point, the check's too (tests/test_sweep.py runs it so at the tiny tier on the CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +20,9 @@ ONLY=${ONLY:-mlp,blind (mlp),visual_expert,flamingo,full_finetune,lora}
 END=${END:-$(( $(date +%s) + 480 ))}
 PACK=${OUT:-/tmp}/gpu_lease.tar.gz
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1
+MIN_LEFT=${MIN_LEFT:-60}
 left() { echo $(( END - $(date +%s) )); }
-[ "$(left)" -gt 60 ] || { echo "gpu_lease: END leaves $(left) s; nothing started" >&2; exit 1; }
+[ "$(left)" -gt "$MIN_LEFT" ] || { echo "gpu_lease: END leaves $(left) s; nothing started" >&2; exit 1; }
 W=$(mktemp -d)
 mkdir -p "$W/logs"
 echo "gpu_lease: $(date -u +%FT%TZ), $(left) s to END, commit $(git describe --always --dirty 2>/dev/null)" | tee "$W/logs/lease.txt"

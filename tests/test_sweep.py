@@ -394,3 +394,46 @@ def test_gpu_lease_runs_the_check_and_the_points_side_by_side_and_packs_them(tmp
     [metrics] = list(pack.glob("points/mlp-*-s0/main/metrics.csv"))  # per stage
     assert (metrics.parent.parent / "config.yaml").is_file() and "val/choice_acc" in metrics.read_text().splitlines()[0].split(",")
     assert (copy / "results" / "main_gpu.jsonl").is_file()  # the sweep's own table, in the tree it ran in
+
+
+def test_gpu_lease_stops_every_process_at_the_deadline_and_still_packs(tmp_path):
+    """The lease's other path: points that cannot finish by END are killed there (the check's and the
+    sweep's whole process trees, not just their shells), no row is written, and the logs and exit codes
+    still come back in the pack, within seconds of END."""
+    import shutil
+    import tarfile
+
+    copy = tmp_path / "repo"
+    for d in ("fusionbench", "scripts", "experiments"):
+        shutil.copytree(ROOT / d, copy / d)
+    endless = [*GPU_CONFIG_ON_TINY_CPU, "trainer.max_steps=100000", "trainer.val_every_n_steps=50",
+               "trainer.checkpoint_every_n_steps=50", "eval.curve_every_n_steps=50", "contrasts=[]", *GPU_CHECK_SIZES]
+    deadline = 25
+    env = {**os.environ, "FB": f"{sys.executable} -m fusionbench.cli", "PY": sys.executable, "OUT": str(tmp_path),
+           "ONLY": "mlp", "CUDA_VISIBLE_DEVICES": "", "MIN_LEFT": "5", "END": str(int(time.time()) + deadline)}
+    start = time.time()
+    proc = subprocess.run(["bash", "scripts/gpu_lease.sh", *endless], env=env, cwd=copy, capture_output=True,
+                          text=True, timeout=300)
+    took = time.time() - start
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert deadline - 2 <= took <= deadline + 60, took  # stopped at END (kill -9 five seconds after), then packed
+    survivors = {int(p.name): (p / "cmdline").read_bytes() for p in Path("/proc").iterdir()
+                 if p.name.isdigit() and _cwd_under(p, copy)}
+    for pid in survivors:  # a failing run leaves no orphan training behind
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, survivors
+    with tarfile.open(tmp_path / "gpu_lease.tar.gz") as tar:
+        tar.extractall(tmp_path / "pack", filter="data")
+    pack = tmp_path / "pack"
+    lease = (pack / "logs" / "lease.txt").read_text()
+    codes = [line.split()[-1] for line in lease.splitlines() if line.startswith("pid ")]
+    assert len(codes) == 2 and set(codes) <= {"124", "137"}, lease  # timeout's codes: TERM, then KILL
+    assert "gpu_lease: done" in lease and (pack / "logs" / "sweep_mlp.log").is_file()
+    assert not (pack / "main_gpu.jsonl").exists() and not (pack / "check.jsonl").exists()
+
+
+def _cwd_under(proc: Path, folder: Path) -> bool:
+    try:
+        return Path(os.readlink(proc / "cwd")).is_relative_to(folder)
+    except OSError:  # gone meanwhile, or not ours to read
+        return False
