@@ -952,7 +952,8 @@ def comparison_numbers(cmp: pd.DataFrame, out: Path) -> list[Path]:
     """``comparisons.tex``'s numbers as macros (``comparison_numbers.tex``): per contrast
     ``\\fbCmp<Name>Diff``, ``...Lo``, ``...Hi``, ``...P``, ``...Mde`` (only when measured),
     ``...Verdict``, ``...Brief`` (the verdict with its difference and 95% interval, for the abstract:
-    a verdict is never quoted without its interval) and ``...Summary`` (:func:`verdict_sentence`);
+    a verdict is never quoted without its interval, nor without its Holm-adjusted p where that is not
+    below 0.05) and ``...Summary`` (:func:`verdict_sentence`);
     the last three always defined, so the paper's text compiles before the rows land and states
     exactly what they say once they have."""
     lines, seen = [], set()
@@ -963,12 +964,16 @@ def comparison_numbers(cmp: pd.DataFrame, out: Path) -> list[Path]:
         seen.add(tag)
         if r["verdict"] != "n/a":
             for k, v in (("Diff", r["diff"]), ("Lo", r["ci_lo"]), ("Hi", r["ci_hi"]), ("P", r["p"]), ("Mde", r["mde"])):
-                lines.append(f"\\newcommand{{\\fb{tag}{k}}}{{{v:+.3f}}}\n" if k != "P" else
+                lines.append(f"\\newcommand{{\\fb{tag}{k}}}{{{v:.3f}}}\n" if k == "Mde" else  # a size: no sign
+                             f"\\newcommand{{\\fb{tag}{k}}}{{{v:+.3f}}}\n" if k != "P" else
                              f"\\newcommand{{\\fb{tag}{k}}}{{{_escape(format_p(v)).replace('<', '$<$')}}}\n")
         label = _escape(verdict_label(r))
         lines.append(f"\\newcommand{{\\fb{tag}Verdict}}{{{label}}}\n")
         brief = (f"{label}, ${r['diff']:+.3f}$ [${r['ci_lo']:+.3f}$, ${r['ci_hi']:+.3f}$]"
                  if r["verdict"] != "n/a" else "no verdict yet")
+        if r["verdict"] in ("supported", "contradicted") and not r["p_holm"] < 0.05:
+            # the verdict reads the raw interval; where the multiplicity correction undoes it, say so
+            brief += f" (Holm-adjusted $p {_p_math(r['p_holm'])}$)"
         lines.append(f"\\newcommand{{\\fb{tag}Brief}}{{{brief}}}\n")
         lines.append(f"\\newcommand{{\\fb{tag}Summary}}{{{verdict_sentence(r)}}}\n")
     out.mkdir(parents=True, exist_ok=True)
@@ -1039,16 +1044,19 @@ def numbers(s: pd.DataFrame, df: pd.DataFrame, out: Path) -> list[Path]:
 def compute_table(df: pd.DataFrame, out: Path) -> list[Path]:
     """``compute.md``: per results table the training runs behind it, how long they took (hours of
     ``train_s`` + ``eval_s``, wall time of each run) and on what: what the committed numbers cost
-    (the rows the report uses: a re-run that replaced an older row of its config counts once)."""
+    (the rows the report uses: a re-run that replaced an older row of its config counts once).
+    ``variants``: grid points without their seeds; ``runs``: variant x seed (a multi-stage run has a
+    row per stage)."""
     runs = df[df["source"] == "run"]
     lines = []
     for table, g in runs.groupby("table", sort=True):
         hours = lambda c: g[c].fillna(0).sum() / 3600 if c in g else 0.0  # noqa: E731
-        lines.append({"table": table, "rows": len(g), "points": g["point_hash"].nunique(),
+        lines.append({"table": table, "rows": len(g), "variants": g["point_hash"].nunique(),
+                      "runs": len(g[["point_hash", "seed"]].drop_duplicates()),
                       "train wall h": f"{hours('train_s'):.2f}", "eval wall h": f"{hours('eval_s'):.2f}",
                       "total wall h": f"{hours('train_s') + hours('eval_s'):.2f}",
                       "devices": "; ".join(sorted(g["device"].dropna().astype(str).unique())) if "device" in g else ""})
-    t = pd.DataFrame(lines, columns=["table", "rows", "points", "train wall h", "eval wall h", "total wall h", "devices"])
+    t = pd.DataFrame(lines, columns=["table", "rows", "variants", "runs", "train wall h", "eval wall h", "total wall h", "devices"])
     out.mkdir(parents=True, exist_ok=True)
     md = out / "compute.md"
     md.write_text(_markdown(t))

@@ -4,6 +4,7 @@ produced; seeds of one point aggregate, re-runs replace, points stay apart."""
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,7 +35,7 @@ def test_report_regenerates_figures_and_tables_from_results_alone(tmp_path):
     assert md.count("\n") == 4 and "| 2 |" in md  # header, rule, two strategies with 2 seeds each
     assert json.loads((tmp_path / "paper" / "tables" / "numbers.json").read_text())["NumSeeds"] == 2
     compute = (tmp_path / "paper" / "tables" / "compute.md").read_text().splitlines()
-    assert len(compute) == 3 and compute[2].startswith("| runs | 4 | 2 |")  # 2 strategies x 2 seeds, wall hours
+    assert len(compute) == 3 and compute[2].startswith("| runs | 4 | 2 | 4 |")  # 2 strategies x 2 seeds, wall hours
     assert main(["report", "--results", str(tmp_path / "nothing"), "--paper", str(tmp_path / "p2")]) == 2
 
 
@@ -309,6 +310,28 @@ def test_a_verdict_on_fewer_seeds_than_the_study_plans_is_printed_as_preliminary
     assert "| supported |" in comparisons_table(full, tmp_path)[1].read_text()
     tex = comparison_numbers(full, tmp_path)[0].read_text()
     assert "\\newcommand{\\fbCmpEarlyVerdict}{supported}" in tex and "preliminary" not in tex
+
+
+def test_the_abstract_macro_names_a_holm_p_that_undoes_the_verdict(tmp_path):
+    """Verdicts read the raw 95% interval (pre-registered); where the Holm-adjusted p over the
+    contrasts is not below 0.05 (Q3 visual_expert - mlp: raw p 0.0498, Holm 0.2), the abstract's
+    one-line macro says so, and says nothing where the correction keeps it."""
+    from fusionbench.report import comparison_numbers, comparisons, prepare
+
+    contrasts = [{"name": "edge", "a": "mlp", "b": "blind"}]
+    good, bad = "1" * 80 + "0" * 20, "1" * 40 + "0" * 60
+    cmp = comparisons(prepare(pd.DataFrame(_contrast_rows(contrasts, {"mlp": {0: good}, "blind": {0: bad}}))))
+    assert cmp.iloc[0]["verdict"] == "supported" and cmp.iloc[0]["p_holm"] < 0.05
+    assert "Holm" not in _macro_line(comparison_numbers(cmp, tmp_path)[0], "fbCmpEdgeBrief")
+    cmp.loc[0, "p_holm"] = 0.2
+    brief = _macro_line(comparison_numbers(cmp, tmp_path)[0], "fbCmpEdgeBrief")
+    assert brief.startswith("\\newcommand{\\fbCmpEdgeBrief}{supported (preliminary: 1 seed), $+0.400$ [")
+    assert brief.endswith("] (Holm-adjusted $p = 0.2$)}")
+
+
+def _macro_line(tex: Path, name: str) -> str:
+    [line] = [x for x in tex.read_text().splitlines() if x.startswith(f"\\newcommand{{\\{name}}}")]
+    return line
 
 
 def test_forgetting_contrasts_pair_prose_chunks_and_the_paper_macros_state_each_verdict(tmp_path):
