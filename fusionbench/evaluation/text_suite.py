@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from fusionbench.assets.debian import debian_package_dir
-from fusionbench.assets.pypi import pypi_files
+from fusionbench.assets.pypi import pypi_files, vendored_members
 from fusionbench.data.format import with_bos
 from fusionbench.errors import FusionBenchError
 
@@ -95,7 +95,10 @@ def _bigbench_json(tasks: list[str]) -> dict[str, dict]:
     except AssetUnavailable as e:
         if "no member matching" in str(e):
             raise FusionBenchError(f"{e} (only BIG-bench JSON tasks are supported)") from None
-        raise
+        shipped = sorted(m.split("/benchmark_tasks/")[1].rsplit("/task.json", 1)[0] for m in vendored_members(BIGBENCH))
+        missing = [t for t in tasks if t not in shipped]
+        raise AssetUnavailable(f"BIG-bench task(s) {', '.join(missing)}: {e} Without the sdist, fusionbench has "
+                               f"only the tasks it ships (fusionbench/assets/vendored): {', '.join(shipped)}") from None
     return {t: json.loads(paths[g].read_text()) for t, g in globs.items()}
 
 
