@@ -137,9 +137,13 @@ def pypi_files(requirement: str, member_globs: list[str], sdist: bool = False) -
 VENDORED = Path(__file__).parent / "vendored"
 
 
+def _vendored_root(requirement: str) -> Path:
+    return VENDORED / requirement.replace("==", "-")
+
+
 def vendored_members(requirement: str) -> dict[str, str]:
     """Archive member name -> sha256 of each member fusionbench ships for ``requirement`` (none: {})."""
-    manifest = VENDORED / requirement.replace("==", "-") / "MANIFEST.json"
+    manifest = _vendored_root(requirement) / "MANIFEST.json"
     return json.loads(manifest.read_text())["members"] if manifest.is_file() else {}
 
 
@@ -149,17 +153,16 @@ def _from_vendored(requirement: str, member_globs: list[str]) -> dict[str, Path]
     members = vendored_members(requirement)
     if not members:
         return {}
-    out_dir = _files_dir(requirement)
-    root = VENDORED / requirement.replace("==", "-")
+    out_dir, root = _files_dir(requirement), _vendored_root(requirement)
     found = {}
     for glob in member_globs:
         name = next((n for n in sorted(members) if fnmatch.fnmatch(n, glob)), None)
         if name is None:
             continue
-        data = gzip.decompress((root / (name.split("/", 1)[1] + ".gz")).read_bytes())
+        shipped = root / (name.split("/", 1)[1] + ".gz")  # the member's path without the archive's top folder
+        data = gzip.decompress(shipped.read_bytes())
         if hashlib.sha256(data).hexdigest() != members[name]:
-            raise AssetUnavailable(f"{root / name.split('/', 1)[1]}.gz: sha256 differs from {root / 'MANIFEST.json'}; "
-                                   f"reinstall fusionbench")
+            raise AssetUnavailable(f"{shipped}: sha256 differs from {root / 'MANIFEST.json'}; reinstall fusionbench")
         path = out_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
