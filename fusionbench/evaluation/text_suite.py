@@ -85,6 +85,12 @@ def task_glob(task: str) -> str:
     return f"*/bigbench/benchmark_tasks/{task}/task.json"
 
 
+def shipped_tasks() -> list[str]:
+    """The BIG-bench tasks fusionbench ships (``fusionbench/assets/vendored``): :func:`task_glob`'s
+    members, back to task names."""
+    return sorted(m.split("/benchmark_tasks/", 1)[1].removesuffix("/task.json") for m in vendored_members(BIGBENCH))
+
+
 def _bigbench_json(tasks: list[str]) -> dict[str, dict]:
     """The JSON of each BIG-bench task (``name`` or ``name/subtask``), read from the sdist."""
     from fusionbench.errors import AssetUnavailable
@@ -95,7 +101,7 @@ def _bigbench_json(tasks: list[str]) -> dict[str, dict]:
     except AssetUnavailable as e:
         if "no member matching" in str(e):
             raise FusionBenchError(f"{e} (only BIG-bench JSON tasks are supported)") from None
-        shipped = sorted(m.split("/benchmark_tasks/")[1].rsplit("/task.json", 1)[0] for m in vendored_members(BIGBENCH))
+        shipped = shipped_tasks()
         missing = [t for t in tasks if t not in shipped]
         raise AssetUnavailable(f"BIG-bench task(s) {', '.join(missing)}: {e} Without the sdist, fusionbench has "
                                f"only the tasks it ships (fusionbench/assets/vendored): {', '.join(shipped)}") from None
