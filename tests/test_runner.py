@@ -332,6 +332,33 @@ def test_compiled_blocks_do_not_recompile_per_block(strategy):
     assert graphs[0] == graphs[1] > 0, graphs
 
 
+def test_compiled_visual_expert_blocks_have_no_graph_break():
+    """The image-row plan (a ``nonzero``: a data-dependent shape) is made when the strategy sets
+    the image mask, outside the compiled blocks: each block of visual_expert is one graph, with
+    the eager loss (before, every block broke in two)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from fusionbench.runner import compile_decoder_layers
+    from tests.helpers import image_batch
+
+    model = tiny_model("visual_expert")
+    batch, _ = image_batch(model, n=2)
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+    model.train()
+    eager = model(*args).loss
+    try:
+        compile_decoder_layers(model, backend="eager")
+        counters.clear()
+        loss = model(*args).loss
+        loss.backward()
+        breaks = dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert not breaks, breaks
+    assert torch.allclose(loss, eager, atol=1e-5)
+
+
 def test_plateau_criterion():
     from fusionbench.training.callbacks import plateaued
 

@@ -124,7 +124,13 @@ class TokenRouting(Conditioning):
         self._sorted: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _changed(self) -> None:
+        # the plan for the mask's own length is made here, when the strategy sets the mask before
+        # the LM call: inside compiled decoder blocks its ``nonzero`` (a data-dependent shape)
+        # would break every block's graph in two
         self._plans, self._sorted = {}, None
+        mask = self.get("image_mask")
+        if mask is not None:
+            self._plans[mask.shape[1]] = self._split(mask, mask.shape[1])
 
     def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """``(order, inverse, n_text)`` for ``x [B, T, D]``: flat row indices with text rows first
