@@ -872,18 +872,46 @@ def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
     return out
 
 
+#: what a row records of the numeric path its run took, beyond ``device`` (a CPU's marketing name):
+#: the instruction set torch dispatched to and the CPU's family/model (rows since 2026-12-05), and a
+#: fingerprint every row of one evaluation carries: the base LM's log-perplexity of the same prose,
+#: bit-identical exactly when the kernels round alike (the main grid's "AMD EPYC" rows hold two such
+#: paths). A pair compares each of these only where both rows have it.
+NUMERIC_PATH = ("cpu_capability", "cpu_model", "base/text/austen/log_ppl")
+
+
+def _numeric_path(row: pd.Series) -> tuple:
+    fingerprint = row.get("base/text/austen/log_ppl")
+    tokens = row.get("base/text/austen/tokens")  # the fingerprint holds for one amount of prose only
+    return (row.get("device"), row.get("cpu_capability"), row.get("cpu_model"),
+            None if pd.isna(fingerprint) or pd.isna(tokens) else (float(tokens), float(fingerprint)))
+
+
+def _same_path(a: tuple, b: tuple) -> bool:
+    """Two rows' :func:`_numeric_path`: the same device, and each other part equal where both have it
+    (the fingerprint only where both scored the same amount of prose)."""
+    if a[0] != b[0]:
+        return False
+    if any(x != y for x, y in zip(a[1:3], b[1:3]) if not pd.isna(x) and not pd.isna(y)):
+        return False
+    fa, fb = a[3], b[3]
+    return fa is None or fb is None or fa[0] != fb[0] or fa[1] == fb[1]
+
+
 def _hardware_pairing(a: pd.DataFrame, b: pd.DataFrame, seeds: list[int]) -> str:
-    """Whether the two sides of a contrast ran on the same device, seed by seed: ``same`` or
+    """Whether the two sides of a contrast took the same numeric path, seed by seed: ``same`` or
     ``differs in k of n seeds``. The same seed gives the same numbers on one CPU model only (another
     instruction set or BLAS path rounds differently and training diverges like another seed does):
     across sessions the grid lands on whichever machine it gets, so the pairing says where a paired
-    difference also holds a hardware difference."""
+    difference also holds a hardware difference. Two rows differ when their ``device`` does, or any
+    of :data:`NUMERIC_PATH` that both record."""
     if "device" not in a or "device" not in b:
         return "unrecorded"
-    dev = {k: frame.assign(seed=frame["seed"].astype(int)).groupby("seed")["device"].last() for k, frame in (("a", a), ("b", b))}
-    if any(pd.isna(dev[k].get(s)) for k in dev for s in seeds):  # a seed's row without a device (or none)
+    path = {k: {int(s): _numeric_path(g.iloc[-1]) for s, g in frame.groupby(frame["seed"].astype(int))}
+            for k, frame in (("a", a), ("b", b))}
+    if any(s not in path[k] or pd.isna(path[k][s][0]) for k in path for s in seeds):  # a seed without a device
         return "unrecorded"
-    differ = sum(dev["a"][s] != dev["b"][s] for s in seeds)
+    differ = sum(not _same_path(path["a"][s], path["b"][s]) for s in seeds)
     return "same" if not differ else f"differs in {differ} of {len(seeds)} seeds"
 
 
@@ -1071,6 +1099,25 @@ def _cpu(device: Any) -> str:
     return " ".join(name.split()) or device
 
 
+def _cpu_cells(records: list[dict]) -> list[str]:
+    """Each row's CPU for the runs table: its short name, the instruction set where recorded, and
+    ``#k`` where rows of one such name took different numeric paths (:func:`_same_path`; numbered
+    in the order they first appear), so the table shows which runs computed on the same kernels."""
+    names = [_cpu(r.get("device")) + (f" {r['cpu_capability']}" if isinstance(r.get("cpu_capability"), str) else "")
+             for r in records]
+    paths = [_numeric_path(pd.Series(r)) for r in records]
+    seen: dict[str, list[tuple]] = {}
+    index = []
+    for name, path in zip(names, paths):
+        known = seen.setdefault(name, [])
+        k = next((i for i, q in enumerate(known) if _same_path(path, q)), None)
+        if k is None:
+            known.append(path)
+            k = len(known) - 1
+        index.append(k)
+    return [f"{name} #{k + 1}" if len(seen[name]) > 1 else name for name, k in zip(names, index)]
+
+
 def runs_table(df: pd.DataFrame, out: Path, table: str) -> list[Path]:
     """``<table>_runs.{md,tex}``: one line per training row of ``table`` (each seed of each point and
     stage), in the order the rows landed: the commit and CPU it ran on, the step it resumed from, its
@@ -1091,8 +1138,9 @@ def runs_table(df: pd.DataFrame, out: Path, table: str) -> list[Path]:
 
     order = {label: i for i, label in enumerate(dict.fromkeys(rows["label"]))}
     rows = rows.assign(_order=rows["label"].map(order)).sort_values(["_order", "seed"], kind="stable")
+    cpus = _cpu_cells(rows.to_dict("records"))
     lines = []
-    for r in rows.to_dict("records"):
+    for r, cpu in zip(rows.to_dict("records"), cpus):
         gain = num(r, "mm/choice/image_gain", "{:+.3f}")
         if gain != "--" and pd.notna(r.get("mm/choice/image_gain_ci_lo")):
             gain += f" [{r['mm/choice/image_gain_ci_lo']:+.3f}, {r['mm/choice/image_gain_ci_hi']:+.3f}]"
@@ -1100,7 +1148,7 @@ def runs_table(df: pd.DataFrame, out: Path, table: str) -> list[Path]:
         if spatial != "--" and pd.notna(r.get("mm/choice/spatial/acc_shuffled")):
             spatial += f" ({r['mm/choice/spatial/acc_shuffled']:.3f})"
         lines.append({"point": r["label"], "seed": f"{r['seed']:.0f}", "commit": str(r.get("git_sha") or "--")[:7],
-                      "CPU": _cpu(r.get("device")),
+                      "CPU": cpu,
                       "resumed from step": num(r, "resumed_from_step", "{:.0f}"),
                       "choice acc": num(r, "mm/choice/acc"), "shuffled images": num(r, "mm/choice/acc_shuffled"),
                       "chance": num(r, "mm/choice/chance"), "image gain [95% CI]": gain,
@@ -1110,7 +1158,9 @@ def runs_table(df: pd.DataFrame, out: Path, table: str) -> list[Path]:
     t = pd.DataFrame(lines)
     out.mkdir(parents=True, exist_ok=True)
     tex, md = out / f"{table}_runs.tex", out / f"{table}_runs.md"
-    tex.write_text(_latex(t, f"results/{table}.jsonl: every training row (seed) as it landed; image gain = acc - acc "
+    tex.write_text(_latex(t, f"results/{table}.jsonl: every training row (seed) as it landed; CPU with the instruction "
+                             "set its kernels used where recorded, and #k where one CPU name computed different "
+                             "numbers (the base LM's score of the same prose differs); image gain = acc - acc "
                              "with shuffled images, paired bootstrap 95% CI over items; wall minutes"))
     md.write_text(_markdown(t))
     return [tex, md]

@@ -101,6 +101,32 @@ def cpu_name() -> str:
     return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
+def cpu_identity() -> dict[str, str | None]:
+    """What decides how the CPU's kernels round, beyond its marketing name (two "AMD EPYC" machines of
+    one grid computed different numbers): ``cpu_capability``, the instruction set torch's CPU kernels
+    dispatch to (``AVX2``, ``AVX512``, ...), and ``cpu_model``, the vendor's family/model/stepping."""
+    import torch
+
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model", "stepping") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:
+                break  # the first processor's block
+    except OSError:
+        pass
+    model = (f"{fields.get('vendor_id', '?')} {fields.get('cpu family', '?')}/{fields.get('model', '?')}/"
+             f"{fields.get('stepping', '?')}" if fields else platform.processor() or platform.machine() or None)
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # an older or unusual torch build
+        capability = None
+    return {"cpu_capability": capability, "cpu_model": model}
+
+
 def provenance() -> dict[str, Any]:
     import torch
 
@@ -115,7 +141,7 @@ def provenance() -> dict[str, Any]:
     from fusionbench.plugins import LOADED
 
     plugins = {"plugins": dict(LOADED)} if LOADED else {}  # a row without plugins keeps its old columns
-    return {"git_sha": git_sha(), "code_hash": code_hash(), "device": device_name(), "torch_threads": torch.get_num_threads(),
+    return {"git_sha": git_sha(), "code_hash": code_hash(), "device": device_name(), **cpu_identity(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), **versions, **lock_provenance(), **plugins}
 
 

@@ -20,7 +20,8 @@ from fusionbench.assets.paths import cache_dir
 from fusionbench.config import config_hash, grid_points
 from fusionbench.errors import FusionBenchError, first_line
 from fusionbench.model import VisionLanguageModel, on_device, scoring_mode
-from fusionbench.results import append_row, check_writable, code_hash, device_label, git_sha, provenance
+from fusionbench.results import (append_row, check_writable, code_hash, cpu_identity, device_label, git_sha,
+                                 provenance)
 from fusionbench.training import FusionDataModule, FusionModule
 
 
@@ -150,8 +151,8 @@ def text_backend(cfg: DictConfig, part: str = "full") -> str:
 
 def base_text_key(cfg: DictConfig, device: torch.device, part: str = "full") -> str:
     """The cache key of the base LM's text-suite scores: the LM, the suite and its version, and what
-    changes float reductions (threads, device; off the CPU also the accelerator type, CUDA and torch
-    versions), since exact-zero forgetting needs the base scored by the same kernels as the trained
+    changes float reductions (threads, device; on the CPU its instruction set and family/model, off it
+    the accelerator type, CUDA and torch versions), since exact-zero forgetting needs the base scored by the same kernels as the trained
     model. Plain strings only (``torch.__version__`` is a ``TorchVersion``, which omegaconf refuses)."""
     from fusionbench.evaluation.text_suite import SUITE_VERSION
 
@@ -161,8 +162,10 @@ def base_text_key(cfg: DictConfig, device: torch.device, part: str = "full") -> 
 
         from fusionbench.evaluation.lm_eval_adapter import LM_EVAL_SUITE_VERSION
         version = f"{LM_EVAL_SUITE_VERSION}-lm_eval{lm_eval.__version__}"
-    on = {} if device.type == "cpu" else {"on": str(device.type), "cuda": str(torch.version.cuda),
-                                          "torch": str(torch.__version__)}
+    # a CPU's name does not fix its kernels: two "AMD EPYC" machines scored the base LM differently, and
+    # a cache that outlives its machine (a persistent home) must not hand one's scores to the other
+    on = cpu_identity() if device.type == "cpu" else {"on": str(device.type), "cuda": str(torch.version.cuda),
+                                                      "torch": str(torch.__version__)}
     return config_hash(OmegaConf.create({"lm": lm_identity(cfg), "version": version,
                                          "threads": torch.get_num_threads(), "device": device_label(device), **on,
                                          "batch_size": cfg.eval.batch_size, "part": part,

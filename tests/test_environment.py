@@ -1,7 +1,9 @@
 """The locked environment: the lock covers what pyproject.toml asks for within its ranges, the
 installed packages are the lock's (what `make test` / CI install), and rows say so."""
 import os
+import platform
 import tomllib
+from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
@@ -48,3 +50,17 @@ def test_installed_packages_are_the_locked_ones():
     row = provenance()
     assert row["env_matches_lock"] is True and len(row["env_lock"]) == 12
     assert row["version_transformers"] == read_lock()["transformers"]
+
+
+def test_provenance_records_the_cpus_numeric_path():
+    """A CPU's marketing name does not fix how its kernels round (two "AMD EPYC" machines of the main
+    grid computed different numbers): rows record the instruction set torch dispatches to and the
+    CPU's vendor family/model/stepping."""
+    import torch
+
+    row = provenance()
+    assert row["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(row["cpu_capability"], str) and row["cpu_capability"]
+    if platform.machine() == "x86_64" and Path("/proc/cpuinfo").exists():
+        vendor, numbers = row["cpu_model"].split(" ", 1)
+        assert vendor and len(numbers.split("/")) == 3, row["cpu_model"]

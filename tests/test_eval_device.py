@@ -96,3 +96,21 @@ def test_the_base_scores_cache_key_is_plain_on_an_accelerator(monkeypatch):
     gpu = base_text_key(cfg, torch.device("cuda", 0))
     assert cpu != gpu != base_text_key(cfg, torch.device("cuda", 0), part="curve")
     assert gpu == base_text_key(cfg, torch.device("cuda", 0)) and cpu == base_text_key(cfg, torch.device("cpu"))
+
+
+def test_the_base_scores_cache_key_names_the_cpus_numeric_path(monkeypatch):
+    """Two CPUs sold under one name ("AMD EPYC") scored the base LM differently (its log-ppl on the
+    study's prose: 3.7705924 and 3.7706013). The cache can outlive its machine (a persistent home on
+    another CPU), and exact-zero forgetting needs the base scored by the trained model's kernels: the
+    CPU key names the instruction set and the CPU's family/model, not only its name."""
+    from fusionbench import runner
+    from fusionbench.runner import base_text_key
+
+    cfg = tiny_cfg()
+    here = base_text_key(cfg, torch.device("cpu"))
+    identity = runner.cpu_identity()
+    for other in ({"cpu_capability": "AVX2"}, {"cpu_model": "AuthenticAMD 25/1/1"}):
+        monkeypatch.setattr(runner, "cpu_identity", lambda other=other: {**identity, **other})
+        assert base_text_key(cfg, torch.device("cpu")) != here, other
+    monkeypatch.setattr(runner, "cpu_identity", lambda: dict(identity))
+    assert base_text_key(cfg, torch.device("cpu")) == here

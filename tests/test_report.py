@@ -287,6 +287,53 @@ def test_a_contrast_says_where_its_two_sides_ran_on_different_cpus(tmp_path):
     assert "CPUs" not in comparison_numbers(same, tmp_path)[0].read_text()
 
 
+def test_two_cpus_with_one_name_are_told_apart_by_their_numeric_path():
+    """Two "AMD EPYC" machines of the main grid computed different numbers (the base LM's log-ppl of
+    the same prose: 3.7705924 on one, 3.7706013 on the other): a pair whose rows share a device name
+    but not the base LM's fingerprint, or the recorded instruction set / CPU model, ran on different
+    CPUs; a part only one row records, or a fingerprint of another amount of prose, decides nothing."""
+    from fusionbench.report import comparisons, prepare
+
+    contrasts = [{"name": "mixed", "a": "mlp", "b": "blind"}]
+    good, bad = "1" * 80 + "0" * 20, "1" * 40 + "0" * 60
+    rows = _contrast_rows(contrasts, {"mlp": {0: good, 1: good, 2: good}, "blind": {0: bad, 1: bad, 2: bad}})
+
+    def hardware(per_seed=None, **every_row):
+        for r in rows:
+            r.update({"device": "cpu:AMD EPYC x2", "base/text/austen/tokens": 20440.0,
+                      "base/text/austen/log_ppl": 3.770601312148361, **every_row,
+                      **(per_seed or {}).get((r["strategy"], r["seed"]), {})})
+        return comparisons(prepare(pd.DataFrame(rows))).iloc[0]["hardware"]
+
+    other_epyc = {"base/text/austen/log_ppl": 3.7705924136764617}
+    assert hardware() == "same"
+    assert hardware({("blind", 0): other_epyc, ("mlp", 2): other_epyc}) == "differs in 2 of 3 seeds"
+    assert hardware({("blind", 0): {"device": "cpu:Intel Xeon x2"}}) == "differs in 1 of 3 seeds"
+    # another amount of prose: its log-ppl is not comparable, so it decides nothing
+    assert hardware({("blind", 0): {"base/text/austen/log_ppl": 3.9, "base/text/austen/tokens": 3066.0}}) == "same"
+    assert hardware({("blind", 1): {"cpu_capability": "AVX2"}}) == "same"  # the other rows predate the field
+    recorded = {"cpu_capability": "AVX512", "cpu_model": "AuthenticAMD 25/17/1"}
+    assert hardware(**recorded) == "same"
+    assert hardware({("blind", 1): {"cpu_capability": "AVX2"}}, **recorded) == "differs in 1 of 3 seeds"
+    assert hardware({("mlp", 1): {"cpu_model": "AuthenticAMD 25/1/1"}}, **recorded) == "differs in 1 of 3 seeds"
+
+
+def test_the_runs_table_numbers_the_numeric_paths_of_one_cpu_name():
+    """The runs table's CPU column: the name, the instruction set where recorded, and #k only where
+    one name computed different numbers (the main grid's two "AMD EPYC" models)."""
+    from fusionbench.report import _cpu_cells
+
+    epyc, xeon = "cpu:AMD EPYC x2", "cpu:Intel(R) Xeon(R) Processor x2"
+    base = {"base/text/austen/tokens": 20440.0}
+    rows = [{"device": xeon, **base, "base/text/austen/log_ppl": 3.7706012},
+            {"device": epyc, **base, "base/text/austen/log_ppl": 3.7705924},
+            {"device": epyc, **base, "base/text/austen/log_ppl": 3.7706013},
+            {"device": epyc, **base, "base/text/austen/log_ppl": 3.7705924},
+            {"device": epyc, "cpu_capability": "AVX512", "cpu_model": "AuthenticAMD 25/17/1"}]
+    assert _cpu_cells(rows) == ["Intel Xeon", "AMD EPYC #1", "AMD EPYC #2", "AMD EPYC #1", "AMD EPYC AVX512"]
+    assert _cpu_cells(rows[:2] + rows[3:4]) == ["Intel Xeon", "AMD EPYC", "AMD EPYC"]
+
+
 def test_a_verdict_on_fewer_seeds_than_the_study_plans_is_printed_as_preliminary(tmp_path):
     """One seed's interval holds item noise only, not the seed-to-seed (and CPU-to-CPU) spread, which
     for mlp was 0.025 between seeds 0 and 1, more than visual_expert - mlp at seed 0 (+0.017): the

@@ -330,6 +330,38 @@ def test_the_cpu_study_queue_runs_every_contrast_strategy_first_and_names_only_r
     assert calls[-1].startswith("-m fusionbench sweep experiments/ablations/compute_matched.yaml")
 
 
+def test_the_cpu_study_queue_moves_another_cpus_base_scores_aside(tmp_path):
+    """The worktree's code may key the base LM's cached text scores by the CPU's name only, and two
+    "AMD EPYC" models compute different numbers: when the recorded CPU identity differs from this
+    machine's, the queue moves text_base aside before any sweep (the next point rescores the base);
+    on the same CPU it keeps it. Checked with a stub python that answers the identity query."""
+    cache = tmp_path / "cache"
+    (cache / "text_base").mkdir(parents=True)
+    (cache / "text_base" / "abc.json").write_text("{}")
+    stub = tmp_path / "py"
+    stub.write_text(f"#!/bin/sh\nif [ \"$1\" = -c ]; then echo \"$STUB_CPU\"; exit 0; fi\n"
+                    f"echo \"$@\" >> {tmp_path / 'calls'}\n")
+    stub.chmod(0o755)
+
+    def queue(cpu):
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "study_cpu.sh")],
+                           env={**ENV, "PY": str(stub), "FUSIONBENCH_CACHE": str(cache), "STUB_CPU": cpu},
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert "assuming this one (AVX512 25/17)" in queue("AVX512 25/17")  # no record yet: kept
+    assert (cache / "text_base" / "abc.json").exists()
+    sweeps = len((tmp_path / "calls").read_text().splitlines())
+    assert "moved" not in queue("AVX512 25/17")
+    assert (cache / "text_base" / "abc.json").exists()
+    out = queue("AVX2 25/1")
+    assert "is not the one the cached base LM scores came from (AVX512 25/17)" in out
+    assert not (cache / "text_base").exists() and len(list(cache.glob("text_base.other-cpu.*/abc.json"))) == 1
+    assert (cache / "cpu_identity").read_text().strip() == "AVX2 25/1"
+    assert len((tmp_path / "calls").read_text().splitlines()) == 3 * sweeps > 0  # every sweep ran, each time
+
+
 #: main_gpu.yaml's points at the tiny tier, forced onto the CPU (the GPU scripts' tests)
 GPU_CONFIG_ON_TINY_CPU = ["lm.source=tiny", "vision.source=tiny_cnn", "vision.image_size=32", "vision.depth=3",
                           "vision.width=32", "vision.pool_tokens=0", "data.image_size=32", "trainer.batch_size=8",
