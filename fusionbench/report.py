@@ -873,17 +873,28 @@ def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
 
 
 #: what a row records of the numeric path its run took, beyond ``device`` (a CPU's marketing name):
-#: the instruction set torch dispatched to and the CPU's family/model (rows since 2026-12-05), and a
+#: the instruction set torch dispatched to and the CPU's family/model (rows since 2026-12-05), every
+#: machine a run resumed across sessions trained on (``train_machines``, since then too), and a
 #: fingerprint every row of one evaluation carries: the base LM's log-perplexity of the same prose,
 #: bit-identical exactly when the kernels round alike (the main grid's "AMD EPYC" rows hold two such
 #: paths). A pair compares each of these only where both rows have it.
-NUMERIC_PATH = ("cpu_capability", "cpu_model", "base/text/austen/log_ppl")
+NUMERIC_PATH = ("cpu_capability", "cpu_model", "train_machines", "base/text/austen/log_ppl")
+
+
+def _train_machines(row) -> tuple | None:
+    """The distinct machines (device, instruction set, CPU model) a row's run trained on, or None
+    where the row predates ``train_machines``."""
+    raw = row.get("train_machines")
+    if not isinstance(raw, str):
+        return None
+    return tuple(sorted({json.dumps({k: v for k, v in m.items() if k != "from_step"}, sort_keys=True)
+                         for m in json.loads(raw)}))
 
 
 def _numeric_path(row: pd.Series) -> tuple:
     fingerprint = row.get("base/text/austen/log_ppl")
     tokens = row.get("base/text/austen/tokens")  # the fingerprint holds for one amount of prose only
-    return (row.get("device"), row.get("cpu_capability"), row.get("cpu_model"),
+    return (row.get("device"), row.get("cpu_capability"), row.get("cpu_model"), _train_machines(row),
             None if pd.isna(fingerprint) or pd.isna(tokens) else (float(tokens), float(fingerprint)))
 
 
@@ -894,7 +905,9 @@ def _same_path(a: tuple, b: tuple) -> bool:
         return False
     if any(x != y for x, y in zip(a[1:3], b[1:3]) if not pd.isna(x) and not pd.isna(y)):
         return False
-    fa, fb = a[3], b[3]
+    if a[3] is not None and b[3] is not None and a[3] != b[3]:
+        return False
+    fa, fb = a[4], b[4]
     return fa is None or fb is None or fa[0] != fb[0] or fa[1] == fb[1]
 
 
@@ -1102,7 +1115,8 @@ def _cpu(device: Any) -> str:
 def _cpu_cells(records: list[dict]) -> list[str]:
     """Each row's CPU for the runs table: its short name, the instruction set where recorded, and
     ``#k`` where rows of one such name took different numeric paths (:func:`_same_path`; numbered
-    in the order they first appear), so the table shows which runs computed on the same kernels."""
+    in the order they first appear), so the table shows which runs computed on the same kernels;
+    ``(+k other)`` where a run resumed across sessions also trained on k other machines."""
     names = [_cpu(r.get("device")) + (f" {r['cpu_capability']}" if isinstance(r.get("cpu_capability"), str) else "")
              for r in records]
     paths = [_numeric_path(pd.Series(r)) for r in records]
@@ -1115,7 +1129,9 @@ def _cpu_cells(records: list[dict]) -> list[str]:
             known.append(path)
             k = len(known) - 1
         index.append(k)
-    return [f"{name} #{k + 1}" if len(seen[name]) > 1 else name for name, k in zip(names, index)]
+    cells = [f"{name} #{k + 1}" if len(seen[name]) > 1 else name for name, k in zip(names, index)]
+    several = [len(p[3] or ()) for p in paths]  # a run resumed on other machines
+    return [f"{cell} (+{n - 1} other)" if n > 1 else cell for cell, n in zip(cells, several)]
 
 
 def runs_table(df: pd.DataFrame, out: Path, table: str) -> list[Path]:
@@ -1159,8 +1175,9 @@ def runs_table(df: pd.DataFrame, out: Path, table: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     tex, md = out / f"{table}_runs.tex", out / f"{table}_runs.md"
     tex.write_text(_latex(t, f"results/{table}.jsonl: every training row (seed) as it landed; CPU with the instruction "
-                             "set its kernels used where recorded, and #k where one CPU name computed different "
-                             "numbers (the base LM's score of the same prose differs); image gain = acc - acc "
+                             "set its kernels used where recorded, #k where one CPU name computed different "
+                             "numbers (the base LM's score of the same prose differs), (+k other) where a resumed "
+                             "run also trained on k other machines; image gain = acc - acc "
                              "with shuffled images, paired bootstrap 95% CI over items; wall minutes"))
     md.write_text(_markdown(t))
     return [tex, md]

@@ -657,6 +657,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                     trained["train_s_from_step"] = resume
             is_zero = trainer.is_global_zero
             trained["steps"] = trainer.global_step  # the optimizer steps actually taken
+            trained["train_machines"] = json.dumps(clock.machines)  # every session's machine, from its step
             if tcfg.checkpoint and (checkpoint_step(ckpt) or 0) < tcfg.max_steps:
                 trainer.save_checkpoint(ckpt)  # the stage's final weights, whatever the schedule
             final_loss = trainer.callback_metrics.get("train/loss")

@@ -316,6 +316,12 @@ def test_two_cpus_with_one_name_are_told_apart_by_their_numeric_path():
     assert hardware(**recorded) == "same"
     assert hardware({("blind", 1): {"cpu_capability": "AVX2"}}, **recorded) == "differs in 1 of 3 seeds"
     assert hardware({("mlp", 1): {"cpu_model": "AuthenticAMD 25/1/1"}}, **recorded) == "differs in 1 of 3 seeds"
+    # a run that trained its first steps on another machine (resumed across sessions)
+    one = json.dumps([{"from_step": 0, "device": "cpu:AMD EPYC x2", **recorded}])
+    two = json.dumps([{"from_step": 0, "device": "cpu:Intel Xeon x2", "cpu_capability": "AVX512"},
+                      {"from_step": 150, "device": "cpu:AMD EPYC x2", **recorded}])
+    assert hardware(train_machines=one, **recorded) == "same"
+    assert hardware({("blind", 2): {"train_machines": two}}, train_machines=one, **recorded) == "differs in 1 of 3 seeds"
 
 
 def test_the_runs_table_numbers_the_numeric_paths_of_one_cpu_name():
@@ -332,6 +338,14 @@ def test_the_runs_table_numbers_the_numeric_paths_of_one_cpu_name():
             {"device": epyc, "cpu_capability": "AVX512", "cpu_model": "AuthenticAMD 25/17/1"}]
     assert _cpu_cells(rows) == ["Intel Xeon", "AMD EPYC #1", "AMD EPYC #2", "AMD EPYC #1", "AMD EPYC AVX512"]
     assert _cpu_cells(rows[:2] + rows[3:4]) == ["Intel Xeon", "AMD EPYC", "AMD EPYC"]
+    # a run resumed on another machine
+    here = {"device": epyc, "cpu_capability": "AVX512", "cpu_model": "AuthenticAMD 25/17/1"}
+    resumed = {**here, "train_machines": json.dumps([{"from_step": 0, "device": xeon, "cpu_capability": "AVX512",
+                                                      "cpu_model": "GenuineIntel 6/143/8"},
+                                                     {"from_step": 150, **here}])}
+    assert _cpu_cells([resumed]) == ["AMD EPYC AVX512 (+1 other)"]
+    assert _cpu_cells([{**here, "train_machines": json.dumps([{"from_step": 0, **here}, {"from_step": 150, **here}])}]) \
+        == ["AMD EPYC AVX512"]
 
 
 def test_a_verdict_on_fewer_seeds_than_the_study_plans_is_printed_as_preliminary(tmp_path):

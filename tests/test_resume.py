@@ -168,6 +168,27 @@ def test_a_point_killed_while_evaluating_keeps_how_it_trained(tmp_path, monkeypa
     assert row["mm/choice/acc"] == whole["mm/choice/acc"]
 
 
+def test_a_point_resumed_on_another_machine_says_where_each_session_trained(tmp_path, monkeypatch):
+    """Across sessions a point resumes on whichever machine the next session gets, and machines
+    compute different numbers: the checkpoint carries where each session trained (from which step),
+    so the row lists both machines, not only the one that finished it."""
+    import fusionbench.results as results
+
+    cfg = tiny_cfg("fusion=linear", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=5", "eval.val_items=0",
+                   tmp_path=tmp_path)
+    first = results.cpu_identity()
+    monkeypatch.setattr(results, "cpu_identity", lambda: {**first, "cpu_capability": "OTHER"})
+    _run_killed_at(monkeypatch, cfg, 5)
+    monkeypatch.setattr(results, "cpu_identity", lambda: dict(first))
+    [row] = run_point(cfg)
+    machines = json.loads(row["train_machines"])
+    assert [m["from_step"] for m in machines] == [0, 5] and row["resumed_from_step"] == 5
+    assert [m["cpu_capability"] for m in machines] == ["OTHER", first["cpu_capability"]]
+    assert machines[1]["device"] == row["device"] and machines[1]["cpu_model"] == row["cpu_model"]
+    [whole] = run_point(tiny_cfg("fusion=linear", "trainer.max_steps=6", "eval.val_items=0", tmp_path=tmp_path / "w"))
+    assert [m["from_step"] for m in json.loads(whole["train_machines"])] == [0]
+
+
 def test_a_checkpoint_of_another_training_order_is_refused(tmp_path, monkeypatch):
     cfg = tiny_cfg("fusion=linear", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=5", tmp_path=tmp_path)
     _kill_at(monkeypatch, 5)

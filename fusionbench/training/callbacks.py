@@ -61,20 +61,34 @@ class TrainClock(L.Callback):
     checkpoint travel in it, so a point resumed from step N reports N steps' worth of earlier time
     plus its own (the seconds between the last checkpoint and a kill were spent but bought nothing,
     and are not counted). ``restored`` says whether a checkpoint brought its earlier seconds back
-    (False for a checkpoint of an older fusionbench)."""
+    (False for a checkpoint of an older fusionbench).
+
+    ``machines``: where each session trained, ``{"from_step", "device", "cpu_capability",
+    "cpu_model"}`` per session, carried in the checkpoint the same way: a point resumed across
+    sessions may have trained on several machines, which compute different numbers."""
 
     def __init__(self, start: float | None = None):
         self.start = time.time() if start is None else start
         self.before, self.restored = 0.0, False
+        self.machines: list[dict] = []
 
     def elapsed(self) -> float:
         return self.before + time.time() - self.start
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        from fusionbench.results import cpu_identity, device_label
+
+        if self.restored and not self.machines:  # a checkpoint of an older fusionbench: where it ran is unknown
+            self.machines.append({"from_step": 0, "device": None})
+        self.machines.append({"from_step": int(trainer.global_step), "device": device_label(pl_module.device),
+                              **cpu_identity()})
+
     def state_dict(self) -> dict:
-        return {"train_s": self.elapsed()}
+        return {"train_s": self.elapsed(), "machines": self.machines}
 
     def load_state_dict(self, state: dict) -> None:
         self.before, self.restored = float(state.get("train_s", 0.0)), True
+        self.machines = list(state.get("machines", []))
 
 
 class ValidationCurve(L.Callback):
