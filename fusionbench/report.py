@@ -112,8 +112,8 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _replaced_on_other_device(df: pd.DataFrame, key: list[str]) -> list[str]:
-    """The rows the newest-row rule drops although they ran on another device than the row that
-    replaces them: a rerun of the same configuration and seed on another CPU is a replication (the
+    """The rows the newest-row rule drops although they ran on another device (or numeric path:
+    :func:`_same_path`) than the row that replaces them: a rerun of the same configuration and seed on another CPU is a replication (the
     same seed gives other numbers there), not a correction; the report says so instead of swapping
     numbers silently (``fusionbench report`` prints these as warnings)."""
     if "device" not in df:
@@ -124,7 +124,8 @@ def _replaced_on_other_device(df: pd.DataFrame, key: list[str]) -> list[str]:
     for _, g in df[df.duplicated(subset=key, keep=False)].groupby(key, sort=False):
         newest = g.iloc[-1]
         for _, old in g.iloc[:-1].iterrows():
-            if pd.notna(old["device"]) and pd.notna(newest["device"]) and old["device"] != newest["device"]:
+            if pd.notna(old["device"]) and pd.notna(newest["device"]) and not _same_path(_numeric_path(old),
+                                                                                          _numeric_path(newest)):
                 out.append(f"{newest['table']}: {newest.get('strategy')} seed {newest.get('seed')} stage {newest['stage']} "
                            f"(config {str(newest['config_hash'])[:12]}) ran on {old['device']}{value(old)} and again on "
                            f"{newest['device']}{value(newest)}; the report shows the newer row only")
@@ -872,15 +873,6 @@ def comparisons(df: pd.DataFrame, table: str | None = None) -> pd.DataFrame:
     return out
 
 
-#: what a row records of the numeric path its run took, beyond ``device`` (a CPU's marketing name):
-#: the instruction set torch dispatched to and the CPU's family/model (rows since 2026-12-05), every
-#: machine a run resumed across sessions trained on (``train_machines``, since then too), and a
-#: fingerprint every row of one evaluation carries: the base LM's log-perplexity of the same prose,
-#: bit-identical exactly when the kernels round alike (the main grid's "AMD EPYC" rows hold two such
-#: paths). A pair compares each of these only where both rows have it.
-NUMERIC_PATH = ("cpu_capability", "cpu_model", "train_machines", "base/text/austen/log_ppl")
-
-
 def _train_machines(row) -> tuple | None:
     """The distinct machines (device, instruction set, CPU model) a row's run trained on, or None
     where the row predates ``train_machines``."""
@@ -892,6 +884,14 @@ def _train_machines(row) -> tuple | None:
 
 
 def _numeric_path(row: pd.Series) -> tuple:
+    """What a row records of the numeric path its run took, beyond ``device`` (a CPU's marketing
+    name): the instruction set torch dispatched to and the CPU's model (``cpu_capability``,
+    ``cpu_model``: rows from 812d516 on), every machine a run resumed across sessions trained on
+    (``train_machines``, from f282d56 on), and a fingerprint every row of one evaluation carries:
+    the base LM's log-perplexity of the same prose. Two different values of it prove different
+    kernels (the main grid's "AMD EPYC" rows hold two); equal values do not prove equal ones, and
+    the value is the evaluating session's (with the name-only cache key before 812d516, the session
+    that filled that machine's cache). :func:`_same_path` compares each part where both rows have it."""
     fingerprint = row.get("base/text/austen/log_ppl")
     tokens = row.get("base/text/austen/tokens")  # the fingerprint holds for one amount of prose only
     return (row.get("device"), row.get("cpu_capability"), row.get("cpu_model"), _train_machines(row),
@@ -901,7 +901,7 @@ def _numeric_path(row: pd.Series) -> tuple:
 def _same_path(a: tuple, b: tuple) -> bool:
     """Two rows' :func:`_numeric_path`: the same device, and each other part equal where both have it
     (the fingerprint only where both scored the same amount of prose)."""
-    if a[0] != b[0]:
+    if a[0] != b[0] and not (pd.isna(a[0]) and pd.isna(b[0])):
         return False
     if any(x != y for x, y in zip(a[1:3], b[1:3]) if not pd.isna(x) and not pd.isna(y)):
         return False
@@ -917,7 +917,7 @@ def _hardware_pairing(a: pd.DataFrame, b: pd.DataFrame, seeds: list[int]) -> str
     instruction set or BLAS path rounds differently and training diverges like another seed does):
     across sessions the grid lands on whichever machine it gets, so the pairing says where a paired
     difference also holds a hardware difference. Two rows differ when their ``device`` does, or any
-    of :data:`NUMERIC_PATH` that both record."""
+    other part of :func:`_numeric_path` that both record."""
     if "device" not in a or "device" not in b:
         return "unrecorded"
     path = {k: {int(s): _numeric_path(g.iloc[-1]) for s, g in frame.groupby(frame["seed"].astype(int))}
@@ -1113,25 +1113,34 @@ def _cpu(device: Any) -> str:
 
 
 def _cpu_cells(records: list[dict]) -> list[str]:
-    """Each row's CPU for the runs table: its short name, the instruction set where recorded, and
-    ``#k`` where rows of one such name took different numeric paths (:func:`_same_path`; numbered
-    in the order they first appear), so the table shows which runs computed on the same kernels;
-    ``(+k other)`` where a run resumed across sessions also trained on k other machines."""
-    names = [_cpu(r.get("device")) + (f" {r['cpu_capability']}" if isinstance(r.get("cpu_capability"), str) else "")
-             for r in records]
+    """Each row's CPU for the runs table: its short name; ``#k`` where rows of one name took
+    different numeric paths (:func:`_same_path`, numbered in the order they first appear; ``#?`` for
+    a row that records nothing to tell them apart); the instruction set where recorded; ``(+k
+    other)`` where a run resumed across sessions also trained on k other machines. So the table
+    shows which runs computed on the same kernels."""
+    names = [_cpu(r.get("device")) for r in records]
     paths = [_numeric_path(pd.Series(r)) for r in records]
+    known = [any(p is not None and not (isinstance(p, float) and pd.isna(p)) for p in path[1:]) for path in paths]
     seen: dict[str, list[tuple]] = {}
-    index = []
-    for name, path in zip(names, paths):
-        known = seen.setdefault(name, [])
-        k = next((i for i, q in enumerate(known) if _same_path(path, q)), None)
+    index: list[int | None] = []
+    for name, path, evidence in zip(names, paths, known):
+        groups = seen.setdefault(name, [])
+        if not evidence:
+            index.append(None)
+            continue
+        k = next((i for i, q in enumerate(groups) if _same_path(path, q)), None)
         if k is None:
-            known.append(path)
-            k = len(known) - 1
+            groups.append(path)
+            k = len(groups) - 1
         index.append(k)
-    cells = [f"{name} #{k + 1}" if len(seen[name]) > 1 else name for name, k in zip(names, index)]
-    several = [len(p[3] or ()) for p in paths]  # a run resumed on other machines
-    return [f"{cell} (+{n - 1} other)" if n > 1 else cell for cell, n in zip(cells, several)]
+    cells = []
+    for r, name, path, k in zip(records, names, paths, index):
+        cell = name + ((f" #{k + 1}" if k is not None else " #?") if len(seen[name]) > 1 else "")
+        if isinstance(r.get("cpu_capability"), str):
+            cell += f" {r['cpu_capability']}"
+        others = len(path[3] or ()) - 1
+        cells.append(cell + (f" (+{others} other)" if others > 0 else ""))
+    return cells
 
 
 def runs_table(df: pd.DataFrame, out: Path, table: str) -> list[Path]:

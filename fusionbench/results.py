@@ -104,22 +104,33 @@ def cpu_name() -> str:
 def cpu_identity() -> dict[str, str | None]:
     """What decides how the CPU's kernels round, beyond its marketing name (two "AMD EPYC" machines of
     one grid computed different numbers): ``cpu_capability``, the instruction set torch's CPU kernels
-    dispatch to (``AVX2``, ``AVX512``, ...), and ``cpu_model``, the vendor's family/model/stepping."""
+    dispatch to (``AVX2``, ``AVX512``, ...), and ``cpu_model``: the vendor's family/model/stepping (on
+    ARM implementer/part/variant/revision) and a short hash of the feature flags the machine exposes
+    (a hypervisor may mask some), from the first processor in ``/proc/cpuinfo``."""
+    import hashlib
+
     import torch
 
-    fields = {}
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                if fields:
+                    break  # the first processor's block
+                continue
             key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("vendor_id", "cpu family", "model", "stepping") and key not in fields:
-                fields[key] = value.strip()
-            if not line.strip() and fields:
-                break  # the first processor's block
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    model = (f"{fields.get('vendor_id', '?')} {fields.get('cpu family', '?')}/{fields.get('model', '?')}/"
-             f"{fields.get('stepping', '?')}" if fields else platform.processor() or platform.machine() or None)
+    if "vendor_id" in fields:
+        model = f"{fields['vendor_id']} {fields.get('cpu family', '?')}/{fields.get('model', '?')}/{fields.get('stepping', '?')}"
+    elif "CPU implementer" in fields:
+        model = "/".join(fields.get(k, "?") for k in ("CPU implementer", "CPU part", "CPU variant", "CPU revision"))
+    else:
+        model = platform.processor() or platform.machine() or None
+    flags = fields.get("flags") or fields.get("Features")
+    if model and flags:
+        model += f" flags:{hashlib.sha256(' '.join(sorted(flags.split())).encode()).hexdigest()[:8]}"
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except Exception:  # an older or unusual torch build

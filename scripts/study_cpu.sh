@@ -41,20 +41,21 @@ if [ -n "${WORKTREE:-}" ]; then
 fi
 # The base LM's text scores are cached per LM, suite and CPU *name*, before cpu_identity joined the key
 # (the worktree's commit may predate it); two "AMD EPYC" models compute different numbers, and this
-# home can outlive its machine. When the CPU's instruction set or family/model changed since the last
-# run, the old machine's base scores are moved aside (the next point rescores the base LM, minutes),
+# home can outlive its machine. Unless the cache records that this CPU (instruction set, model, flags)
+# computed them, the cached base scores are moved aside (the next point rescores the base LM, minutes),
 # so a frozen text path's forgetting stays exactly 0.
 CACHE=${FUSIONBENCH_CACHE:-$HOME/.cache/fusionbench}
 if [ -z "${DRY_RUN:-}" ]; then
   IDENT=$(cd "$HERE" && PYTHONPATH=$HERE $PY -c 'from fusionbench.results import cpu_identity; print(sorted(cpu_identity().items()))') || exit 1
-  if [ -d "$CACHE/text_base" ] && [ -f "$CACHE/cpu_identity" ] && [ "$(cat "$CACHE/cpu_identity")" != "$IDENT" ]; then
-    aside="$CACHE/text_base.other-cpu.$(date -u +%Y%m%dT%H%M%S)"
-    echo "=== this CPU ($IDENT) is not the one the cached base LM scores came from ($(cat "$CACHE/cpu_identity")): moved them to $aside"
+  if [ -d "$CACHE/text_base" ] && [ "$(cat "$CACHE/cpu_identity" 2>/dev/null)" != "$IDENT" ]; then
+    aside="$CACHE/text_base.other-cpu.$(date -u +%Y%m%dT%H%M%S).$$"
+    echo "=== this CPU ($IDENT) is not recorded as the one the cached base LM scores came from" \
+         "($(cat "$CACHE/cpu_identity" 2>/dev/null || echo 'no record')): moved them to $aside"
     mv "$CACHE/text_base" "$aside" || exit 1
-  elif [ -d "$CACHE/text_base" ] && [ ! -f "$CACHE/cpu_identity" ]; then
-    echo "=== no record of the CPU that computed $CACHE/text_base: assuming this one ($IDENT)"
   fi
   mkdir -p "$CACHE" && echo "$IDENT" > "$CACHE/cpu_identity"
+else
+  echo "=== DRY_RUN: the CPU check of the cached base LM scores ($CACHE/text_base) is skipped"
 fi
 cd "$DIR" || exit 1
 export PYTHONPATH=$DIR

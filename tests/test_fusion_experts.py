@@ -103,6 +103,31 @@ def test_expert_linear_routed_equals_unrouted_reference():
     assert torch.equal(layer(x), base(x))  # no routing state: the base layer
 
 
+def test_routing_plans_the_mask_when_it_is_set_and_restores_state_after_a_bad_one():
+    """The image-row plan is made by ``set()`` (outside compiled blocks), nested masks get their own
+    plan back on exit, and a mask of the wrong shape is plan()'s one clear error at the forward, with
+    the previous state restored afterwards."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 24)
+    routing = TokenRouting()
+    layer = ImageRowExpert(base, routing)
+    _perturb(layer.expert.parameters(), scale=0.5)
+    x = torch.randn(2, 6, 16)
+    outer, inner = torch.rand(2, 6) < 0.5, torch.rand(2, 6) < 0.5
+    with routing.set(image_mask=outer):
+        assert 6 in routing._plans  # made by set(), before any forward
+        expected = layer(x)
+        with routing.set(image_mask=inner):
+            assert not torch.equal(layer(x), expected)
+        assert torch.equal(layer(x), expected)  # the outer mask's plan again
+        with pytest.raises(FusionBenchError, match="does not match the image mask"):
+            with routing.set(image_mask=torch.ones(3, 6, dtype=torch.bool)):  # another batch size
+                layer(x)
+        assert torch.equal(layer(x), expected)
+    assert routing.get("image_mask") is None and routing._plans == {}
+    assert torch.equal(layer(x), base(x))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_visual_expert_model_routed_equals_unrouted_reference(arch, monkeypatch):
     model = tiny_model("visual_expert", f"lm.tiny.arch={arch}")

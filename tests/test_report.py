@@ -66,6 +66,14 @@ def test_a_rerun_on_another_device_is_reported_not_swapped_silently():
     assert len(df) == 2 and df.loc[df["seed"] == 0, "mm/choice/acc"].item() == 0.560  # the newest row is shown
     [warning] = df.attrs["replaced_other_device"]
     assert "seed 0" in warning and "Xeon" in warning and "0.552" in warning and "EPYC" in warning and "0.560" in warning
+    # one CPU name, two models (the base LM's score of the same prose differs): also a replication
+    fp = {"base/text/austen/tokens": 20440.0}
+    rows = [{**row, "device": "cpu:AMD EPYC x2", **fp, "base/text/austen/log_ppl": 3.7705924},
+            {**row, "device": "cpu:AMD EPYC x2", **fp, "base/text/austen/log_ppl": 3.7706013}]
+    [warning] = prepare(pd.DataFrame(rows)).attrs["replaced_other_device"]
+    assert "seed 0" in warning
+    rows[1]["base/text/austen/log_ppl"] = 3.7705924  # the same machine again: a plain rerun
+    assert prepare(pd.DataFrame(rows)).attrs["replaced_other_device"] == []
 
 
 def test_labels_name_grid_strategies_and_code_versions():
@@ -336,8 +344,15 @@ def test_the_runs_table_numbers_the_numeric_paths_of_one_cpu_name():
             {"device": epyc, **base, "base/text/austen/log_ppl": 3.7706013},
             {"device": epyc, **base, "base/text/austen/log_ppl": 3.7705924},
             {"device": epyc, "cpu_capability": "AVX512", "cpu_model": "AuthenticAMD 25/17/1"}]
-    assert _cpu_cells(rows) == ["Intel Xeon", "AMD EPYC #1", "AMD EPYC #2", "AMD EPYC #1", "AMD EPYC AVX512"]
+    # the last row: recorded on the second machine from 812d516 on (instruction set, model and fingerprint)
+    rows[-1]["base/text/austen/log_ppl"], rows[-1]["base/text/austen/tokens"] = 3.7706013, 20440.0
+    assert _cpu_cells(rows) == ["Intel Xeon", "AMD EPYC #1", "AMD EPYC #2", "AMD EPYC #1", "AMD EPYC #2 AVX512"]
     assert _cpu_cells(rows[:2] + rows[3:4]) == ["Intel Xeon", "AMD EPYC", "AMD EPYC"]
+    # a row with nothing to tell the two apart is not put with either; rows without a device are one group
+    bare = {"device": epyc}
+    assert _cpu_cells([bare] + rows[1:3]) == ["AMD EPYC #?", "AMD EPYC #1", "AMD EPYC #2"]
+    assert _cpu_cells([rows[1], bare, rows[2]]) == ["AMD EPYC #1", "AMD EPYC #?", "AMD EPYC #2"]
+    assert _cpu_cells([{}, {}, {"device": epyc}]) == ["not recorded", "not recorded", "AMD EPYC"]
     # a run resumed on another machine
     here = {"device": epyc, "cpu_capability": "AVX512", "cpu_model": "AuthenticAMD 25/17/1"}
     resumed = {**here, "train_machines": json.dumps([{"from_step": 0, "device": xeon, "cpu_capability": "AVX512",

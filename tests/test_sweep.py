@@ -332,9 +332,10 @@ def test_the_cpu_study_queue_runs_every_contrast_strategy_first_and_names_only_r
 
 def test_the_cpu_study_queue_moves_another_cpus_base_scores_aside(tmp_path):
     """The worktree's code may key the base LM's cached text scores by the CPU's name only, and two
-    "AMD EPYC" models compute different numbers: when the recorded CPU identity differs from this
-    machine's, the queue moves text_base aside before any sweep (the next point rescores the base);
-    on the same CPU it keeps it. Checked with a stub python that answers the identity query."""
+    "AMD EPYC" models compute different numbers: unless the cache records this machine's CPU identity
+    (none recorded, or another one), the queue moves text_base aside before any sweep (the next point
+    rescores the base); on the recorded CPU it keeps it. Checked with a stub python that answers the
+    identity query."""
     cache = tmp_path / "cache"
     (cache / "text_base").mkdir(parents=True)
     (cache / "text_base" / "abc.json").write_text("{}")
@@ -343,21 +344,27 @@ def test_the_cpu_study_queue_moves_another_cpus_base_scores_aside(tmp_path):
                     f"echo \"$@\" >> {tmp_path / 'calls'}\n")
     stub.chmod(0o755)
 
+    env = {k: v for k, v in ENV.items() if k not in ("WORKTREE", "DRY_RUN", "RUNS_DIR")}
+
     def queue(cpu):
         r = subprocess.run(["bash", str(ROOT / "scripts" / "study_cpu.sh")],
-                           env={**ENV, "PY": str(stub), "FUSIONBENCH_CACHE": str(cache), "STUB_CPU": cpu},
+                           env={**env, "PY": str(stub), "FUSIONBENCH_CACHE": str(cache), "STUB_CPU": cpu},
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         return r.stdout
 
-    assert "assuming this one (AVX512 25/17)" in queue("AVX512 25/17")  # no record yet: kept
-    assert (cache / "text_base" / "abc.json").exists()
-    sweeps = len((tmp_path / "calls").read_text().splitlines())
-    assert "moved" not in queue("AVX512 25/17")
-    assert (cache / "text_base" / "abc.json").exists()
-    out = queue("AVX2 25/1")
-    assert "is not the one the cached base LM scores came from (AVX512 25/17)" in out
+    # no record of the CPU that computed them: moved aside, this CPU recorded
+    assert "(no record): moved them to" in queue("AVX512 25/17")
     assert not (cache / "text_base").exists() and len(list(cache.glob("text_base.other-cpu.*/abc.json"))) == 1
+    assert (cache / "cpu_identity").read_text().strip() == "AVX512 25/17"
+    sweeps = len((tmp_path / "calls").read_text().splitlines())
+    (cache / "text_base").mkdir()
+    (cache / "text_base" / "def.json").write_text("{}")
+    assert "moved" not in queue("AVX512 25/17")  # the same CPU: kept
+    assert (cache / "text_base" / "def.json").exists()
+    out = queue("AVX2 25/1")
+    assert "not recorded as the one the cached base LM scores came from (AVX512 25/17)" in out
+    assert not (cache / "text_base").exists() and len(list(cache.glob("text_base.other-cpu.*/def.json"))) == 1
     assert (cache / "cpu_identity").read_text().strip() == "AVX2 25/1"
     assert len((tmp_path / "calls").read_text().splitlines()) == 3 * sweeps > 0  # every sweep ran, each time
 

@@ -38,8 +38,8 @@ class Conditioning:
     def set(self, **values: Any) -> Iterator[None]:
         previous = {k: self._state.get(k, _MISSING) for k in values}
         self._state.update(values)
-        self._changed()
         try:
+            self._changed()
             yield
         finally:
             for k, v in previous.items():
@@ -129,7 +129,7 @@ class TokenRouting(Conditioning):
         # would break every block's graph in two
         self._plans, self._sorted = {}, None
         mask = self.get("image_mask")
-        if mask is not None:
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:  # anything else: plan() says what is wrong
             self._plans[mask.shape[1]] = self._split(mask, mask.shape[1])
 
     def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
