@@ -81,12 +81,18 @@ def test_visual_expert_forward_flops_equal_the_base_lm(arch):
     assert ours.get_total_flops() == base.get_total_flops()
 
 
-def test_expert_linear_routed_equals_unrouted_reference():
+def _routed_linear():
+    """A seeded Linear(16, 24), its routing and its ImageRowExpert with an expert unlike the base."""
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 24)
     routing = TokenRouting()
     layer = ImageRowExpert(base, routing)
     _perturb(layer.expert.parameters(), scale=0.5)
+    return base, routing, layer
+
+
+def test_expert_linear_routed_equals_unrouted_reference():
+    base, routing, layer = _routed_linear()
     x = torch.randn(3, 10, 16)
     mask = torch.rand(3, 10) < 0.4
     with routing.set(image_mask=mask):
@@ -107,11 +113,7 @@ def test_routing_plans_the_mask_when_it_is_set_and_restores_state_after_a_bad_on
     """The image-row plan is made by ``set()`` (outside compiled blocks), nested masks get their own
     plan back on exit, and a mask of the wrong shape is plan()'s one clear error at the forward, with
     the previous state restored afterwards."""
-    torch.manual_seed(0)
-    base = torch.nn.Linear(16, 24)
-    routing = TokenRouting()
-    layer = ImageRowExpert(base, routing)
-    _perturb(layer.expert.parameters(), scale=0.5)
+    base, routing, layer = _routed_linear()
     x = torch.randn(2, 6, 16)
     outer, inner = torch.rand(2, 6) < 0.5, torch.rand(2, 6) < 0.5
     with routing.set(image_mask=outer):
