@@ -25,7 +25,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -113,9 +113,10 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
 
 def _replaced_on_other_device(df: pd.DataFrame, key: list[str]) -> list[str]:
     """The rows the newest-row rule drops although they ran on another device (or numeric path:
-    :func:`_same_path`) than the row that replaces them: a rerun of the same configuration and seed on another CPU is a replication (the
-    same seed gives other numbers there), not a correction; the report says so instead of swapping
-    numbers silently (``fusionbench report`` prints these as warnings)."""
+    :func:`_same_path`) than the row that replaces them: a rerun of the same configuration and seed
+    on another CPU is a replication (the same seed gives other numbers there), not a correction; the
+    report says so instead of swapping numbers silently (``fusionbench report`` prints these as
+    warnings)."""
     if "device" not in df:
         return []
     metric = "mm/choice/acc"
@@ -124,8 +125,8 @@ def _replaced_on_other_device(df: pd.DataFrame, key: list[str]) -> list[str]:
     for _, g in df[df.duplicated(subset=key, keep=False)].groupby(key, sort=False):
         newest = g.iloc[-1]
         for _, old in g.iloc[:-1].iterrows():
-            if pd.notna(old["device"]) and pd.notna(newest["device"]) and not _same_path(_numeric_path(old),
-                                                                                          _numeric_path(newest)):
+            moved = not _same_path(_numeric_path(old), _numeric_path(newest))
+            if pd.notna(old["device"]) and pd.notna(newest["device"]) and moved:
                 out.append(f"{newest['table']}: {newest.get('strategy')} seed {newest.get('seed')} stage {newest['stage']} "
                            f"(config {str(newest['config_hash'])[:12]}) ran on {old['device']}{value(old)} and again on "
                            f"{newest['device']}{value(newest)}; the report shows the newer row only")
@@ -883,7 +884,15 @@ def _train_machines(row) -> tuple | None:
                          for m in json.loads(raw)}))
 
 
-def _numeric_path(row: pd.Series) -> tuple:
+class NumericPath(NamedTuple):
+    device: Any
+    cpu_capability: Any
+    cpu_model: Any
+    machines: tuple | None  # :func:`_train_machines`
+    fingerprint: tuple[float, float] | None  # (prose tokens, the base LM's log-ppl of them)
+
+
+def _numeric_path(row) -> NumericPath:
     """What a row records of the numeric path its run took, beyond ``device`` (a CPU's marketing
     name): the instruction set torch dispatched to and the CPU's model (``cpu_capability``,
     ``cpu_model``: rows from 812d516 on), every machine a run resumed across sessions trained on
@@ -894,20 +903,21 @@ def _numeric_path(row: pd.Series) -> tuple:
     that filled that machine's cache). :func:`_same_path` compares each part where both rows have it."""
     fingerprint = row.get("base/text/austen/log_ppl")
     tokens = row.get("base/text/austen/tokens")  # the fingerprint holds for one amount of prose only
-    return (row.get("device"), row.get("cpu_capability"), row.get("cpu_model"), _train_machines(row),
-            None if pd.isna(fingerprint) or pd.isna(tokens) else (float(tokens), float(fingerprint)))
+    return NumericPath(row.get("device"), row.get("cpu_capability"), row.get("cpu_model"), _train_machines(row),
+                       None if pd.isna(fingerprint) or pd.isna(tokens) else (float(tokens), float(fingerprint)))
 
 
-def _same_path(a: tuple, b: tuple) -> bool:
+def _same_path(a: NumericPath, b: NumericPath) -> bool:
     """Two rows' :func:`_numeric_path`: the same device, and each other part equal where both have it
     (the fingerprint only where both scored the same amount of prose)."""
-    if a[0] != b[0] and not (pd.isna(a[0]) and pd.isna(b[0])):
+    if a.device != b.device and not (pd.isna(a.device) and pd.isna(b.device)):
         return False
-    if any(x != y for x, y in zip(a[1:3], b[1:3]) if not pd.isna(x) and not pd.isna(y)):
+    if any(x != y for x, y in ((a.cpu_capability, b.cpu_capability), (a.cpu_model, b.cpu_model))
+           if not pd.isna(x) and not pd.isna(y)):
         return False
-    if a[3] is not None and b[3] is not None and a[3] != b[3]:
+    if a.machines is not None and b.machines is not None and a.machines != b.machines:
         return False
-    fa, fb = a[4], b[4]
+    fa, fb = a.fingerprint, b.fingerprint
     return fa is None or fb is None or fa[0] != fb[0] or fa[1] == fb[1]
 
 
@@ -922,7 +932,7 @@ def _hardware_pairing(a: pd.DataFrame, b: pd.DataFrame, seeds: list[int]) -> str
         return "unrecorded"
     path = {k: {int(s): _numeric_path(g.iloc[-1]) for s, g in frame.groupby(frame["seed"].astype(int))}
             for k, frame in (("a", a), ("b", b))}
-    if any(s not in path[k] or pd.isna(path[k][s][0]) for k in path for s in seeds):  # a seed without a device
+    if any(s not in path[k] or pd.isna(path[k][s].device) for k in path for s in seeds):  # a seed without a device
         return "unrecorded"
     differ = sum(not _same_path(path["a"][s], path["b"][s]) for s in seeds)
     return "same" if not differ else f"differs in {differ} of {len(seeds)} seeds"
@@ -1119,8 +1129,9 @@ def _cpu_cells(records: list[dict]) -> list[str]:
     other)`` where a run resumed across sessions also trained on k other machines. So the table
     shows which runs computed on the same kernels."""
     names = [_cpu(r.get("device")) for r in records]
-    paths = [_numeric_path(pd.Series(r)) for r in records]
-    known = [any(p is not None and not (isinstance(p, float) and pd.isna(p)) for p in path[1:]) for path in paths]
+    paths = [_numeric_path(r) for r in records]
+    known = [any(p is not None and not (isinstance(p, float) and pd.isna(p)) for p in path[1:])  # beyond the device
+             for path in paths]
     seen: dict[str, list[tuple]] = {}
     index: list[int | None] = []
     for name, path, evidence in zip(names, paths, known):
@@ -1138,7 +1149,7 @@ def _cpu_cells(records: list[dict]) -> list[str]:
         cell = name + ((f" #{k + 1}" if k is not None else " #?") if len(seen[name]) > 1 else "")
         if isinstance(r.get("cpu_capability"), str):
             cell += f" {r['cpu_capability']}"
-        others = len(path[3] or ()) - 1
+        others = len(path.machines or ()) - 1
         cells.append(cell + (f" (+{others} other)" if others > 0 else ""))
     return cells
 

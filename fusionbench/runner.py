@@ -152,8 +152,9 @@ def text_backend(cfg: DictConfig, part: str = "full") -> str:
 def base_text_key(cfg: DictConfig, device: torch.device, part: str = "full") -> str:
     """The cache key of the base LM's text-suite scores: the LM, the suite and its version, and what
     changes float reductions (threads, device; on the CPU its instruction set and family/model, off it
-    the accelerator type, CUDA and torch versions), since exact-zero forgetting needs the base scored by the same kernels as the trained
-    model. Plain strings only (``torch.__version__`` is a ``TorchVersion``, which omegaconf refuses)."""
+    the accelerator type, CUDA and torch versions), since exact-zero forgetting needs the base scored
+    by the same kernels as the trained model. Plain strings only (``torch.__version__`` is a
+    ``TorchVersion``, which omegaconf refuses)."""
     from fusionbench.evaluation.text_suite import SUITE_VERSION
 
     version = SUITE_VERSION
