@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -171,3 +172,29 @@ def test_prepare_all_goes_past_an_asset_that_cannot_be_had_and_names_it(monkeypa
     assert "prepared all but 1 of 4 assets: cifar_grid (https://pypi.org/simple/bigbench/ lists no sdist" in err.err
     with pytest.raises(AssetUnavailable, match=r"^prepared all but 1 of 1 assets: cifar_grid"):  # by name alone
         catalog.prepare(["cifar_grid"])
+
+
+@pytest.mark.skipif(not shutil.which("dpkg-deb"), reason="needs Debian's dpkg-deb")
+def test_processes_side_by_side_unpack_a_debian_package_once_and_all_read_it_whole(tmp_path, monkeypatch):
+    """scripts/gpu_lease.sh starts its sweeps side by side on an empty cache: each finds the whole
+    tree (one unpacks, the others wait), none sees another's half-removed one."""
+    pkg = tmp_path / "pkg"
+    for i in range(1500):  # enough files that an unpack takes a while
+        f = pkg / "usr/share/fbtest" / f"{i // 100}" / f"{i}.txt"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(str(i))
+    (pkg / "DEBIAN").mkdir()
+    (pkg / "DEBIAN/control").write_text("Package: fbtest\nVersion: 1.0\nArchitecture: all\n"
+                                        "Maintainer: t <t@t>\nDescription: t\n")
+    cache = tmp_path / "cache"
+    (cache / "debian/fbtest").mkdir(parents=True)
+    subprocess.run(["dpkg-deb", "-Znone", "--build", str(pkg), str(cache / "debian/fbtest/fbtest_1.0_all.deb")],
+                   check=True, capture_output=True)
+    code = ("import sys; from fusionbench.assets.debian import debian_package_dir as d; t = d('fbtest');"
+            "n = len(list((t / 'usr/share/fbtest').rglob('*.txt'))); sys.exit(0 if n == 1500 else f'{n} files')")
+    env = {**os.environ, "FUSIONBENCH_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    assert not (cache / "debian/fbtest/tree.tmp").exists()

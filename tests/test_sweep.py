@@ -426,8 +426,11 @@ def test_gpu_lease_runs_the_check_and_the_points_side_by_side_and_packs_them(tmp
     with tarfile.open(tmp_path / "gpu_lease.tar.gz") as tar:
         tar.extractall(tmp_path / "pack", filter="data")
     pack = tmp_path / "pack"
-    assert [line.split()[-1] for line in (pack / "logs" / "lease.txt").read_text().splitlines()
-            if line.startswith("pid ")] == ["0", "0"]  # the check, the mlp sweep
+    lease = (pack / "logs" / "lease.txt").read_text()
+    tails = "".join(f"\n--- {log.name}, last lines:\n" + "\n".join(log.read_text().splitlines()[-25:])
+                    for log in sorted((pack / "logs").glob("*.log")))
+    assert [line.split()[-1] for line in lease.splitlines()
+            if line.startswith("pid ")] == ["0", "0"], lease + tails  # the check, the mlp sweep
     check, point = read_results(pack / "check.jsonl").iloc[0], read_results(pack / "main_gpu.jsonl").iloc[0]
     assert check["steps"] == point["steps"] == 4 and point["strategy"] == "mlp" and point["seed"] == 0
     [metrics] = list(pack.glob("points/mlp-*-s0/main/metrics.csv"))  # per stage

@@ -3,6 +3,7 @@
 ``apt-get download`` into the cache once, then ``dpkg-deb -x`` into a cache folder."""
 from __future__ import annotations
 
+import fcntl
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,16 @@ def debian_package_dir(package: str) -> Path:
     tree = root / "tree"
     if (root / ".unpacked").exists():
         return tree
+    # processes side by side (scripts/gpu_lease.sh, a sweep beside a test) unpack one at a time:
+    # the second finds the first's tree instead of removing it while the first reads it
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".unpacked").exists():
+            _fetch_and_unpack(package, root, tree)
+    return tree
+
+
+def _fetch_and_unpack(package: str, root: Path, tree: Path) -> None:
     debs = sorted(root.glob(f"{package}_*.deb"))
     if not debs:
         if not shutil.which("apt-get"):
@@ -38,4 +49,3 @@ def debian_package_dir(package: str) -> Path:
     shutil.rmtree(tree, ignore_errors=True)
     tmp.replace(tree)
     (root / ".unpacked").touch()
-    return tree

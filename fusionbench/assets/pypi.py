@@ -195,23 +195,36 @@ def _extracted(out_dir: Path, member_globs: list[str]) -> dict[str, Path]:
 
 
 def _extract(archive: Path, out_dir: Path, globs: list[str]) -> dict[str, str]:
+    """Extract the first member matching each glob into ``out_dir``, each through a private
+    folder and one rename: a process reading a member another one extracted again (sweeps side
+    by side on an empty cache) reads the whole file, never one being rewritten."""
+    import shutil
+
     found: dict[str, str] = {}
-    if archive.suffix in (".whl", ".zip"):
-        with zipfile.ZipFile(archive) as zf:
-            for glob in globs:
-                names = [n for n in zf.namelist() if fnmatch.fnmatch(n, glob)]
-                if names:
-                    zf.extract(names[0], out_dir)
-                    found[glob] = names[0]
-    else:
-        with tarfile.open(archive) as tf:
-            for member in tf:
-                glob = next((g for g in globs if g not in found and fnmatch.fnmatch(member.name, g)), None)
-                if glob is not None:
-                    tf.extract(member, out_dir, filter="data")
-                    found[glob] = member.name
-                    if len(found) == len(globs):
-                        break
+    remove_stale_partials(out_dir)  # a killed extraction's private folder
+    private = out_dir / f".extract.tmp-{os.getpid()}"
+    try:
+        if archive.suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                for glob in globs:
+                    names = [n for n in zf.namelist() if fnmatch.fnmatch(n, glob)]
+                    if names:
+                        zf.extract(names[0], private)
+                        found[glob] = names[0]
+        else:
+            with tarfile.open(archive) as tf:
+                for member in tf:
+                    glob = next((g for g in globs if g not in found and fnmatch.fnmatch(member.name, g)), None)
+                    if glob is not None:
+                        tf.extract(member, private, filter="data")
+                        found[glob] = member.name
+                        if len(found) == len(globs):
+                            break
+        for name in found.values():
+            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(private / name, out_dir / name)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
     missing = [g for g in globs if g not in found]
     if missing:
         raise AssetUnavailable(f"{archive.name} has no member matching {missing}")
