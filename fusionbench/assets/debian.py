@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fusionbench.assets.paths import cache_dir
+from fusionbench.assets.paths import cache_dir, install_dir
 from fusionbench.errors import AssetUnavailable
 
 
@@ -46,6 +46,5 @@ def _fetch_and_unpack(package: str, root: Path, tree: Path) -> None:
     proc = subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise AssetUnavailable(f"cannot unpack {debs[-1].name}: {proc.stderr.strip()}")
-    shutil.rmtree(tree, ignore_errors=True)
-    tmp.replace(tree)
+    install_dir(tmp, tree)
     (root / ".unpacked").touch()
