@@ -175,7 +175,7 @@ def test_prepare_all_goes_past_an_asset_that_cannot_be_had_and_names_it(monkeypa
 
 
 @pytest.mark.skipif(not shutil.which("dpkg-deb"), reason="needs Debian's dpkg-deb")
-def test_processes_side_by_side_unpack_a_debian_package_once_and_all_read_it_whole(tmp_path, monkeypatch):
+def test_processes_side_by_side_unpack_a_debian_package_once_and_all_read_it_whole(tmp_path):
     """scripts/gpu_lease.sh starts its sweeps side by side on an empty cache: each finds the whole
     tree (one unpacks, the others wait), none sees another's half-removed one."""
     pkg = tmp_path / "pkg"
