@@ -206,8 +206,9 @@ class EvalConfig:
     curve_items_per_task: int = 8
     curve_prose_chunks: int = 2
     #: where evaluation runs: ``auto`` (where training runs: rank 0's device as Lightning resolves
-    #: the top-level ``trainer.accelerator`` / ``devices`` on this machine, the CPU where this machine has none of
-    #: them, as when a GPU run is evaluated on a laptop) or a torch device (``cpu``, ``cuda``,
+    #: ``trainer.accelerator`` / ``devices`` on this machine, a stage's over the top-level ones (every stage
+    #: must train on one device), the CPU where this machine has none of them, as when a GPU run is
+    #: evaluated on a laptop) or a torch device (``cpu``, ``cuda``,
     #: ``cuda:1``, ``mps``). The base LM's text scores are computed on the same device (the
     #: forgetting curve's on the training device), so a frozen text path still forgets exactly 0
     device: str = "auto"

@@ -51,7 +51,7 @@ class Prepared:
         self.cfg = cfg
         # where evaluation and the forgetting curve compute (checked before any asset loads)
         self.eval_device = eval_device(cfg)
-        self.train_device = training_device(cfg.trainer) or torch.device("cpu")
+        self.train_device = run_training_device(cfg)  # every stage's (one device; the curve scores there)
         log(f"preparing {cfg.name}: fusion={cfg.fusion.name} lm={cfg.lm.source} vision={cfg.vision.source} "
             f"data={cfg.data.name} seed={cfg.seed}")
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -189,11 +189,26 @@ def training_device(tcfg: DictConfig) -> torch.device | None:
     return _TRAINING_DEVICES[key]
 
 
+def run_training_device(cfg: DictConfig) -> torch.device:
+    """Where ``cfg``'s stages train (each stage's ``trainer.*`` over the top-level ones; the CPU
+    where Lightning refuses them here). One device for the whole run: the forgetting curve during
+    every stage and the final scores compare against the base LM scored once, on one device's
+    kernels, so stages that would train on different devices are one clear error before any compute."""
+    where = {stage.name: training_device(stage.trainer) or torch.device("cpu") for stage in stage_plan(cfg)}
+    if len(set(where.values())) > 1:
+        named = ", ".join(f"{name}: {device}" for name, device in where.items())
+        raise FusionBenchError(f"the stages would train on different devices ({named}); the forgetting curve and "
+                               "the evaluation score against the base LM on one device: give every stage the same "
+                               "trainer.accelerator / trainer.devices (set them at the top level)")
+    return next(iter(where.values()))
+
+
 def eval_device(cfg: DictConfig) -> torch.device:
-    """Where ``cfg``'s evaluation runs (``eval.device``; ``auto``: :func:`training_device`, else
-    the CPU). A device this machine does not have is one clear error, before any compute."""
+    """Where ``cfg``'s evaluation runs (``eval.device``; ``auto``: where its stages train,
+    :func:`run_training_device`). A device this machine does not have is one clear error, before
+    any compute."""
     if cfg.eval.device == "auto":
-        return training_device(cfg.trainer) or torch.device("cpu")
+        return run_training_device(cfg)
     device = torch.device(cfg.eval.device)
     if device.type == "meta":
         raise FusionBenchError("eval.device=meta: a meta tensor has no values to evaluate; use eval.device=auto or cpu")

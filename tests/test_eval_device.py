@@ -114,3 +114,23 @@ def test_the_base_scores_cache_key_names_the_cpus_numeric_path(monkeypatch):
         assert base_text_key(cfg, torch.device("cpu")) != here, other
     monkeypatch.setattr(runner, "cpu_identity", lambda: dict(identity))
     assert base_text_key(cfg, torch.device("cpu")) == here
+
+
+def test_auto_follows_where_the_stages_train_and_stages_on_two_devices_are_refused(monkeypatch):
+    """A stage's ``trainer.accelerator`` beats the top-level one for its training, so ``auto``
+    evaluates where the stages train (it followed the top level only: a recipe that put the GPU in its
+    stages was scored on the CPU, against a base LM scored there). Stages on two devices cannot share
+    one base score: one error naming them. This machine may lack a GPU: Lightning's answer is faked."""
+    from fusionbench import runner
+
+    monkeypatch.setattr(runner, "training_device", lambda t: torch.device("cuda", 0) if t.accelerator == "gpu"
+                        else torch.device("cpu"))
+    both = tiny_cfg("fusion=moe", "stages=[{name: dense, trainer: {accelerator: gpu}}, "
+                                  "{name: upcycle, trainer: {accelerator: gpu}}]")
+    assert both.trainer.accelerator == "cpu" and eval_device(both) == torch.device("cuda", 0)
+    assert eval_device(tiny_cfg("fusion=moe", "stages=[{name: dense}, {name: upcycle}]")) == torch.device("cpu")
+    one = tiny_cfg("fusion=moe", "stages=[{name: dense}, {name: upcycle, trainer: {accelerator: gpu}}]")
+    with pytest.raises(FusionBenchError, match=r"stages would train on different devices \(dense: cpu, "
+                                               r"upcycle: cuda:0\).*same trainer.accelerator"):
+        eval_device(one)
+    assert eval_device(tiny_cfg("fusion=moe", "stages=[{name: dense}, {name: upcycle}]", "eval.device=cpu")).type == "cpu"
