@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The CPU study's background queue (issue 14), in its pre-registered order: the main grid's contrast
-# strategies first (every seed of one before the next), then the rest of the learning-rate sweep,
-# then the compute-matched ablation. Every step is `fusionbench sweep`, which skips finished points
-# (rows in results/*.jsonl) and resumes killed ones from their newest checkpoint, so rerunning this
-# script after a kill, a reboot or a session end continues where it stopped.
+# The CPU study's background queue (issue 14), contrasts first: the main grid's contrast
+# strategies first (every seed of one before the next), then the compute-matched ablation (it runs
+# the contrasts' strategies too), then the rest of the learning-rate sweep (the other strategies').
+# Every step is `fusionbench sweep`, which skips finished points (rows in results/*.jsonl) and
+# resumes killed ones from their newest checkpoint, so rerunning this script after a kill, a reboot
+# or a session end continues where it stopped.
 #
 #   bash scripts/study_cpu.sh                       # in this checkout
 #   WORKTREE=/work/wt2 bash scripts/study_cpu.sh    # in a detached worktree of HEAD (see below)
@@ -71,6 +72,6 @@ sw() {
 for v in "${MAIN_ORDER[@]}"; do
   sw experiments/main.yaml --only "$v"
 done
-sw experiments/ablations/lr.yaml
 sw experiments/ablations/compute_matched.yaml
+sw experiments/ablations/lr.yaml
 exit $((failed > 0))

@@ -317,7 +317,8 @@ def test_the_cpu_study_queue_runs_every_contrast_strategy_first_and_names_only_r
     raw = OmegaConf.to_container(OmegaConf.load(ROOT / "experiments" / "main.yaml").grid.variant)
     named = {v.get("label", v["fusion"]["name"]): v for v in raw}
     assert all("trainer.lr" in named[label] for label in order), [x for x in order if "trainer.lr" not in named[x]]
-    # the queue itself: one sweep per label, then lr.yaml and compute_matched.yaml, all dry runs
+    # the queue itself: one sweep per label, then compute_matched.yaml (the contrasts' strategies), then
+    # lr.yaml (the other strategies'), all dry runs
     stub = tmp_path / "py"
     stub.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
     stub.chmod(0o755)
@@ -326,8 +327,8 @@ def test_the_cpu_study_queue_runs_every_contrast_strategy_first_and_names_only_r
     assert r.returncode == 0, r.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == len(order) + 2 and all(c.endswith("--dry-run") for c in calls)
-    assert calls[-2].startswith("-m fusionbench sweep experiments/ablations/lr.yaml")
-    assert calls[-1].startswith("-m fusionbench sweep experiments/ablations/compute_matched.yaml")
+    assert calls[-2].startswith("-m fusionbench sweep experiments/ablations/compute_matched.yaml")
+    assert calls[-1].startswith("-m fusionbench sweep experiments/ablations/lr.yaml")
 
 
 def test_the_cpu_study_queue_moves_another_cpus_base_scores_aside(tmp_path):
