@@ -231,12 +231,16 @@ def check_writable(path: str | Path) -> None:
             raise FusionBenchError(f"results_file {path} is not a fusionbench results table (none of its first "
                                    f"{len(lines)} lines is a JSON object; the first: {shown!r}); it was left as it "
                                    f"is: choose another results_file; nothing was trained")
+    # A symlink (a worktree reaching another checkout's table) is checked at its target: the probe
+    # below may create the file, and must then remove that file, never the link to it.
+    target = path.resolve()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        existed = path.exists()
-        with _locked(path) as fd:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        existed = target.exists()
+        with _locked(target) as fd:
             if not existed and os.fstat(fd).st_size == 0:
-                path.unlink()  # checked, not created: a run that fails later leaves no empty table
+                target.unlink()  # checked, not created: a run that fails later leaves no empty table
     except OSError as e:
         raise FusionBenchError(f"results_file {path} is not writable ({e.strerror}): set results_file to a "
                                "writable place; nothing was trained") from None
@@ -312,17 +316,18 @@ def check(path: str | Path, repair: bool = False) -> dict[str, Any]:
         raise FusionBenchError(f"{path}: none of its {len(bad)} lines is a row, so it is not a results table "
                                "(or wholly damaged); --repair would empty it: left as it is")
     if repair and bad:
-        with _locked(path):
-            rows, bad, _ = _parse(path)  # again, under the lock
-            with open(f"{path}.corrupt", "a") as f:
+        real = path.resolve()  # through a symlink: rewrite the table it names, keep the link
+        with _locked(real):
+            rows, bad, _ = _parse(real)  # again, under the lock
+            with open(f"{real}.corrupt", "a") as f:
                 for lineno, text in bad:
-                    f.write(f"# {path.name}:{lineno}\n{text}\n")
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                    f.write(f"# {real.name}:{lineno}\n{text}\n")
+            fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(b"".join(json.dumps(r, sort_keys=True, default=str).encode() + b"\n" for r in rows))
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            os.replace(tmp, real)
     return {"file": str(path), "rows": len(rows), "corrupt_lines": [n for n, _ in bad], "repaired": bool(repair and bad)}
 
 

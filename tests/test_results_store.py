@@ -152,3 +152,35 @@ def test_a_table_with_a_partial_or_damaged_line_is_still_appended_to(tmp_path, c
     target.write_text(content)
     check_writable(target)
     assert target.read_text() == content
+
+
+def test_a_dangling_symlink_to_a_table_survives_the_check_and_rows_reach_its_target(tmp_path):
+    """A study worktree reaches main's tables through symlinks. When the target does not exist yet,
+    the check must remove the file it created at the target, never the link: otherwise the rows
+    land in a new file beside the link, not in the table the link names."""
+    from fusionbench.results import append_row, check_writable, read_rows
+
+    (tmp_path / "main").mkdir()
+    (tmp_path / "wt").mkdir()
+    target = tmp_path / "main" / "res.jsonl"
+    link = tmp_path / "wt" / "res.jsonl"
+    link.symlink_to(target)
+    check_writable(link)
+    assert link.is_symlink() and not target.exists()  # checked, not created; the link kept
+    append_row(link, {"strategy": "mlp", "seed": 0})
+    assert link.is_symlink()
+    assert [r["strategy"] for r in read_rows(target)] == ["mlp"]
+
+
+def test_repair_through_a_symlink_rewrites_the_target_and_keeps_the_link(tmp_path):
+    from fusionbench.results import check, read_rows
+
+    target = tmp_path / "res.jsonl"
+    target.write_text('{"strategy": "mlp"}\ngarbled\n{"strategy": "lora"}\n')
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    out = check(link, repair=True)
+    assert out["repaired"] and out["corrupt_lines"] == [2]
+    assert link.is_symlink()
+    assert [r["strategy"] for r in read_rows(target)] == ["mlp", "lora"]
+    assert "garbled" in (tmp_path / "res.jsonl.corrupt").read_text()
