@@ -189,6 +189,14 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def _real(path: Path) -> Path:
+    """The table a path names, through any symlinks: it is created, rewritten and given its
+    ``.corrupt`` file there, so a link (a study worktree's view of main's tables) stays a link.
+    ``os.path.realpath``, not ``Path.resolve``: a symlink loop then fails at ``open`` with ELOOP,
+    inside the callers' clear errors."""
+    return Path(os.path.realpath(path))
+
+
 def _move_partial_tail(path: Path, fd: int) -> None:
     """Under the lock: a last line without its newline (a writer killed mid-write) goes to
     ``<file>.corrupt`` and is cut off, so the next row starts on a line of its own."""
@@ -233,9 +241,8 @@ def check_writable(path: str | Path) -> None:
                                    f"is: choose another results_file; nothing was trained")
     # A symlink (a worktree reaching another checkout's table) is checked at its target: the probe
     # below may create the file, and must then remove that file, never the link to it.
-    target = path.resolve()
+    target = _real(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         existed = target.exists()
         with _locked(target) as fd:
@@ -249,7 +256,7 @@ def check_writable(path: str | Path) -> None:
 def append_row(path: str | Path, row: dict[str, Any]) -> None:
     """Append one row: one ``O_APPEND`` write of the whole line under an exclusive lock, fsynced.
     Concurrent writers (two sweeps sharing a results folder) never lose or interleave rows."""
-    path = Path(path)
+    path = _real(Path(path))  # through a symlink: the table it names (and its .corrupt beside it)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(row, sort_keys=True, default=str).encode() + b"\n"
     with _locked(path) as fd:
@@ -284,6 +291,13 @@ def _parse(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]], boo
     return rows, bad, partial_tail and bool(bad) and bad[-1][0] == len(lines)
 
 
+def _corrupt_name(path: Path) -> str:
+    """Where a table's corrupt lines go, as a user would look for it: beside the table, or the
+    full path when the table is reached through a symlink from elsewhere."""
+    real = _real(path)
+    return f"{path.name}.corrupt" if real == _real(path.parent) / path.name else f"{real}.corrupt"
+
+
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """Every row of a results table. A partial last line (a write in progress or cut short) is
     skipped with a warning; a corrupt line before it is an error naming file and line."""
@@ -298,7 +312,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         lineno, text = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise FusionBenchError(f"{path}:{lineno}: not a JSON row: {text[:80]!r}{more}; "
-                               f"`fusionbench results check --repair {path}` moves corrupt lines to {path.name}.corrupt")
+                               f"`fusionbench results check --repair {path}` moves corrupt lines to {_corrupt_name(path)}")
     return rows
 
 
@@ -316,7 +330,7 @@ def check(path: str | Path, repair: bool = False) -> dict[str, Any]:
         raise FusionBenchError(f"{path}: none of its {len(bad)} lines is a row, so it is not a results table "
                                "(or wholly damaged); --repair would empty it: left as it is")
     if repair and bad:
-        real = path.resolve()  # through a symlink: rewrite the table it names, keep the link
+        real = _real(path)  # through a symlink: rewrite the table it names, keep the link
         with _locked(real):
             rows, bad, _ = _parse(real)  # again, under the lock
             with open(f"{real}.corrupt", "a") as f:

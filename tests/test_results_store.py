@@ -76,7 +76,7 @@ def test_partial_last_line_is_skipped_then_moved_aside(tmp_path, capsys):
 def test_corrupt_line_mid_file_is_an_error_naming_file_and_line_and_check_repairs_it(tmp_path, capsys):
     path = tmp_path / "res.jsonl"
     path.write_text('{"a": 1}\n{"a": 2, oops\n{"a": 3}\n')
-    with pytest.raises(FusionBenchError, match=r"res.jsonl:2: not a JSON row.*results check --repair"):
+    with pytest.raises(FusionBenchError, match=r"res.jsonl:2: not a JSON row.*results check --repair.* to res\.jsonl\.corrupt$"):
         read_results(path)
     assert main(["results", "check", str(path)]) == 1
     assert "2 rows, 1 corrupt line(s): 2" in capsys.readouterr().out
@@ -164,7 +164,7 @@ def test_a_dangling_symlink_to_a_table_survives_the_check_and_rows_reach_its_tar
     (tmp_path / "wt").mkdir()
     target = tmp_path / "main" / "res.jsonl"
     link = tmp_path / "wt" / "res.jsonl"
-    link.symlink_to(target)
+    link.symlink_to(os.path.relpath(target, link.parent))  # relative, as a worktree's links are
     check_writable(link)
     assert link.is_symlink() and not target.exists()  # checked, not created; the link kept
     append_row(link, {"strategy": "mlp", "seed": 0})
@@ -179,8 +179,40 @@ def test_repair_through_a_symlink_rewrites_the_target_and_keeps_the_link(tmp_pat
     target.write_text('{"strategy": "mlp"}\ngarbled\n{"strategy": "lora"}\n')
     link = tmp_path / "link.jsonl"
     link.symlink_to(target)
+    with pytest.raises(FusionBenchError) as err:
+        read_rows(link)
+    assert str(err.value).endswith(f"moves corrupt lines to {os.path.realpath(target)}.corrupt")  # where repair puts them
     out = check(link, repair=True)
     assert out["repaired"] and out["corrupt_lines"] == [2]
     assert link.is_symlink()
     assert [r["strategy"] for r in read_rows(target)] == ["mlp", "lora"]
     assert "garbled" in (tmp_path / "res.jsonl.corrupt").read_text()
+
+
+def test_a_partial_tail_reached_through_a_symlink_goes_beside_the_target(tmp_path):
+    """One place for a table's corrupt lines: beside the table itself, also when a writer reaches it
+    through a link (and the link stays a link)."""
+    from fusionbench.results import append_row, read_rows
+
+    (tmp_path / "main").mkdir()
+    (tmp_path / "wt").mkdir()
+    target = tmp_path / "main" / "res.jsonl"
+    target.write_text('{"strategy": "mlp"}\n{"strategy": "lo')
+    link = tmp_path / "wt" / "res.jsonl"
+    link.symlink_to(os.path.relpath(target, link.parent))
+    append_row(link, {"strategy": "lora"})
+    assert link.is_symlink() and not (tmp_path / "wt" / "res.jsonl.corrupt").exists()
+    assert (tmp_path / "main" / "res.jsonl.corrupt").read_text() == '{"strategy": "lo\n'
+    assert [r["strategy"] for r in read_rows(target)] == ["mlp", "lora"]
+
+
+def test_a_symlink_loop_as_results_file_is_one_clear_error(tmp_path):
+    from fusionbench.errors import FusionBenchError
+    from fusionbench.results import check_writable
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(FusionBenchError, match="not writable"):
+        check_writable(a)
+    assert a.is_symlink() and b.is_symlink()
