@@ -158,7 +158,7 @@ def test_a_dangling_symlink_to_a_table_survives_the_check_and_rows_reach_its_tar
     """A study worktree reaches main's tables through symlinks. When the target does not exist yet,
     the check must remove the file it created at the target, never the link: otherwise the rows
     land in a new file beside the link, not in the table the link names."""
-    from fusionbench.results import append_row, check_writable, read_rows
+    from fusionbench.results import check_writable
 
     (tmp_path / "main").mkdir()
     (tmp_path / "wt").mkdir()
@@ -173,8 +173,6 @@ def test_a_dangling_symlink_to_a_table_survives_the_check_and_rows_reach_its_tar
 
 
 def test_repair_through_a_symlink_rewrites_the_target_and_keeps_the_link(tmp_path):
-    from fusionbench.results import check, read_rows
-
     target = tmp_path / "res.jsonl"
     target.write_text('{"strategy": "mlp"}\ngarbled\n{"strategy": "lora"}\n')
     link = tmp_path / "link.jsonl"
@@ -192,8 +190,6 @@ def test_repair_through_a_symlink_rewrites_the_target_and_keeps_the_link(tmp_pat
 def test_a_partial_tail_reached_through_a_symlink_goes_beside_the_target(tmp_path):
     """One place for a table's corrupt lines: beside the table itself, also when a writer reaches it
     through a link (and the link stays a link)."""
-    from fusionbench.results import append_row, read_rows
-
     (tmp_path / "main").mkdir()
     (tmp_path / "wt").mkdir()
     target = tmp_path / "main" / "res.jsonl"
@@ -207,7 +203,6 @@ def test_a_partial_tail_reached_through_a_symlink_goes_beside_the_target(tmp_pat
 
 
 def test_a_symlink_loop_as_results_file_is_one_clear_error(tmp_path):
-    from fusionbench.errors import FusionBenchError
     from fusionbench.results import check_writable
 
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
