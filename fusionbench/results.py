@@ -352,8 +352,12 @@ def read_results(path: str | Path) -> pd.DataFrame:
     # json, not pd.read_json: the latter "infers" types and turns per-item strings such as
     # "0110..." (mm/choice/items) into floats
     df = pd.DataFrame(rows)
-    for col in df.columns:  # integral float columns without gaps read as integers (counts, layers)
-        x = df[col]
-        if x.dtype == float and x.notna().all() and len(x) and bool((x == x.round()).all()):
-            df[col] = x.astype("int64")
-    return df
+    # integral float columns without gaps read as integers (counts, layers)
+    ints = {
+        col: "int64"
+        for col, x in df.items()
+        if x.dtype == float and x.notna().all() and len(x) and bool((x == x.round()).all())
+    }
+    # astype leaves one block per converted column; copy() consolidates them, else a table of
+    # hundreds of columns is "highly fragmented" and pandas warns on every later insert
+    return df.astype(ints).copy() if ints else df

@@ -73,6 +73,23 @@ def test_partial_last_line_is_skipped_then_moved_aside(tmp_path, capsys):
     assert list(read_results(path).a) == [1, 3]
 
 
+def test_wide_table_reads_with_integer_columns_and_unfragmented(tmp_path):
+    # a result row has hundreds of columns (per-template metrics); reading converted them one by
+    # one, which left the frame so fragmented that every later insert warned (report.load_all)
+    import warnings
+
+    import pandas as pd
+
+    path = tmp_path / "res.jsonl"
+    for i in range(2):
+        append_row(path, {"items": "0110", "ratio": 0.5 + i, **{f"n{k}": float(k + i) for k in range(300)}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.PerformanceWarning)
+        df = read_results(path).assign(table="res", origin="")
+    assert df["n7"].dtype == "int64" and list(df["n7"]) == [7, 8]
+    assert df["ratio"].dtype == float and df["items"].tolist() == ["0110", "0110"]
+
+
 def test_corrupt_line_mid_file_is_an_error_naming_file_and_line_and_check_repairs_it(tmp_path, capsys):
     path = tmp_path / "res.jsonl"
     path.write_text('{"a": 1}\n{"a": 2, oops\n{"a": 3}\n')
