@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
+import pandas as pd
 import pytest
 
 from fusionbench.cli import main
@@ -76,10 +78,6 @@ def test_partial_last_line_is_skipped_then_moved_aside(tmp_path, capsys):
 def test_wide_table_reads_with_integer_columns_and_unfragmented(tmp_path):
     # a result row has hundreds of columns (per-template metrics); reading converted them one by
     # one, which left the frame so fragmented that every later insert warned (report.load_all)
-    import warnings
-
-    import pandas as pd
-
     path = tmp_path / "res.jsonl"
     for i in range(2):
         append_row(path, {"items": "0110", "ratio": 0.5 + i, **{f"n{k}": float(k + i) for k in range(300)}})
