@@ -921,6 +921,11 @@ def _same_path(a: NumericPath, b: NumericPath) -> bool:
     return fa is None or fb is None or fa[0] != fb[0] or fa[1] == fb[1]
 
 
+def _seeds(n: int) -> str:
+    """``1 seed``, ``3 seeds``."""
+    return f"{n} seed{'' if n == 1 else 's'}"
+
+
 def _hardware_pairing(a: pd.DataFrame, b: pd.DataFrame, seeds: list[int]) -> str:
     """Whether the two sides of a contrast took the same numeric path, seed by seed: ``same`` or
     ``differs in k of n seeds``. The same seed gives the same numbers on one CPU model only (another
@@ -935,7 +940,7 @@ def _hardware_pairing(a: pd.DataFrame, b: pd.DataFrame, seeds: list[int]) -> str
     if any(s not in path[k] or pd.isna(path[k][s].device) for k in path for s in seeds):  # a seed without a device
         return "unrecorded"
     differ = sum(not _same_path(path["a"][s], path["b"][s]) for s in seeds)
-    return "same" if not differ else f"differs in {differ} of {len(seeds)} seeds"
+    return "same" if not differ else f"differs in {differ} of {_seeds(len(seeds))}"
 
 
 def format_p(p: float) -> str:
@@ -954,7 +959,7 @@ def comparisons_table(cmp: pd.DataFrame, out: Path, name: str = "comparisons") -
                      "p": format_p(r["p"]) if ok else "",
                      "p (Holm)": format_p(r["p_holm"]) if ok else "",
                      "MDE": f"{r['mde']:.3f}" if ok else "",
-                     "n": f"{int(r['seeds'])} seeds x {int(r['items'])} items" if ok else "",
+                     "n": f"{_seeds(int(r['seeds']))} x {int(r['items'])} items" if ok else "",
                      "hardware (a, b)": r.get("hardware", "") if ok else "",
                      "verdict": verdict_label(r) if ok else f"n/a: {r['why']}"})
     t = pd.DataFrame(rows, columns=["contrast", "a - b", "metric", "difference [95% CI]", "p", "p (Holm)", "MDE", "n",
@@ -975,7 +980,7 @@ def verdict_label(r: dict[str, Any]) -> str:
     if r["verdict"] == "n/a":
         return "n/a"
     seeds = int(r["seeds"])
-    return r["verdict"] if seeds >= FULL_SEEDS else f"{r['verdict']} (preliminary: {seeds} seed{'s' if seeds != 1 else ''})"
+    return r["verdict"] if seeds >= FULL_SEEDS else f"{r['verdict']} (preliminary: {_seeds(seeds)})"
 
 
 def verdict_sentence(r: dict[str, Any]) -> str:
@@ -984,7 +989,7 @@ def verdict_sentence(r: dict[str, Any]) -> str:
     is none yet (LaTeX)."""
     if r["verdict"] == "n/a":
         return f"no verdict yet ({_escape(r['why'])})"
-    n = f"{int(r['seeds'])} seed{'s' if int(r['seeds']) != 1 else ''}"
+    n = _seeds(int(r["seeds"]))
     n += f" $\\times$ {int(r['items'])} items" if r.get("unit") == "items" else ""
     if str(r.get("hardware", "same")).startswith("differs"):  # a paired difference that also holds a CPU change
         n += f" ({_escape(r['hardware'].replace('differs in', 'on different CPUs in'))})"

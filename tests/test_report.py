@@ -293,6 +293,12 @@ def test_a_contrast_says_where_its_two_sides_ran_on_different_cpus(tmp_path):
     same = comparisons(prepare(pd.DataFrame(rows)))
     assert same.iloc[0]["hardware"] == "same"
     assert "CPUs" not in comparison_numbers(same, tmp_path)[0].read_text()
+    # one seed: the table says so in the singular
+    rows[0]["device"] = "cpu:AMD EPYC x2"
+    one = comparisons(prepare(pd.DataFrame([r for r in rows if r["seed"] == rows[0]["seed"]])))
+    assert one.iloc[0]["hardware"] == "differs in 1 of 1 seed"
+    table = comparisons_table(one, tmp_path)[1].read_text()
+    assert "1 seed x " in table and "1 seeds" not in table and "(preliminary: 1 seed)" in table
 
 
 def test_two_cpus_with_one_name_are_told_apart_by_their_numeric_path():
