@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU study's background queue (issue 14), contrasts first: the main grid's contrast
 # strategies first (every seed of one before the next), then the compute-matched ablation (it runs
-# the contrasts' strategies too), then the rest of the learning-rate sweep (the other strategies').
+# the contrasts' strategies too), then the other strategies that have their rate (seed 0), then the
+# rest of the learning-rate sweep (the other strategies').
 # Every step is `fusionbench sweep`, which skips finished points (rows in results/*.jsonl) and
 # resumes killed ones from their newest checkpoint, so rerunning this script after a kill, a reboot
 # or a session end continues where it stopped.
@@ -18,12 +19,16 @@
 # refuses to continue under another unless FUSIONBENCH_RESUME_OTHER_CODE=1).
 #
 # main.yaml's linear, qformer, prefix and c_abstractor have no learning rate of their own until the
-# LR sweep has chosen one (by hand, into main.yaml, as the others'); add them to MAIN_ORDER then.
+# LR sweep has chosen one (by hand, into main.yaml, as the others'); add each to REST_ORDER then. They
+# are in no pre-registered contrast, so they run with seed 0 only (`seeds=[0]`: hash-neutral, the same
+# point as in the 3-seed grid), after the contrasts' grid and the compute-matched ablation and before
+# the rest of the LR sweep (a strategy with its rate waits for no other's).
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$HERE/.venv/bin/python}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
 MAIN_ORDER=("mlp" "blind (mlp)" "visual_expert" "flamingo" "full_finetune" "lora" "moe" "moe_scratch")
+REST_ORDER=("qformer")
 TABLES=(main ablation_lr ablation_compute_matched)
 
 DIR=$HERE
@@ -73,5 +78,8 @@ for v in "${MAIN_ORDER[@]}"; do
   sw experiments/main.yaml --only "$v"
 done
 sw experiments/ablations/compute_matched.yaml
+for v in "${REST_ORDER[@]}"; do
+  sw experiments/main.yaml --only "$v" "seeds=[0]"
+done
 sw experiments/ablations/lr.yaml
 exit $((failed > 0))

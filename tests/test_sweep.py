@@ -299,7 +299,8 @@ def test_the_cpu_study_queue_runs_every_contrast_strategy_first_and_names_only_r
     """scripts/study_cpu.sh (the background queue of the CPU study): every label it passes to
     ``--only`` is a point of experiments/main.yaml (a renamed variant fails here, not days into a
     sweep), every side of every pre-registered contrast is in it, and each of those has its own
-    learning rate; with DRY_RUN=1 it starts nothing (checked with a stub python that records calls)."""
+    learning rate; so has each of the other strategies it runs (REST_ORDER: seed 0 only, before the
+    rest of the LR sweep); with DRY_RUN=1 it starts nothing (checked with a stub python that records calls)."""
     import re
 
     from omegaconf import OmegaConf
@@ -314,9 +315,14 @@ def test_the_cpu_study_queue_runs_every_contrast_strategy_first_and_names_only_r
         assert select(points, [label]), label
     sides = {c[s] for c in cfg.contrasts for s in ("a", "b")}
     assert sides <= set(order), sorted(sides - set(order))
+    rest = re.findall(r'"([^"]+)"', re.search(r"^REST_ORDER=\((.*)\)$", script, re.M).group(1))
+    for label in rest:
+        assert select(points, [label]), label
+    assert not set(rest) & set(order)
     raw = OmegaConf.to_container(OmegaConf.load(ROOT / "experiments" / "main.yaml").grid.variant)
     named = {v.get("label", v["fusion"]["name"]): v for v in raw}
-    assert all("trainer.lr" in named[label] for label in order), [x for x in order if "trainer.lr" not in named[x]]
+    assert all("trainer.lr" in named[label] for label in order + rest), \
+        [x for x in order + rest if "trainer.lr" not in named[x]]
     # the queue itself: one sweep per label, then compute_matched.yaml (the contrasts' strategies), then
     # lr.yaml (the other strategies'), all dry runs
     stub = tmp_path / "py"
@@ -326,8 +332,11 @@ def test_the_cpu_study_queue_runs_every_contrast_strategy_first_and_names_only_r
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert len(calls) == len(order) + 2 and all(c.endswith("--dry-run") for c in calls)
-    assert calls[-2].startswith("-m fusionbench sweep experiments/ablations/compute_matched.yaml")
+    assert len(calls) == len(order) + len(rest) + 2 and all(c.endswith("--dry-run") for c in calls)
+    assert calls[len(order)].startswith("-m fusionbench sweep experiments/ablations/compute_matched.yaml")
+    # the other strategies with their rate: seed 0 only, before the rest of the LR sweep
+    assert calls[len(order) + 1:-1] == [f"-m fusionbench sweep experiments/main.yaml --only {v} seeds=[0] --dry-run"
+                                        for v in rest]
     assert calls[-1].startswith("-m fusionbench sweep experiments/ablations/lr.yaml")
 
 
