@@ -106,8 +106,13 @@ def test_paper_uses_only_what_the_report_writes_and_committed_tables_are_reprodu
     for path in sorted((ROOT / "paper" / "figures").glob("*.p*")):
         assert (out / "figures" / path.name).exists(), f"committed figure {path.name} is no longer produced"
     tex = (ROOT / "paper" / "main.tex").read_text()
-    macros = [out / "tables" / "numbers.tex", *sorted((out / "tables").glob("*comparison_numbers.tex"))]
-    defined = {m for f in macros if f.exists() for m in re.findall(r"\\newcommand\{\\(fb\w+)\}", f.read_text())}
+    # the macro files the paper \input's (numbers.tex, comparison_numbers.tex, an ablation's own):
+    # each must be written, and none may define a macro another defines (LaTeX refuses a redefinition)
+    macros = [out / t for t in re.findall(r"\\input\{(tables/\w*numbers\.tex)\}", tex)]
+    assert out / "tables" / "comparison_numbers.tex" in macros and all(f.exists() for f in macros), macros
+    names = [m for f in macros for m in re.findall(r"\\newcommand\{\\(fb\w+)\}", f.read_text())]
+    assert len(names) == len(set(names)), sorted({m for m in names if names.count(m) > 1})
+    defined = set(names)
     used = set(re.findall(r"\\(fb[A-Za-z]+)", tex))
     assert used and used <= defined, f"undefined in the report's macros: {sorted(used - defined)}"
     for target in re.findall(r"\\(?:input|includegraphics(?:\[[^\]]*\])?)\{([^}]+)\}", tex):
