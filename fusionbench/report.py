@@ -1267,10 +1267,10 @@ def report(results_dir: str | Path | list[str | Path] = "results", paper_dir: st
     for table in tables:  # pre-registered contrasts: comparisons.* (main table), <table>_comparisons.*
         if declared_contrasts(df[df["table"] == table]):
             cmp = comparisons(df, table)
-            written += comparisons_table(cmp, tabs, "comparisons" if table == main else f"{table}_comparisons")
+            prefix = "" if table == main else f"{table}_"
+            written += comparisons_table(cmp, tabs, f"{prefix}comparisons")
             # the verdicts as macros, so the paper's prose quotes an ablation's contrasts as it does main's
-            written += comparison_numbers(cmp, tabs, "comparison_numbers" if table == main
-                                          else f"{table}_comparison_numbers")
+            written += comparison_numbers(cmp, tabs, f"{prefix}comparison_numbers")
     for table in tables:
         if table == main:
             continue
