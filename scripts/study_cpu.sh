@@ -19,8 +19,9 @@
 # refuses to continue under another unless FUSIONBENCH_RESUME_OTHER_CODE=1).
 #
 # main.yaml's linear, qformer, prefix and c_abstractor have no learning rate of their own until the
-# LR sweep has chosen one (by hand, into main.yaml, as the others'); add each to REST_ORDER then. They
-# are in no pre-registered contrast, so they run with seed 0 only (`seeds=[0]`: hash-neutral, the same
+# LR sweep has chosen one (by hand, into main.yaml, as the others'); add each to REST_ORDER then, and
+# its "uses the image (> blind)" check to main.yaml's contrasts (a test requires both). They are in no
+# pre-registered question, so they run with seed 0 only (`seeds=[0]`: hash-neutral, the same
 # point as in the 3-seed grid), after the contrasts' grid and the compute-matched ablation and before
 # the rest of the LR sweep (a strategy with its rate waits for no other's).
 set -uo pipefail
