@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The CPU study's background queue (issue 14), contrasts first: the main grid's contrast
-# strategies first (every seed of one before the next), then the compute-matched ablation (it runs
+# The CPU study's background queue (issue 14), questions first: the strategies of the main grid's
+# pre-registered questions first (every seed of one before the next), then the compute-matched ablation (it runs
 # the contrasts' strategies too), then the other strategies that have their rate (seed 0), then the
 # rest of the learning-rate sweep (the other strategies').
 # Every step is `fusionbench sweep`, which skips finished points (rows in results/*.jsonl) and

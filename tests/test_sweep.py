@@ -295,12 +295,13 @@ def test_main_study_trains_each_strategy_at_its_lr_sweeps_winner():
     assert {"mlp", "visual_expert", "flamingo"} <= set(checked), (checked, unfinished)
 
 
-def test_the_cpu_study_queue_runs_every_contrast_strategy_first_and_names_only_real_points(tmp_path):
+def test_the_cpu_study_queue_runs_every_question_strategy_first_and_names_only_real_points(tmp_path):
     """scripts/study_cpu.sh (the background queue of the CPU study): every label it passes to
     ``--only`` is a point of experiments/main.yaml (a renamed variant fails here, not days into a
-    sweep), every side of every pre-registered contrast is in it, and each of those has its own
-    learning rate; so has each of the other strategies it runs (REST_ORDER: seed 0 only, before the
-    rest of the LR sweep); with DRY_RUN=1 it starts nothing (checked with a stub python that records calls)."""
+    sweep), every side of every pre-registered question is in MAIN_ORDER (all seeds, first), and each
+    of those has its own learning rate; so has each of the other strategies it runs (REST_ORDER: seed 0
+    only, before the rest of the LR sweep), each of which has exactly its check against the blind
+    baseline (printed preliminary) and no other contrast; with DRY_RUN=1 it starts nothing (checked with a stub python that records calls)."""
     import re
 
     from omegaconf import OmegaConf
@@ -318,7 +319,7 @@ def test_the_cpu_study_queue_runs_every_contrast_strategy_first_and_names_only_r
     # may be checked against the blind baseline: that check is printed preliminary
     for c in cfg.contrasts:
         if c["a"] in rest:
-            assert c["b"] == "blind (mlp)", c
+            assert c["b"] == "blind (mlp)" and c.get("metric", "mm/choice/acc") == "mm/choice/acc", c
         else:
             assert c["a"] in order, c
         assert c["b"] in order, c
