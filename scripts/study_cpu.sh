@@ -29,7 +29,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$HERE/.venv/bin/python}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
 MAIN_ORDER=("mlp" "blind (mlp)" "visual_expert" "flamingo" "full_finetune" "lora" "moe" "moe_scratch")
-REST_ORDER=("qformer" "c_abstractor")
+REST_ORDER=("qformer" "c_abstractor" "linear")
 TABLES=(main ablation_lr ablation_compute_matched)
 
 DIR=$HERE
