@@ -18,9 +18,10 @@
 # with DRY_RUN=1 that no finished point's config hash changed (a point half-trained by one commit
 # refuses to continue under another unless FUSIONBENCH_RESUME_OTHER_CODE=1).
 #
-# main.yaml's linear, qformer, prefix and c_abstractor have no learning rate of their own until the
-# LR sweep has chosen one (by hand, into main.yaml, as the others'); add each to REST_ORDER then, and
-# its "uses the image (> blind)" check to main.yaml's contrasts (a test requires both). They are in no
+# main.yaml's linear, qformer, prefix and c_abstractor had no learning rate of their own until the
+# LR sweep had chosen one (by hand, into main.yaml, as the others'); each joined REST_ORDER then, with
+# its "uses the image (> blind)" check in main.yaml's contrasts (a test requires both; a new strategy
+# in no question follows the same path). They are in no
 # pre-registered question, so they run with seed 0 only (`seeds=[0]`: hash-neutral, the same
 # point as in the 3-seed grid), after the contrasts' grid and the compute-matched ablation and before
 # the rest of the LR sweep (a strategy with its rate waits for no other's).
@@ -29,7 +30,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$HERE/.venv/bin/python}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
 MAIN_ORDER=("mlp" "blind (mlp)" "visual_expert" "flamingo" "full_finetune" "lora" "moe" "moe_scratch")
-REST_ORDER=("qformer" "c_abstractor" "linear")
+REST_ORDER=("qformer" "c_abstractor" "linear" "prefix")
 TABLES=(main ablation_lr ablation_compute_matched)
 
 DIR=$HERE
