@@ -252,6 +252,22 @@ def hardware_kwargs(tcfg: DictConfig) -> dict[str, Any]:
 _HARDWARE_CHECKED: set[str] = set()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), as torch reports it."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _warn_slow_cpu_bf16(trainer: L.Trainer, tcfg: DictConfig) -> None:
+    """bf16 autocast on a CPU without native bf16 (no AVX512-BF16 / AMX): oneDNN emulates it, and a
+    matmul runs tens of times slower than in float32 (70x measured with ONEDNN_MAX_CPU_ISA=AVX2). Said
+    once per stage, not refused: the config asked for it (experiments/main_gpu.yaml on a CPU, say)."""
+    if "bf16" not in str(tcfg.precision) or not isinstance(trainer.accelerator, L.pytorch.accelerators.CPUAccelerator):
+        return
+    if not cpu_has_native_bf16():
+        log(f"warning: trainer.precision={tcfg.precision} on a CPU without native bf16 (no AVX512-BF16 or AMX): "
+            "it is emulated, many times slower than trainer.precision=32-true")
+
+
 @contextlib.contextmanager
 def _lightning_info_quiet():
     """Lightning's info lines ("GPU available: ...") held back: they come again when the real Trainer starts."""
@@ -644,6 +660,7 @@ def run_point(cfg: DictConfig, evaluate: bool = True, done_stages: frozenset[str
                                 check_val_every_n_epoch=None, limit_val_batches=tcfg.limit_val_batches,
                                 num_sanity_val_steps=0, enable_checkpointing=bool(tcfg.checkpoint),
                                 enable_model_summary=False, deterministic=False)
+            _warn_slow_cpu_bf16(trainer, tcfg)
             if resume:
                 log(f"stage {stage.name}: resuming from step {resume} ({ckpt})")
                 extra["resumed_from_step"] = resume

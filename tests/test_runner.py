@@ -180,6 +180,26 @@ def test_lightning_error_names_the_combination_when_no_setting_is_refused_alone(
                             "fsdp needs a GPU")
 
 
+@pytest.mark.parametrize("precision, native, warned", [("bf16-mixed", False, True), ("bf16-mixed", True, False),
+                                                      ("32-true", False, False)])
+def test_bf16_on_a_cpu_without_native_bf16_is_said_once_per_stage(monkeypatch, capsys, precision, native, warned):
+    """bf16 autocast on a CPU that emulates it (no AVX512-BF16 / AMX) runs tens of times slower than
+    float32: a CPU-forced main_gpu.yaml says so, where the CPU has no native bf16, and nowhere else."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from fusionbench import runner
+    from fusionbench.config import TrainConfig
+
+    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: native)
+    tcfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"accelerator": "cpu", "precision": precision})
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, **runner.hardware_kwargs(tcfg))
+    runner._warn_slow_cpu_bf16(trainer, tcfg)
+    err = capsys.readouterr().err
+    assert ("without native bf16" in err and f"trainer.precision={precision}" in err) == warned, err
+
+
 def test_same_seed_gives_identical_numbers_and_seeds_aggregate_to_a_ci(tmp_path):
     from fusionbench.report import mean_ci, summarise
 

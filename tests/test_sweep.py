@@ -418,6 +418,13 @@ def test_gpu_check_script_runs_the_gpu_configs_paths_shrunk(tmp_path):
     assert [p["step"] for p in json.loads(row["curve"])] == [0, 10, 20]  # the forgetting curve
 
 
+# The lease tests test the script, not the numbers: its two processes run side by side with one thread
+# each (two cores, no oversubscription), in float32, not main_gpu's bf16, which a CPU without
+# AVX512-BF16 emulates tens of times slower, and without the text suite and probes (the check's own
+# test above runs them). With two threads each, bf16 and both, a CI machine (its CPU not recorded)
+# took 102 s for the 4 steps this one trains in 6 s and ran past the 840-s deadline.
+LEASE_ON_CPU = {"OMP_NUM_THREADS": "1"}
+LEASE_LIGHT = ["trainer.precision=32-true", "eval.text_suite=false", "eval.probes=false"]
 GPU_CHECK_SIZES = ["data.train_size=640", "data.val_size=48", "data.test_size=240", "eval.val_items=24", "eval.mm_items=8",
                    "eval.text.n_per_task=8", "eval.text.ppl_chunks=2", "eval.probe_train=32", "eval.probe_test=16"]
 
@@ -432,10 +439,10 @@ def test_gpu_lease_runs_the_check_and_the_points_side_by_side_and_packs_them(tmp
     copy = tmp_path / "repo"
     for d in ("fusionbench", "scripts", "experiments"):
         shutil.copytree(ROOT / d, copy / d)
-    tiny = [*GPU_CONFIG_ON_TINY_CPU, "trainer.max_steps=4", "trainer.warmup_steps=1", "trainer.val_every_n_steps=2",
-            "trainer.checkpoint_every_n_steps=2", "eval.curve_every_n_steps=2", "contrasts=[]", *GPU_CHECK_SIZES]
-    env = {**os.environ, "FB": f"{sys.executable} -m fusionbench.cli", "PY": sys.executable, "OUT": str(tmp_path),
-           "ONLY": "mlp", "CUDA_VISIBLE_DEVICES": "", "END": str(int(time.time()) - 1)}
+    tiny = [*GPU_CONFIG_ON_TINY_CPU, *LEASE_LIGHT, "trainer.max_steps=4", "trainer.warmup_steps=1",
+            "trainer.val_every_n_steps=2", "trainer.checkpoint_every_n_steps=2", "eval.curve_every_n_steps=2", "contrasts=[]", *GPU_CHECK_SIZES]
+    env = {**os.environ, **LEASE_ON_CPU, "FB": f"{sys.executable} -m fusionbench.cli", "PY": sys.executable,
+           "OUT": str(tmp_path), "ONLY": "mlp", "CUDA_VISIBLE_DEVICES": "", "END": str(int(time.time()) - 1)}
     late = subprocess.run(["bash", "scripts/gpu_lease.sh", *tiny], env=env, cwd=copy, capture_output=True, text=True)
     assert late.returncode == 1 and "nothing started" in late.stderr and not (tmp_path / "gpu_lease.tar.gz").exists()
     env["END"] = str(int(time.time()) + 840)
@@ -467,11 +474,11 @@ def test_gpu_lease_stops_every_process_at_the_deadline_and_still_packs(tmp_path)
     copy = tmp_path / "repo"
     for d in ("fusionbench", "scripts", "experiments"):
         shutil.copytree(ROOT / d, copy / d)
-    endless = [*GPU_CONFIG_ON_TINY_CPU, "trainer.max_steps=100000", "trainer.val_every_n_steps=50",
+    endless = [*GPU_CONFIG_ON_TINY_CPU, *LEASE_LIGHT, "trainer.max_steps=100000", "trainer.val_every_n_steps=50",
                "trainer.checkpoint_every_n_steps=50", "eval.curve_every_n_steps=50", "contrasts=[]", *GPU_CHECK_SIZES]
     deadline = 25
-    env = {**os.environ, "FB": f"{sys.executable} -m fusionbench.cli", "PY": sys.executable, "OUT": str(tmp_path),
-           "ONLY": "mlp", "CUDA_VISIBLE_DEVICES": "", "MIN_LEFT": "5", "END": str(int(time.time()) + deadline)}
+    env = {**os.environ, **LEASE_ON_CPU, "FB": f"{sys.executable} -m fusionbench.cli", "PY": sys.executable,
+           "OUT": str(tmp_path), "ONLY": "mlp", "CUDA_VISIBLE_DEVICES": "", "MIN_LEFT": "5", "END": str(int(time.time()) + deadline)}
     start = time.time()
     proc = subprocess.run(["bash", "scripts/gpu_lease.sh", *endless], env=env, cwd=copy, capture_output=True,
                           text=True, timeout=300)
