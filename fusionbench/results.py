@@ -101,6 +101,13 @@ def cpu_name() -> str:
     return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), as torch reports it."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def cpu_identity() -> dict[str, str | None]:
     """What decides how the CPU's kernels round, beyond its marketing name (two "AMD EPYC" machines of
     one grid computed different numbers): ``cpu_capability``, the instruction set torch's CPU kernels

@@ -20,8 +20,8 @@ from fusionbench.assets.paths import cache_dir
 from fusionbench.config import config_hash, grid_points
 from fusionbench.errors import FusionBenchError, first_line
 from fusionbench.model import VisionLanguageModel, on_device, scoring_mode
-from fusionbench.results import (append_row, check_writable, code_hash, cpu_identity, device_label, git_sha,
-                                 provenance)
+from fusionbench.results import (append_row, check_writable, code_hash, cpu_has_native_bf16, cpu_identity, device_label,
+                                 git_sha, provenance)
 from fusionbench.training import FusionDataModule, FusionModule
 
 
@@ -250,11 +250,6 @@ def hardware_kwargs(tcfg: DictConfig) -> dict[str, Any]:
 
 
 _HARDWARE_CHECKED: set[str] = set()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), as torch reports it."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _warn_slow_cpu_bf16(trainer: L.Trainer, tcfg: DictConfig) -> None:

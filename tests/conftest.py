@@ -20,15 +20,13 @@ def _isolated_cache(tmp_path_factory, request):
         yield
 
 
-
 def _machine() -> str:
     """The machine: the CPU (its kernels' instruction set, model and flags' hash), the cores this
     process may use and whether bf16 is native, so that a slow or failing CI run can be told apart
     from a slow machine."""
     import torch
 
-    from fusionbench.results import cpu_identity
-    from fusionbench.runner import cpu_has_native_bf16
+    from fusionbench.results import cpu_has_native_bf16, cpu_identity
 
     cpu = cpu_identity()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
