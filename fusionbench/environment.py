@@ -29,8 +29,16 @@ def read_lock(path: str | Path = LOCK_FILE) -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    """``{normalized name: version}`` of every distribution this interpreter sees."""
-    return {normalize(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
+    """``{normalized name: version}`` of every distribution this interpreter sees: per name the first
+    on ``sys.path``, the one ``import`` and ``metadata.version`` find. A copy further down is not the
+    installed one: torch.compile imports setuptools, which appends its ``_vendor`` folder (an older
+    more-itertools' dist-info among its packages), and a row written after compiling would otherwise
+    record an environment that differs from the lock."""
+    out: dict[str, str] = {}
+    for d in metadata.distributions():
+        if d.metadata["Name"]:
+            out.setdefault(normalize(d.metadata["Name"]), d.version)
+    return out
 
 
 def lock_deviations(path: str | Path = LOCK_FILE) -> list[str]:

@@ -44,6 +44,22 @@ def test_lock_reader_and_deviations(tmp_path):
     assert not any(d.startswith("lm-eval:") for d in dev) or installed().get("lm-eval") != "0.4.13"
 
 
+def test_installed_is_the_copy_import_finds_not_one_further_down_sys_path(tmp_path, monkeypatch):
+    """A package's dist-info further down sys.path (setuptools' ``_vendor``, appended once torch.compile
+    has imported setuptools, holds an older more-itertools) is not what is installed."""
+    import sys
+
+    from importlib.metadata import version
+
+    real = version("packaging")
+    (tmp_path / "packaging-0.0.1.dist-info").mkdir()
+    (tmp_path / "packaging-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: packaging\nVersion: 0.0.1\n")
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
+    assert installed()["packaging"] == real != "0.0.1"
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    assert installed()["packaging"] == "0.0.1" == version("packaging")  # first on the path: what import sees
+
+
 @pytest.mark.skipif(UNLOCKED, reason="make test-latest runs the suite against the newest allowed releases")
 def test_installed_packages_are_the_locked_ones():
     assert LOCK_FILE == ROOT / "requirements.lock"
