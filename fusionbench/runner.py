@@ -252,17 +252,6 @@ def hardware_kwargs(tcfg: DictConfig) -> dict[str, Any]:
 _HARDWARE_CHECKED: set[str] = set()
 
 
-def _warn_slow_cpu_bf16(trainer: L.Trainer, tcfg: DictConfig) -> None:
-    """bf16 autocast on a CPU without native bf16 (no AVX512-BF16 / AMX): oneDNN emulates it, and a
-    matmul runs tens of times slower than in float32 (70x measured with ONEDNN_MAX_CPU_ISA=AVX2). Said
-    once per stage, not refused: the config asked for it (experiments/main_gpu.yaml on a CPU, say)."""
-    if "bf16" not in str(tcfg.precision) or not isinstance(trainer.accelerator, L.pytorch.accelerators.CPUAccelerator):
-        return
-    if not cpu_has_native_bf16():
-        log(f"warning: trainer.precision={tcfg.precision} on a CPU without native bf16 (no AVX512-BF16 or AMX): "
-            "it is emulated, many times slower than trainer.precision=32-true")
-
-
 @contextlib.contextmanager
 def _lightning_info_quiet():
     """Lightning's info lines ("GPU available: ...") held back: they come again when the real Trainer starts."""
@@ -290,6 +279,17 @@ def check_hardware(tcfg: DictConfig, where: str = "") -> None:
         if error is not None:
             raise FusionBenchError(f"{where}Lightning does not accept {_hardware_culprits(kw)}: {first_line(error)}")
     _HARDWARE_CHECKED.add(key)
+
+
+def _warn_slow_cpu_bf16(trainer: L.Trainer, tcfg: DictConfig) -> None:
+    """bf16 autocast on a CPU without native bf16 (no AVX512-BF16 / AMX): oneDNN emulates it, and a
+    matmul runs tens of times slower than in float32 (70x measured with ONEDNN_MAX_CPU_ISA=AVX2). Said
+    once per stage, not refused: the config asked for it (experiments/main_gpu.yaml on a CPU, say)."""
+    if "bf16" not in str(tcfg.precision) or not isinstance(trainer.accelerator, L.pytorch.accelerators.CPUAccelerator):
+        return
+    if not cpu_has_native_bf16():
+        log(f"warning: trainer.precision={tcfg.precision} on a CPU without native bf16 (no AVX512-BF16 or AMX): "
+            "it is emulated, many times slower than trainer.precision=32-true")
 
 
 def _throwaway_trainer(kw: dict[str, Any], quiet: bool = False) -> L.Trainer | Exception:

@@ -182,7 +182,7 @@ def test_lightning_error_names_the_combination_when_no_setting_is_refused_alone(
 
 @pytest.mark.parametrize("precision, native, warned", [("bf16-mixed", False, True), ("bf16-mixed", True, False),
                                                       ("32-true", False, False)])
-def test_bf16_on_a_cpu_without_native_bf16_is_said_once_per_stage(monkeypatch, capsys, precision, native, warned):
+def test_bf16_is_warned_of_only_on_a_cpu_without_native_bf16(monkeypatch, capsys, precision, native, warned):
     """bf16 autocast on a CPU that emulates it (no AVX512-BF16 / AMX) runs tens of times slower than
     float32: a CPU-forced main_gpu.yaml says so, where the CPU has no native bf16, and nowhere else."""
     import lightning as L

@@ -421,7 +421,7 @@ def test_gpu_check_script_runs_the_gpu_configs_paths_shrunk(tmp_path):
 # The lease tests test the script, not the numbers: its two processes run side by side with one thread
 # each (two cores, no oversubscription), in float32, not main_gpu's bf16, which a CPU without
 # AVX512-BF16 emulates tens of times slower, and without the text suite and probes (the check's own
-# test above runs them). With two threads each, bf16 and both, a CI machine (its CPU not recorded)
+# test above runs them). With two threads each, bf16, text suite and probes, a CI machine (its CPU not recorded)
 # took 102 s for the 4 steps this one trains in 6 s and ran past the 840-s deadline.
 LEASE_ON_CPU = {"OMP_NUM_THREADS": "1"}
 LEASE_LIGHT = ["trainer.precision=32-true", "eval.text_suite=false", "eval.probes=false"]
